@@ -1,0 +1,188 @@
+"""An audit from config to finished run directory: dataset -> threshold sets -> training passes -> scores.
+
+``prepare`` validates everything and creates the run directory (nothing trains before the
+dataset and config are known to be usable); ``execute`` trains and writes; ``finalize``
+turns the captured dynamics into ``scores.parquet`` and ``summary.json``. The CLI, the
+dashboard's job manager and ``--resume`` all go through these three functions.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from .config import AuditConfig, ConfigError
+from .datasets import IndexedDataset, load_dataset
+from .metrics import detection_metrics
+from .models import pick_device
+from .runs import DynamicsWriter, Run, atomic_write_json, atomic_write_parquet, create_run, owner_fields
+from .scores import compute_scores
+from .training import Cancelled, EpochResult, to_tensor_images, train_pass
+
+
+def threshold_assignment(n: int, n_classes: int, passes: int, seed: int) -> np.ndarray:
+    """Disjoint threshold sets of ``N // (c + 1)`` samples per pass (Pleiss et al. 2020); -1 = never."""
+    m = n // (n_classes + 1)
+    if m < 1:
+        raise ConfigError(f"{n} samples are too few for threshold samples with {n_classes} classes; turn them off")
+    if m * passes > n:
+        raise ConfigError(
+            f"{passes} threshold runs x {m} threshold samples exceed the {n} samples; use fewer threshold runs"
+        )
+    perm = np.random.default_rng(seed + 17).permutation(n)
+    out = np.full(n, -1, dtype=np.int64)
+    for p in range(passes):
+        out[perm[p * m : (p + 1) * m]] = p
+    return out
+
+
+def check_dataset(ds: IndexedDataset, cfg: AuditConfig) -> None:
+    """Reject datasets that cannot be audited, with a message that says how to fix it."""
+    counts = np.bincount(ds.labels, minlength=ds.n_classes)
+    present = int((counts > 0).sum())
+    if present < 2:
+        raise ConfigError(f"only one class has samples ({ds.classes[int(counts.argmax())]!r}); an audit needs at least 2 classes")
+    if len(ds) < 4:
+        raise ConfigError(f"{len(ds)} samples are too few to train on; give at least a few per class")
+
+
+def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None) -> tuple[Run, IndexedDataset]:
+    """Validate config and dataset, assign threshold samples, create the run directory."""
+    from .runs import runs_root
+
+    cfg.validate()
+    ds = load_dataset(cfg.dataset, cfg.noise, cfg.noise_kind, cfg.seed, cfg.image_size)
+    check_dataset(ds, cfg)
+    tpass = (
+        threshold_assignment(len(ds), ds.n_classes, cfg.passes, cfg.seed)
+        if cfg.threshold_samples
+        else np.full(len(ds), -1, dtype=np.int64)
+    )
+    samples = pd.DataFrame(
+        {
+            "sample_id": ds.sample_ids.astype(str),
+            "source": ds.sources.astype(str),
+            "label": ds.labels,
+            "true_label": ds.true_labels if ds.true_labels is not None else np.full(len(ds), -1),
+            "threshold_pass": tpass,
+            "is_threshold": tpass >= 0,
+        }
+    )
+    config = cfg.to_dict() | {"dataset_root": ds.root, "dataset_info": ds.info, "image_shape": list(ds.images.shape[1:])}
+    run = create_run(runs_root(root), config, samples, ds.classes)
+    return run, ds
+
+
+def execute(
+    run: Run,
+    ds: IndexedDataset | None = None,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+    cancel: threading.Event | None = None,
+    resume: bool = False,
+) -> dict:
+    """Train every pass of ``run`` (continuing from the last finished epoch when ``resume``) and finalize.
+
+    The status record goes running -> done | cancelled | failed. On cancel or failure the
+    finished epochs stay on disk and, when at least one epoch finished, scores and summary are
+    written from them (marked ``partial``).
+    """
+    raw = run.config()
+    cfg = AuditConfig.from_dict({k: v for k, v in raw.items() if k not in ("dataset_root", "dataset_info", "image_shape")})
+    if ds is None:
+        ds = load_dataset(cfg.dataset, cfg.noise, cfg.noise_kind, cfg.seed, cfg.image_size)
+    samples = run.samples()
+    if len(samples) != len(ds) or not (samples["sample_id"].to_numpy() == ds.sample_ids.astype(str)).all():
+        raise ConfigError(f"the dataset {cfg.dataset} changed since run {run.id} was created; start a new audit")
+    passes = cfg.passes
+    prev = run.raw_status()
+    epochs_done = list(prev.get("epochs_done") or [0] * passes) if resume else [0] * passes
+    history = list(prev.get("history") or []) if resume else []
+    history = [h for h in history if h["epoch"] < epochs_done[h["pass"]]]
+    started = time.time()
+    run.update_status(
+        state="running", passes=passes, epochs=cfg.epochs, epochs_done=epochs_done, history=history,
+        pass_idx=0, error=None, started_at=started, **owner_fields(),
+    )
+    device = pick_device(cfg.device)
+    images, mean, std = to_tensor_images(ds.images, device)
+    n_real = ds.n_classes
+    n_out = n_real + 1 if cfg.threshold_samples else n_real
+    tpass = samples["threshold_pass"].to_numpy()
+    import torch
+
+    def record(r: EpochResult) -> None:
+        epochs_done[r.pass_idx] = r.epoch + 1
+        history.append({"pass": r.pass_idx, "epoch": r.epoch, "loss": r.loss, "accuracy": r.accuracy, "seconds": r.seconds})
+        run.update_status(epochs_done=epochs_done, history=history, pass_idx=r.pass_idx)
+        if on_epoch is not None:
+            on_epoch(r)
+
+    try:
+        for p in range(passes):
+            start = epochs_done[p]
+            if start >= cfg.epochs:
+                continue
+            targets = ds.labels.copy()
+            targets[tpass == p] = n_real
+            writer = DynamicsWriter(run, p, cfg.epochs, len(ds), resume=start > 0)
+            train_pass(
+                cfg, images, mean, std, torch.from_numpy(targets).to(device), n_out, n_real, p, writer,
+                checkpoint=run.path / "checkpoints" / f"pass{p}.pt", start_epoch=start,
+                on_epoch=record, cancel=cancel,
+            )
+        summary = finalize(run)
+        run.update_status(state="done", finished_at=time.time())
+        return summary
+    except Cancelled:
+        _finalize_partial(run)
+        run.update_status(state="cancelled", finished_at=time.time())
+        raise
+    except BaseException as exc:
+        _finalize_partial(run)
+        run.update_status(
+            state="failed", finished_at=time.time(),
+            error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20),
+        )
+        raise
+
+
+def _finalize_partial(run: Run) -> None:
+    try:
+        if run.epochs_done(0) > 0:
+            finalize(run, partial=True)
+    except Exception:  # a partial summary is a convenience; the original error is what matters
+        pass
+
+
+def finalize(run: Run, partial: bool = False) -> dict:
+    """Write ``scores.parquet`` and ``summary.json`` from the captured dynamics; returns the summary."""
+    table, info = compute_scores(run)
+    atomic_write_parquet(run.path / "scores.parquet", table)
+    samples = run.samples()
+    st = run.raw_status()
+    summary = {
+        "n_samples": int(len(table)),
+        "n_flagged": int(table["flagged"].sum()),
+        **info,
+        "epochs_done": st.get("epochs_done"),
+        "partial": partial,
+    }
+    true = samples["true_label"].to_numpy()
+    if (true >= 0).all():
+        is_error = samples["label"].to_numpy() != true
+        scored = np.isfinite(table["aum"].to_numpy())
+        summary["n_label_errors"] = int(is_error.sum())
+        summary.update(detection_metrics(table["flagged"].to_numpy(), table["aum"].to_numpy(), is_error))
+        summary["n_label_errors_scored"] = int((is_error & scored).sum())
+    hist = st.get("history") or []
+    if hist:
+        summary["final_train_accuracy"] = hist[-1]["accuracy"]
+        summary["train_seconds"] = float(sum(h["seconds"] for h in hist))
+    atomic_write_json(run.path / "summary.json", summary)
+    return summary

@@ -1,0 +1,139 @@
+"""Headless entry point: ``python -m engine audit|export ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import CUTOFFS, AuditConfig, ConfigError
+from .datasets import DatasetError
+from .models import MODELS
+from .runs import RunError, open_run, runs_root
+from .training import Cancelled
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = AuditConfig()
+    p = argparse.ArgumentParser(prog="python -m engine", description="difficulty-audit: find mislabeled samples with AUM")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("audit", help="train with per-epoch capture and score every sample")
+    a.add_argument("--dataset", default=d.dataset, help="digits | FOLDER | MANIFEST.csv | torchvision:NAME:ROOT")
+    a.add_argument("--noise", type=float, default=0.0, help="fraction of labels to flip (seeded; true labels recorded)")
+    a.add_argument("--noise-kind", choices=["symmetric", "asymmetric"], default=d.noise_kind)
+    a.add_argument("--image-size", type=int, default=None, help="resize file images to SxS (default: native, else 32)")
+    a.add_argument("--model", choices=MODELS, default=d.model)
+    a.add_argument("--epochs", type=int, default=d.epochs)
+    a.add_argument("--lr", type=float, default=d.lr)
+    a.add_argument("--batch-size", type=int, default=d.batch_size)
+    a.add_argument("--seed", type=int, default=d.seed)
+    a.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N | mps")
+    a.add_argument("--no-threshold-samples", action="store_true", help="train without threshold samples")
+    a.add_argument("--threshold-runs", type=int, default=d.threshold_runs,
+                   help="passes with disjoint threshold sets (2 gives every sample an AUM)")
+    a.add_argument("--threshold-percentile", type=float, default=d.threshold_percentile)
+    a.add_argument("--cutoff", choices=CUTOFFS, default=d.cutoff,
+                   help="auto: two-component mixture on AUM, capped by the threshold rule; threshold: Pleiss et al.")
+    a.add_argument("--aum-start", type=int, default=d.aum_start, help="first epoch of the AUM window (0-based)")
+    a.add_argument("--aum-end", type=int, default=None, help="epoch after the AUM window (default: all)")
+    a.add_argument("--out", default=None, help="runs folder (default ./runs or $DIFFICULTY_AUDIT_RUNS)")
+    a.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue an interrupted run from its last finished epoch")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("export", help="write the flagged samples (worst first) to CSV")
+    e.add_argument("run_dir", metavar="RUN_DIR")
+    e.add_argument("--out", required=True, help="CSV file to write")
+    e.add_argument("--all", action="store_true", help="every sample, not only the flagged ones")
+    return p
+
+
+def _config_from_args(args: argparse.Namespace) -> AuditConfig:
+    return AuditConfig(
+        dataset=args.dataset, noise=args.noise, noise_kind=args.noise_kind, image_size=args.image_size,
+        model=args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        device=args.device, threshold_samples=not args.no_threshold_samples, threshold_runs=args.threshold_runs,
+        threshold_percentile=args.threshold_percentile, cutoff=args.cutoff, aum_start=args.aum_start,
+        aum_end=args.aum_end,
+    )
+
+
+def format_summary(summary: dict, run_path: Path) -> str:
+    lines = [f"run: {run_path}", f"samples: {summary['n_samples']}", f"flagged: {summary['n_flagged']}"
+             f"  (cut-off {summary['cutoff']:.3f}, {summary['cutoff_method']})"]
+    if summary.get("n_unscored"):
+        lines.append(f"unscored: {summary['n_unscored']} (threshold samples of a single threshold run)")
+    if "precision" in summary:
+        lines.append(
+            f"known label errors: {summary['n_label_errors']}   precision {summary['precision']:.3f}  "
+            f"recall {summary['recall']:.3f}  F1 {summary['f1']:.3f}  AUROC {summary['auroc']:.3f}"
+        )
+    if summary.get("train_seconds") is not None:
+        lines.append(f"training time: {summary['train_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import audit
+
+    if args.resume:
+        run = open_run(args.resume, args.out)
+        st = run.status()
+        if st.get("state") == "done":
+            print(f"run {run.id} is already done; nothing to resume", file=sys.stderr)
+            return 0
+        if st.get("state") == "running":
+            print(f"run {run.id} is still running in process {st.get('pid')}; not resuming it twice", file=sys.stderr)
+            return 2
+        ds = None
+        cfg = run.config()
+        total = cfg["epochs"] * (cfg["threshold_runs"] if cfg["threshold_samples"] else 1)
+        initial = sum(run.raw_status().get("epochs_done") or [])
+    else:
+        cfg_obj = _config_from_args(args)
+        run, ds = audit.prepare(cfg_obj, args.out or runs_root())
+        total, initial = cfg_obj.epochs * cfg_obj.passes, 0
+    bar = tqdm(total=total, initial=initial, unit="epoch", disable=args.quiet, desc=run.id)
+
+    def on_epoch(r):
+        bar.update(1)
+        bar.set_postfix(pass_=r.pass_idx, loss=f"{r.loss:.3f}", acc=f"{r.accuracy:.3f}")
+
+    try:
+        summary = audit.execute(run, ds, on_epoch=on_epoch, resume=bool(args.resume))
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\ninterrupted; finished epochs are kept. Continue with: python -m engine audit --resume {run.path}",
+              file=sys.stderr)
+        return 130
+    except Cancelled:
+        bar.close()
+        print(f"cancelled; finished epochs are kept in {run.path}", file=sys.stderr)
+        return 1
+    bar.close()
+    print(format_summary(summary, run.path))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_csv
+
+    run = open_run(args.run_dir)
+    n = export_csv(run, args.out, all_samples=args.all)
+    state = run.status().get("state")
+    note = "" if state == "done" else f" (run state: {state}; scores cover finished epochs only)"
+    print(f"wrote {n} {'samples' if args.all else 'flagged samples'} to {args.out}{note}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "audit":
+            return _audit(args)
+        return _export(args)
+    except (ConfigError, DatasetError, RunError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

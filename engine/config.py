@@ -1,0 +1,79 @@
+"""The audit configuration: everything needed to reproduce a run, saved as ``config.json``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .models import MODELS
+
+CUTOFFS = ("auto", "threshold")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option and a valid range."""
+
+
+@dataclass
+class AuditConfig:
+    dataset: str = "digits"
+    noise: float = 0.1
+    noise_kind: str = "symmetric"
+    image_size: int | None = None
+    model: str = "cnn"
+    epochs: int = 30
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    threshold_samples: bool = True
+    threshold_runs: int = 2
+    threshold_percentile: float = 99.0
+    cutoff: str = "auto"
+    aum_start: int = 1
+    aum_end: int | None = None
+
+    def validate(self) -> AuditConfig:
+        """Raise ``ConfigError`` on a value that cannot work; returns self."""
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be positive, got {self.lr}")
+        if not 0 <= self.noise < 1:
+            raise ConfigError(f"noise must be in [0, 1), got {self.noise}")
+        if self.model not in MODELS:
+            raise ConfigError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.cutoff not in CUTOFFS:
+            raise ConfigError(f"cutoff must be one of {', '.join(CUTOFFS)}, got {self.cutoff!r}")
+        if self.threshold_runs < 1:
+            raise ConfigError(f"threshold runs must be at least 1, got {self.threshold_runs}")
+        if not 0 < self.threshold_percentile <= 100:
+            raise ConfigError(f"threshold percentile must be in (0, 100], got {self.threshold_percentile}")
+        if self.cutoff == "threshold" and not self.threshold_samples:
+            raise ConfigError("cutoff 'threshold' needs threshold samples; turn them on or use cutoff 'auto'")
+        if self.aum_start < 0 or (self.aum_end is not None and self.aum_end <= self.aum_start):
+            raise ConfigError(f"AUM epoch window {self.aum_start}..{self.aum_end} is empty")
+        if self.aum_start >= self.epochs:
+            self.aum_start = 0  # a 1-epoch run still gets an AUM
+        if self.image_size is not None and not 4 <= self.image_size <= 512:
+            raise ConfigError(f"image size must be in [4, 512], got {self.image_size}")
+        return self
+
+    @property
+    def passes(self) -> int:
+        """Training passes: one per disjoint threshold set, or a single pass without threshold samples."""
+        return self.threshold_runs if self.threshold_samples else 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AuditConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,318 @@
+"""Every dataset source becomes one ``IndexedDataset``: images, labels and a stable string sample_id.
+
+Sources: scikit-learn's 8x8 digits (with seeded label noise), an image folder
+``root/<class>/<file>``, a CSV manifest ``path,label[,sample_id]`` and a torchvision
+classification dataset already on disk. Bad input raises ``DatasetError`` naming the file
+and row before any training starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+ASYMMETRIC_DIGITS = {2: 7, 3: 8, 5: 6, 6: 5, 7: 1}
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be used; the message says which file or row and how to fix it."""
+
+
+@dataclass
+class IndexedDataset:
+    """A classification dataset held in memory.
+
+    ``images`` is uint8 ``(N, H, W, C)``; ``labels`` the given labels (possibly noisy);
+    ``true_labels`` the clean labels when known (injected noise), else ``None``.
+    """
+
+    name: str
+    sample_ids: np.ndarray  # object array of str, unique
+    sources: np.ndarray  # object array of str: a file path relative to root, or "name[i]"
+    labels: np.ndarray  # int64
+    classes: list[str]
+    images: np.ndarray  # uint8 (N, H, W, C)
+    root: str | None = None
+    true_labels: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+def inject_noise(labels: np.ndarray, rate: float, kind: str, n_classes: int, seed: int) -> np.ndarray:
+    """Flip a seeded fraction of labels; returns the noisy labels (the input is left untouched).
+
+    symmetric: exactly ``round(rate * N)`` samples chosen at random, each moved to a uniformly
+    drawn *different* class. asymmetric (digits, after Patrini et al. 2017): within each source
+    class of ``2->7, 3->8, 5<->6, 7->1``, exactly ``round(rate * n_class)`` samples are moved
+    to its partner class.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise DatasetError(f"--noise must be in [0, 1), got {rate}")
+    rng = np.random.default_rng(seed)
+    noisy = np.asarray(labels, dtype=np.int64).copy()
+    if rate == 0:
+        return noisy
+    if kind == "symmetric":
+        flip = rng.choice(len(noisy), size=int(round(rate * len(noisy))), replace=False)
+        shift = rng.integers(1, n_classes, size=flip.size)
+        noisy[flip] = (noisy[flip] + shift) % n_classes
+    elif kind == "asymmetric":
+        original = noisy.copy()
+        for src, dst in ASYMMETRIC_DIGITS.items():
+            members = np.flatnonzero(original == src)
+            flip = rng.choice(members, size=int(round(rate * members.size)), replace=False)
+            noisy[flip] = dst
+    else:
+        raise DatasetError(f"--noise-kind must be 'symmetric' or 'asymmetric', got {kind!r}")
+    return noisy
+
+
+def load_digits_dataset(noise: float = 0.0, noise_kind: str = "symmetric", seed: int = 0) -> IndexedDataset:
+    """scikit-learn's real 8x8 handwritten digits (1,797 images, 10 classes), with seeded noise."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]
+    true = d.target.astype(np.int64)
+    labels = inject_noise(true, noise, noise_kind, 10, seed)
+    n = len(true)
+    return IndexedDataset(
+        name="digits",
+        sample_ids=np.array([f"digits-{i:04d}" for i in range(n)], dtype=object),
+        sources=np.array([f"digits[{i}]" for i in range(n)], dtype=object),
+        labels=labels,
+        classes=[str(c) for c in range(10)],
+        images=images,
+        true_labels=true,
+        info={"noise": noise, "noise_kind": noise_kind, "n_noisy": int((labels != true).sum())},
+    )
+
+
+def _inside(root: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _read_image(path: Path, where: str):
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    if not path.is_file():
+        raise DatasetError(f"{where}: image file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"{where}: image file is empty (0 bytes): {path}. Remove it or replace it.")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = im.copy()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise DatasetError(f"{where}: cannot read image {path}: {exc}. Remove it or replace it.") from exc
+    return img
+
+
+def _stack_images(paths: list[Path], wheres: list[str], image_size: int | None) -> np.ndarray:
+    """Decode, convert to a common mode (L if all are grey, else RGB) and size, stack to uint8 NHWC."""
+    from PIL import Image
+
+    imgs = [_read_image(p, w) for p, w in zip(paths, wheres, strict=True)]
+    grey = all(im.mode in ("L", "1", "I", "I;16", "F") for im in imgs)
+    mode = "L" if grey else "RGB"
+    sizes = {im.size for im in imgs}
+    if image_size is None:  # keep a common square size, else resize to 32x32
+        (w, h), = sizes if len(sizes) == 1 else {(32, 32)}
+        image_size = w if w == h else 32
+    out = np.empty((len(imgs), image_size, image_size, 1 if grey else 3), dtype=np.uint8)
+    for i, im in enumerate(imgs):
+        im = im.convert(mode)
+        if im.size != (image_size, image_size):
+            im = im.resize((image_size, image_size), Image.BILINEAR)
+        arr = np.asarray(im, dtype=np.uint8)
+        out[i] = arr[..., None] if grey else arr
+    return out
+
+
+def load_folder(root: str | os.PathLike, image_size: int | None = None) -> IndexedDataset:
+    """An image folder laid out as ``root/<class>/<file>``; sample_id = path relative to root."""
+    root_p = Path(root).expanduser()
+    if not root_p.exists():
+        raise DatasetError(f"dataset folder not found: {root_p}. Give an existing folder laid out as root/<class>/<image>.")
+    if not root_p.is_dir():
+        raise DatasetError(f"{root_p} is not a folder. Give a folder laid out as root/<class>/<image>, or a .csv manifest.")
+    class_dirs = sorted(p for p in root_p.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise DatasetError(
+            f"{root_p}: found {len(class_dirs)} class folder(s); an audit needs at least 2 classes laid out as root/<class>/<image>."
+        )
+    paths: list[Path] = []
+    labels: list[int] = []
+    for ci, cdir in enumerate(class_dirs):
+        files = sorted(
+            p for p in cdir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        )
+        if not files:
+            raise DatasetError(f"class folder {cdir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+        for f in files:
+            if not _inside(root_p, f):
+                raise DatasetError(f"{f} points outside the dataset folder {root_p} (symlink?); remove it.")
+            paths.append(f)
+            labels.append(ci)
+    rel = [p.relative_to(root_p).as_posix() for p in paths]
+    images = _stack_images(paths, [f"{r}" for r in rel], image_size)
+    return IndexedDataset(
+        name=root_p.name,
+        sample_ids=np.array(rel, dtype=object),
+        sources=np.array(rel, dtype=object),
+        labels=np.array(labels, dtype=np.int64),
+        classes=[c.name for c in class_dirs],
+        images=images,
+        root=str(root_p.resolve()),
+    )
+
+
+def load_manifest(csv_path: str | os.PathLike, image_size: int | None = None) -> IndexedDataset:
+    """A CSV manifest with header ``path,label[,sample_id]``; paths relative to the CSV's folder."""
+    csv_p = Path(csv_path).expanduser()
+    if not csv_p.is_file():
+        raise DatasetError(f"manifest not found: {csv_p}. Give a CSV with columns path,label[,sample_id].")
+    root = csv_p.parent.resolve()
+    try:
+        with open(csv_p, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+            header = rows[0].keys() if rows else []
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{csv_p}: not UTF-8 text ({exc}); save the manifest as UTF-8 CSV.") from exc
+    if not rows:
+        raise DatasetError(f"{csv_p}: no rows; the manifest needs a header path,label[,sample_id] and one row per image.")
+    missing = {"path", "label"} - set(header)
+    if missing:
+        raise DatasetError(f"{csv_p}: missing column(s) {sorted(missing)}; the header must be path,label[,sample_id] (found {list(header)}).")
+    paths, ids, label_names, wheres = [], [], [], []
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows, start=2):  # row 1 is the header
+        where = f"{csv_p.name} row {i}"
+        raw = (row.get("path") or "").strip()
+        lab = (row.get("label") or "").strip()
+        if not raw:
+            raise DatasetError(f"{where}: empty path.")
+        if not lab:
+            raise DatasetError(f"{where}: empty label for {raw}; every row needs a class label.")
+        p = Path(raw)
+        full = p if p.is_absolute() else root / p
+        if not _inside(root, full):
+            raise DatasetError(f"{where}: path {raw} lies outside the manifest's folder {root}; move the image under it.")
+        sid = (row.get("sample_id") or "").strip() or p.as_posix()
+        if sid in seen:
+            raise DatasetError(f"{where}: duplicate sample_id {sid!r} (first at row {seen[sid]}); sample ids must be unique.")
+        seen[sid] = i
+        paths.append(full)
+        ids.append(sid)
+        label_names.append(lab)
+        wheres.append(f"{where} ({raw})")
+    classes = sorted(set(label_names), key=lambda s: (len(s), s) if s.isdigit() else (0, s))
+    if len(classes) < 2:
+        raise DatasetError(f"{csv_p}: only one class ({classes[0]!r}); an audit needs at least 2 classes.")
+    index = {c: k for k, c in enumerate(classes)}
+    images = _stack_images(paths, wheres, image_size)
+    return IndexedDataset(
+        name=csv_p.stem,
+        sample_ids=np.array(ids, dtype=object),
+        sources=np.array([Path(p).resolve().relative_to(root).as_posix() for p in paths], dtype=object),
+        labels=np.array([index[c] for c in label_names], dtype=np.int64),
+        classes=classes,
+        images=images,
+        root=str(root),
+    )
+
+
+def load_torchvision(name: str, root: str) -> IndexedDataset:
+    """A torchvision classification dataset already on disk (``download=False``), train split."""
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, name, None)
+    if cls is None:
+        raise DatasetError(f"torchvision has no dataset named {name!r} (try MNIST, FashionMNIST, CIFAR10, CIFAR100, SVHN).")
+    try:
+        try:
+            ds = cls(root, train=True, download=False)
+        except TypeError:
+            ds = cls(root, split="train", download=False)
+    except RuntimeError as exc:
+        raise DatasetError(
+            f"torchvision {name} not found under {root} ({exc}). Download it once elsewhere with "
+            f"torchvision.datasets.{name}({root!r}, download=True) and copy the folder here."
+        ) from exc
+    data = getattr(ds, "data", None)
+    targets = getattr(ds, "targets", None)
+    if targets is None:
+        targets = getattr(ds, "labels", None)
+    if data is not None and targets is not None:
+        images = np.asarray(data)
+        if images.ndim == 3:
+            images = images[..., None]
+        elif images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
+            images = images.transpose(0, 2, 3, 1)  # SVHN stores NCHW
+        images = images.astype(np.uint8)
+        labels = np.asarray(targets, dtype=np.int64)
+    else:
+        pairs = [ds[i] for i in range(len(ds))]
+        images = np.stack([np.asarray(im.convert("RGB")) for im, _ in pairs]).astype(np.uint8)
+        labels = np.asarray([t for _, t in pairs], dtype=np.int64)
+    classes = [str(c) for c in getattr(ds, "classes", range(int(labels.max()) + 1))]
+    n = len(labels)
+    return IndexedDataset(
+        name=name,
+        sample_ids=np.array([f"{name.lower()}-{i:06d}" for i in range(n)], dtype=object),
+        sources=np.array([f"{name}[{i}]" for i in range(n)], dtype=object),
+        labels=labels,
+        classes=classes,
+        images=images,
+        root=str(Path(root).resolve()),
+    )
+
+
+def load_dataset(
+    spec: str,
+    noise: float = 0.0,
+    noise_kind: str = "symmetric",
+    seed: int = 0,
+    image_size: int | None = None,
+) -> IndexedDataset:
+    """One way to read a dataset: ``digits``, a folder path, a ``.csv`` manifest or ``torchvision:NAME:ROOT``.
+
+    ``noise`` flips labels of any source (true labels are then recorded); for ``digits`` it is the
+    way to get a benchmark with known errors.
+    """
+    if spec == "digits":
+        ds = load_digits_dataset(noise, noise_kind, seed)
+        return ds
+    if spec.startswith("torchvision:"):
+        parts = spec.split(":", 2)
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            raise DatasetError(f"--dataset {spec!r}: expected torchvision:NAME:ROOT, e.g. torchvision:CIFAR10:./data")
+        ds = load_torchvision(parts[1], parts[2])
+    elif spec.lower().endswith(".csv"):
+        ds = load_manifest(spec, image_size)
+    else:
+        ds = load_folder(spec, image_size)
+    if noise > 0:
+        if noise_kind == "asymmetric":
+            raise DatasetError("--noise-kind asymmetric is defined for digits only (2->7, 3->8, 5<->6, 7->1).")
+        ds.true_labels = ds.labels.copy()
+        ds.labels = inject_noise(ds.labels, noise, noise_kind, ds.n_classes, seed)
+        ds.info.update(noise=noise, noise_kind=noise_kind, n_noisy=int((ds.labels != ds.true_labels).sum()))
+    return ds

@@ -1,0 +1,139 @@
+"""Training-dynamics math: margins, AUM, threshold cut-offs, cartography.
+
+Two layers:
+
+* ``batch_capture`` works on one batch of logits as torch tensors, on the device the
+  model runs on; it is what the training loop calls on the logits of its own forward pass.
+* every other function is pure numpy over ``(epochs, samples)`` arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class BatchCapture:
+    """Per-sample values of one batch, all 1-D tensors on the model's device."""
+
+    margin: torch.Tensor  # Pleiss margin
+    margin_yang: torch.Tensor  # Yang margin
+    prob: torch.Tensor  # softmax probability of the target
+    pred: torch.Tensor  # argmax class over all logits
+    other: torch.Tensor  # largest logit among the real classes other than the target
+    loss: torch.Tensor  # per-sample cross-entropy
+
+
+def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: int | None = None) -> BatchCapture:
+    """Margins, probability, prediction and loss of a batch, vectorised.
+
+    Pleiss et al. 2020 (Identifying Mislabeled Data using the Area Under the Margin
+    Ranking, ``aum`` package): ``margin = z_y - max_{k != y} z_k``.
+
+    Yang variant (peerannot's ``AUM``, ``AUM_yang``): mask the argmax logit and subtract the
+    largest remaining one, i.e. ``margin_yang = z_y - z_(2)`` with ``z_(2)`` the second largest
+    logit. It equals the Pleiss margin when ``y`` is the argmax, is 0 when ``y`` is the runner-up
+    and is never below the Pleiss margin.
+
+    ``other`` is the class with the largest logit among the first ``n_real_classes``
+    classes other than the target (the threshold-sample fake class is excluded): the
+    suggested relabel.
+
+    Args:
+        logits: ``(B, C)`` raw logits (float32 or lower precision; computed in float32).
+        targets: ``(B,)`` long targets the loss was computed against.
+        n_real_classes: number of real classes (defaults to ``C``).
+    """
+    z = logits.detach().float()
+    b, c = z.shape
+    n_real = c if n_real_classes is None else n_real_classes
+    rows = torch.arange(b, device=z.device)
+    target_logit = z[rows, targets]
+    masked = z.clone()
+    masked[rows, targets] = float("-inf")
+    other_val = masked.max(dim=1).values
+    margin = target_logit - other_val
+
+    top2 = z.topk(2, dim=1)
+    pred = top2.indices[:, 0]
+    margin_yang = target_logit - top2.values[:, 1]
+
+    real_masked = masked[:, :n_real]
+    other = real_masked.argmax(dim=1)
+
+    logp = torch.log_softmax(z, dim=1)
+    logp_target = logp[rows, targets]
+    return BatchCapture(
+        margin=margin,
+        margin_yang=margin_yang,
+        prob=logp_target.exp(),
+        pred=pred,
+        other=other,
+        loss=-logp_target,
+    )
+
+
+def area_under_margin(margins: np.ndarray, start: int = 0, end: int | None = None) -> np.ndarray:
+    """AUM of each sample: mean margin over epochs ``start..end`` (end exclusive).
+
+    Pleiss et al. 2020, eq. 2: ``AUM(x, y) = 1/T sum_t M_t(x, y)``. ``margins`` is
+    ``(epochs, samples)``; NaN epochs (not captured) are ignored.
+    """
+    window = np.asarray(margins, dtype=np.float64)[start:end]
+    if window.shape[0] == 0:
+        raise ValueError(f"empty AUM window: epochs {start}..{end} of {np.shape(margins)[0]}")
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(window, axis=0) if np.isnan(window).any() else window.mean(axis=0)
+
+
+def threshold_cutoff(threshold_aum: np.ndarray, percentile: float = 99.0) -> float:
+    """Pleiss et al. 2020 cut-off: the ``percentile``-th percentile of the threshold samples' AUM.
+
+    A sample whose AUM is below it is flagged as mislabeled.
+    """
+    values = np.asarray(threshold_aum, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ValueError("no threshold samples with a finite AUM: cannot compute the cut-off")
+    return float(np.percentile(values, percentile))
+
+
+def gmm_cutoff(aum: np.ndarray, seed: int = 0) -> float:
+    """Cut-off from a two-component 1-D Gaussian mixture on AUM (as DivideMix, Li et al. 2020, on loss).
+
+    Fits ``p(a) = pi N(a; mu_1, s_1) + (1 - pi) N(a; mu_2, s_2)`` by EM and returns the AUM
+    below which the posterior of the low-mean component exceeds 1/2 (the Bayes decision
+    point between "mislabeled" and "clean"). Falls back to ``-inf`` (flag nothing) when the
+    mixture does not separate two groups (the low component holds < 0.5% of samples).
+    """
+    from sklearn.mixture import GaussianMixture
+
+    x = np.asarray(aum, dtype=np.float64)
+    x = x[np.isfinite(x)].reshape(-1, 1)
+    if x.shape[0] < 10:
+        return float("-inf")
+    gm = GaussianMixture(2, random_state=seed, reg_covar=1e-4, n_init=2).fit(x)
+    low = int(np.argmin(gm.means_.ravel()))
+    if gm.weights_[low] < 0.005:
+        return float("-inf")
+    grid = np.linspace(x.min(), x.max(), 4001).reshape(-1, 1)
+    post = gm.predict_proba(grid)[:, low]
+    mu_low, mu_high = sorted(gm.means_.ravel())
+    between = (grid.ravel() >= mu_low) & (grid.ravel() <= mu_high)
+    candidates = grid.ravel()[between & (post < 0.5)]
+    if candidates.size == 0:
+        return float(mu_high)
+    return float(candidates.min())
+
+
+def cartography(prob: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dataset cartography (Swayamdipta et al. 2020).
+
+    confidence = mean_e p_e(y), variability = population std_e p_e(y),
+    correctness = mean_e [pred_e == y]; all over the epoch axis of ``(epochs, samples)``.
+    """
+    p = np.asarray(prob, dtype=np.float64)
+    return p.mean(axis=0), p.std(axis=0), np.asarray(correct, dtype=np.float64).mean(axis=0)

@@ -1,0 +1,268 @@
+"""The run store: one directory per audit, the only contract between the engine and the pages.
+
+Layout of ``<runs root>/<run id>/``::
+
+    config.json              the AuditConfig (enough to reproduce the run)
+    status.json              state, pass, epochs done, per-epoch metrics, error (rewritten atomically)
+    samples.parquet          sample_id, source, label, true_label (-1 unknown), threshold_pass (-1 never)
+    classes.json             class names, index = label
+    dynamics/pass<P>/<name>.npy  (epochs, samples) arrays, one row written per finished epoch
+    scores.parquet           sample_id + one column per score, higher = harder (see engine.scores)
+    summary.json             n_samples, n_flagged, cutoff and, when true labels are known,
+                             precision, recall, f1, auroc
+    checkpoints/pass<P>.pt   model + optimizer state after the last finished epoch (resume)
+
+Every file except the per-epoch arrays is written to a temporary name and renamed into place;
+an epoch row of the arrays is flushed before ``status.json`` counts it, so a crash loses at
+most the epoch in progress.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+RUNS_ENV = "DIFFICULTY_AUDIT_RUNS"
+STATES = ("pending", "running", "done", "failed", "cancelled", "interrupted")
+DYNAMICS = {
+    "margin": np.float32,
+    "margin_yang": np.float32,
+    "prob": np.float32,
+    "loss": np.float32,
+    "pred": np.int16,
+    "other": np.int16,
+}
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class RunError(ValueError):
+    """A run directory is missing, unreadable or not a run; the message says which and why."""
+
+
+def runs_root(override: str | os.PathLike | None = None) -> Path:
+    """The runs folder: ``override``, else ``$DIFFICULTY_AUDIT_RUNS``, else ``./runs``."""
+    return Path(override or os.environ.get(RUNS_ENV) or "runs").expanduser()
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    _atomic_write(Path(path), lambda fh: fh.write(data))
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, default=_json_default).encode())
+
+
+def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
+    _atomic_write(Path(path), lambda fh: df.to_parquet(fh, index=False))
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Run:
+    """A run directory. Reading never needs the engine's training code or Streamlit."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise RunError(f"{self.path} is not a run directory (no config.json)")
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    # ---- metadata -------------------------------------------------------
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+    def classes(self) -> list[str]:
+        return json.loads((self.path / "classes.json").read_text())
+
+    def raw_status(self) -> dict:
+        try:
+            return json.loads((self.path / "status.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {"state": "failed", "error": "status.json missing or unreadable"}
+
+    def status(self) -> dict:
+        """The status record, with ``state`` = ``interrupted`` for a run whose process is gone."""
+        st = self.raw_status()
+        if st.get("state") in ("running", "pending") and st.get("host") == socket.gethostname():
+            pid = st.get("pid")
+            if pid is not None and (not _pid_alive(int(pid)) or st.get("boot") != _boot_token(int(pid))):
+                st["state"] = "interrupted"
+        return st
+
+    def update_status(self, **changes) -> dict:
+        st = self.raw_status()
+        st.update(changes)
+        st["updated_at"] = time.time()
+        atomic_write_json(self.path / "status.json", st)
+        return st
+
+    def summary(self) -> dict | None:
+        p = self.path / "summary.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    # ---- per-sample tables ---------------------------------------------
+    def samples(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / "samples.parquet")
+
+    def scores(self) -> pd.DataFrame | None:
+        p = self.path / "scores.parquet"
+        return pd.read_parquet(p) if p.is_file() else None
+
+    # ---- dynamics -------------------------------------------------------
+    def dynamics_path(self, pass_idx: int, name: str) -> Path:
+        if name not in DYNAMICS:
+            raise KeyError(f"unknown dynamics array {name!r}; known: {sorted(DYNAMICS)}")
+        return self.path / "dynamics" / f"pass{pass_idx}" / f"{name}.npy"
+
+    def epochs_done(self, pass_idx: int) -> int:
+        done = self.raw_status().get("epochs_done") or []
+        return int(done[pass_idx]) if pass_idx < len(done) else 0
+
+    def dynamics(self, pass_idx: int, name: str, finished_only: bool = True) -> np.ndarray:
+        """The ``(epochs, samples)`` array, memory-mapped read-only; only finished epochs by default."""
+        arr = np.load(self.dynamics_path(pass_idx, name), mmap_mode="r")
+        return arr[: self.epochs_done(pass_idx)] if finished_only else arr
+
+    def n_passes(self) -> int:
+        return int(self.raw_status().get("passes", 1))
+
+
+_BOOT_CACHE: dict[int, str | None] = {}
+
+
+def _boot_token(pid: int) -> str | None:
+    """Start time of process ``pid`` (Linux), so a reused pid is not mistaken for the run's owner."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_fields() -> dict:
+    """Status fields that identify the live process owning a run."""
+    pid = os.getpid()
+    return {"pid": pid, "host": socket.gethostname(), "boot": _boot_token(pid)}
+
+
+def _slug(text: str) -> str:
+    base = Path(text.rstrip("/\\")).name if not text.startswith("torchvision:") else text.split(":")[1]
+    return re.sub(r"[^A-Za-z0-9]+", "-", base).strip("-").lower()[:40] or "data"
+
+
+def new_run_id(dataset: str) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(dataset)}-{secrets.token_hex(2)}"
+
+
+def create_run(root: str | os.PathLike, config: dict, samples: pd.DataFrame, classes: list[str]) -> Run:
+    """Create a new run directory with its config, sample table and a ``pending`` status."""
+    root_p = Path(root)
+    root_p.mkdir(parents=True, exist_ok=True)
+    path = root_p / new_run_id(config.get("dataset", "data"))
+    path.mkdir()
+    atomic_write_json(path / "classes.json", list(classes))
+    atomic_write_parquet(path / "samples.parquet", samples)
+    atomic_write_json(
+        path / "status.json",
+        {"state": "pending", "created_at": time.time(), "updated_at": time.time(), **owner_fields()},
+    )
+    atomic_write_json(path / "config.json", config)  # last: its presence marks a run directory
+    return Run(path)
+
+
+def open_run(ref: str | os.PathLike, root: str | os.PathLike | None = None) -> Run:
+    """A run by directory path, or by id inside the runs root (an id cannot escape the root)."""
+    p = Path(ref)
+    if p.is_dir():
+        return Run(p)
+    ref = str(ref)
+    if not _RUN_ID.match(ref):
+        raise RunError(f"{ref!r} is neither a run directory nor a valid run id")
+    base = runs_root(root).resolve()
+    cand = (base / ref).resolve()
+    if cand.parent != base or not cand.is_dir():
+        raise RunError(f"no run {ref!r} in {base}")
+    return Run(cand)
+
+
+def list_runs(root: str | os.PathLike | None = None) -> list[Run]:
+    """Runs in the runs root, newest first; folders that are not runs are skipped."""
+    base = runs_root(root)
+    if not base.is_dir():
+        return []
+    runs = []
+    for p in base.iterdir():
+        if p.is_dir() and (p / "config.json").is_file():
+            runs.append(Run(p))
+    return sorted(runs, key=lambda r: (r.raw_status().get("created_at", 0), r.id), reverse=True)
+
+
+class DynamicsWriter:
+    """Pre-allocated memory-mapped ``(epochs, samples)`` arrays of one pass, one epoch row at a time."""
+
+    def __init__(self, run: Run, pass_idx: int, epochs: int, n_samples: int, resume: bool = False):
+        self.arrays: dict[str, np.memmap] = {}
+        for name, dtype in DYNAMICS.items():
+            path = run.dynamics_path(pass_idx, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if resume and path.is_file():
+                self.arrays[name] = np.load(path, mmap_mode="r+")
+            else:
+                arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(epochs, n_samples))
+                arr[:] = np.nan if np.issubdtype(dtype, np.floating) else -1
+                self.arrays[name] = arr
+
+    def write_epoch(self, epoch: int, values: dict[str, np.ndarray]) -> None:
+        for name, arr in self.arrays.items():
+            arr[epoch] = values[name]
+            arr.flush()

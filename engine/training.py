@@ -1,0 +1,150 @@
+"""The training loop, capturing per-sample dynamics from its own forward pass.
+
+Every batch's logits go through ``dynamics.batch_capture`` and are scattered into
+device-resident buffers of length N; at the end of an epoch the buffers are copied to the host
+once and written as one row of the run's ``(epochs, samples)`` arrays.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import AuditConfig
+from .dynamics import batch_capture
+from .models import build_model
+from .runs import DYNAMICS, DynamicsWriter, atomic_write_bytes
+
+
+class Cancelled(Exception):
+    """Training was cancelled by the user; finished epochs are kept."""
+
+
+@dataclass
+class EpochResult:
+    pass_idx: int
+    epoch: int
+    loss: float
+    accuracy: float
+    seconds: float
+
+
+def to_tensor_images(images: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 NHWC -> uint8 NCHW tensor on ``device``, plus per-channel mean and std in [0, 1] units."""
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    xf = x.float().div_(255.0)
+    mean = xf.mean(dim=(0, 2, 3))
+    std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return x.to(device), mean.view(1, -1, 1, 1).to(device), std.view(1, -1, 1, 1).to(device)
+
+
+def batch_slices(n: int, batch_size: int) -> list[slice]:
+    """Near-equal consecutive batches of about ``batch_size`` (never a lone sample, which BatchNorm rejects)."""
+    k = max(1, int(round(n / batch_size)))
+    bounds = np.linspace(0, n, k + 1).round().astype(int)
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def epoch_generator(seed: int, pass_idx: int, epoch: int) -> torch.Generator:
+    """Shuffling of one epoch depends only on (seed, pass, epoch), so a resumed run reshuffles identically."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + pass_idx * 10_007 + epoch)
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int) -> None:
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def train_pass(
+    cfg: AuditConfig,
+    images: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    targets: torch.Tensor,
+    n_outputs: int,
+    n_real: int,
+    pass_idx: int,
+    writer: DynamicsWriter | None,
+    checkpoint: Path | None = None,
+    start_epoch: int = 0,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+    cancel: threading.Event | None = None,
+    capture: bool = True,
+) -> torch.nn.Module:
+    """Train one model for ``cfg.epochs`` epochs from ``start_epoch``, capturing dynamics into ``writer``.
+
+    ``images`` uint8 NCHW and ``targets`` live on the training device. Raises ``Cancelled`` at
+    the first batch after ``cancel`` is set; the epoch in progress is then discarded.
+    """
+    device = images.device
+    n = images.shape[0]
+    torch.manual_seed(cfg.seed * 7919 + pass_idx)
+    model = build_model(cfg.model, images.shape[1], n_outputs).to(device)
+    use_cuda = device.type == "cuda"
+    if use_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if start_epoch > 0 and checkpoint is not None:
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    buffers = {
+        name: torch.empty(n, dtype=torch.float32 if np.issubdtype(dt, np.floating) else torch.int64, device=device)
+        for name, dt in DYNAMICS.items()
+    }
+    slices = batch_slices(n, cfg.batch_size)
+    real = targets < n_real
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        perm = torch.randperm(n, generator=epoch_generator(cfg.seed, pass_idx, epoch)).to(device)
+        for sl in slices:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            idx = perm[sl]
+            x = (images[idx].float().div_(255.0) - mean) / std
+            if use_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = targets[idx]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if capture:
+                c = batch_capture(logits, y, n_real)
+                buffers["margin"][idx] = c.margin
+                buffers["margin_yang"][idx] = c.margin_yang
+                buffers["prob"][idx] = c.prob
+                buffers["loss"][idx] = c.loss
+                buffers["pred"][idx] = c.pred
+                buffers["other"][idx] = c.other
+        if not capture:
+            continue
+        host = {k: v.cpu().numpy() for k, v in buffers.items()}  # one transfer per epoch
+        if writer is not None:
+            writer.write_epoch(epoch, {k: v.astype(DYNAMICS[k], copy=False) for k, v in host.items()})
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, opt, epoch)
+        if on_epoch is not None:
+            r = real.cpu().numpy()
+            on_epoch(
+                EpochResult(
+                    pass_idx=pass_idx,
+                    epoch=epoch,
+                    loss=float(host["loss"].mean()),
+                    accuracy=float((host["pred"][r] == targets.cpu().numpy()[r]).mean()) if r.any() else float("nan"),
+                    seconds=time.perf_counter() - t0,
+                )
+            )
+    return model
