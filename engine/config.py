@@ -23,8 +23,9 @@ class AuditConfig:
     epochs: int = 30
     lr: float = 0.05
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float = 5e-3
     batch_size: int = 64
+    augment: bool = True
     seed: int = 0
     device: str = "auto"
     threshold_samples: bool = True

@@ -106,8 +106,10 @@ def gmm_cutoff(aum: np.ndarray, seed: int = 0) -> float:
 
     Fits ``p(a) = pi N(a; mu_1, s_1) + (1 - pi) N(a; mu_2, s_2)`` by EM and returns the AUM
     below which the posterior of the low-mean component exceeds 1/2 (the Bayes decision
-    point between "mislabeled" and "clean"). Falls back to ``-inf`` (flag nothing) when the
-    mixture does not separate two groups (the low component holds < 0.5% of samples).
+    point between "mislabeled" and "clean"). Returns ``-inf`` (flag nothing) when the data
+    show no second group: the two-component fit does not beat one Gaussian on BIC, Ashman's
+    separation ``D = sqrt(2) |mu_1 - mu_2| / sqrt(s_1^2 + s_2^2)`` is below 2 (Ashman et al.
+    1994: D > 2 is needed for a clean split), or the low component holds < 0.5% of samples.
     """
     from sklearn.mixture import GaussianMixture
 
@@ -116,8 +118,12 @@ def gmm_cutoff(aum: np.ndarray, seed: int = 0) -> float:
     if x.shape[0] < 10:
         return float("-inf")
     gm = GaussianMixture(2, random_state=seed, reg_covar=1e-4, n_init=2).fit(x)
-    low = int(np.argmin(gm.means_.ravel()))
-    if gm.weights_[low] < 0.005:
+    one = GaussianMixture(1, reg_covar=1e-4).fit(x)
+    mu = gm.means_.ravel()
+    sd = np.sqrt(gm.covariances_.ravel())
+    low = int(np.argmin(mu))
+    ashman = np.sqrt(2) * abs(mu[0] - mu[1]) / np.sqrt(sd[0] ** 2 + sd[1] ** 2)
+    if gm.bic(x) >= one.bic(x) or ashman < 2 or gm.weights_[low] < 0.005:
         return float("-inf")
     grid = np.linspace(x.min(), x.max(), 4001).reshape(-1, 1)
     post = gm.predict_proba(grid)[:, low]

@@ -18,6 +18,6 @@ def detection_metrics(flagged: np.ndarray, score: np.ndarray, is_error: np.ndarr
     precision = tp / f.sum() if f.sum() else 0.0
     recall = tp / e.sum() if e.sum() else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    s = np.nan_to_num(np.asarray(score, dtype=np.float64), nan=-np.inf, neginf=-1e300)
+    s = np.nan_to_num(np.asarray(score, dtype=np.float64), nan=-1e300, neginf=-1e300, posinf=1e300)
     auroc = float(roc_auc_score(e, s)) if 0 < e.sum() < e.size else float("nan")
     return {"precision": float(precision), "recall": float(recall), "f1": float(f1), "auroc": auroc}

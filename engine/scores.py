@@ -68,6 +68,8 @@ def first_iteration(correct: np.ndarray) -> np.ndarray:
 
 def _pass_scores(run: Run, p: int, window: tuple[int, int | None], targets_override=None) -> dict[str, np.ndarray]:
     lo, hi = window
+    if run.epochs_done(p) == 0:
+        return {}
     margin = np.asarray(run.dynamics(p, "margin"))
     done = margin.shape[0]
     if done == 0:
@@ -102,7 +104,11 @@ def pass_cutoff(method: str, aum_kept: np.ndarray, aum_threshold: np.ndarray | N
     ``threshold``: Pleiss et al. 2020, the ``percentile`` of the threshold samples' AUM.
     ``auto``: ``dynamics.gmm_cutoff`` on the AUM of the samples that kept their label, bounded
     above by the threshold-sample rule when threshold samples exist (never flag more than
-    the paper's rule would).
+    the paper's rule would). The GMM alone over-flags under asymmetric noise, where mislabeled
+    samples are partly learned and the two modes overlap (bench/RESULTS.md); the threshold
+    samples alone have no answer when they are off. A sample is then flagged when its AUM
+    averaged over the passes where it kept its label is below the mean of the pass cut-offs
+    (averaging two runs' AUM ranks better than requiring both flags, bench/RESULTS.md).
     """
     thr = dyn.threshold_cutoff(aum_threshold, percentile) if aum_threshold is not None and aum_threshold.size else None
     if method == "threshold":
@@ -161,16 +167,22 @@ def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:
     table["aum_yang"] = -combined["aum_yang_raw"]
     for name in ("confidence", "variability", "cumulative_accuracy", "first_iteration", "forgetting", "ce_loss"):
         table[name] = combined[name]
-    table["flagged"] = flagged_all & kept_any
+    method = cfg.get("cutoff", "auto")
+    cutoff = float(np.mean(cutoffs))
+    if method == "threshold":  # Pleiss et al.: flagged in every pass where the sample kept its label
+        flagged = flagged_all & kept_any
+    else:  # auto: mean AUM over those passes against the mean per-pass cut-off
+        flagged = np.nan_to_num(combined["aum_raw"], nan=np.inf) < cutoff
+    table["flagged"] = flagged
     table["suggested_label"] = sug
     order = (-table["aum"].fillna(-np.inf).to_numpy()).argsort(kind="stable")
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(1, n + 1)
     table["rank"] = rank
     info = {
-        "cutoff_method": cfg.get("cutoff", "auto"),
+        "cutoff_method": method,
         "pass_cutoffs": cutoffs,
-        "cutoff": float(np.mean(cutoffs)),
+        "cutoff": cutoff,
         "n_unscored": int((~kept_any).sum()),
     }
     return table, info

@@ -53,6 +53,21 @@ def batch_slices(n: int, batch_size: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
+def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image by its own random offset in [-max_shift, max_shift]^2, zero-padded."""
+    if max_shift <= 0:
+        return x
+    b, c, h, w = x.shape
+    k = max_shift
+    xp = F.pad(x, (k, k, k, k))
+    off = torch.randint(0, 2 * k + 1, (2, b), generator=gen).to(x.device)
+    rows = (off[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (off[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    return xp[bi, ci, rows, cols]
+
+
 def epoch_generator(seed: int, pass_idx: int, epoch: int) -> torch.Generator:
     """Shuffling of one epoch depends only on (seed, pass, epoch), so a resumed run reshuffles identically."""
     return torch.Generator().manual_seed(seed * 1_000_003 + pass_idx * 10_007 + epoch)
@@ -103,15 +118,17 @@ def train_pass(
     }
     slices = batch_slices(n, cfg.batch_size)
     real = targets < n_real
+    max_shift = max(1, images.shape[-1] // 8) if cfg.augment else 0
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        perm = torch.randperm(n, generator=epoch_generator(cfg.seed, pass_idx, epoch)).to(device)
+        gen = epoch_generator(cfg.seed, pass_idx, epoch)
+        perm = torch.randperm(n, generator=gen).to(device)
         for sl in slices:
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
             idx = perm[sl]
-            x = (images[idx].float().div_(255.0) - mean) / std
+            x = random_shift((images[idx].float().div_(255.0) - mean) / std, max_shift, gen)
             if use_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = targets[idx]

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+
+from engine import dynamics as dyn
+from engine.scores import first_iteration, forgetting_events
+
+
+def test_margins_by_hand():
+    logits = torch.tensor([[3.0, 1.0, 0.5], [0.2, 2.0, 1.5], [1.0, 0.0, 4.0]])
+    targets = torch.tensor([0, 0, 1])
+    c = dyn.batch_capture(logits, targets)
+    # Pleiss: z_y - max_{k != y} z_k
+    assert c.margin.tolist() == pytest.approx([2.0, 0.2 - 2.0, 0.0 - 4.0])
+    # Yang: z_y - second largest logit
+    assert c.margin_yang.tolist() == pytest.approx([2.0, 0.2 - 1.5, 0.0 - 1.0])
+    assert c.pred.tolist() == [0, 1, 2]
+    assert c.other.tolist() == [1, 1, 2]
+    p = torch.softmax(logits, 1)[torch.arange(3), targets]
+    assert c.prob.tolist() == pytest.approx(p.tolist())
+    assert c.loss.tolist() == pytest.approx((-p.log()).tolist(), rel=1e-5)
+
+
+def test_other_excludes_threshold_class():
+    logits = torch.tensor([[1.0, 0.0, 5.0]])  # class 2 is the fake threshold class
+    c = dyn.batch_capture(logits, torch.tensor([0]), n_real_classes=2)
+    assert c.margin.item() == pytest.approx(-4.0)  # margins see the fake class (Pleiss)
+    assert c.other.item() == 1  # the suggested relabel never is the fake class
+
+
+def test_yang_never_below_pleiss():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(500, 7, generator=g)
+    y = torch.randint(0, 7, (500,), generator=g)
+    c = dyn.batch_capture(z, y)
+    assert (c.margin_yang >= c.margin - 1e-6).all()
+    top = z.argmax(1) == y
+    assert torch.allclose(c.margin_yang[top], c.margin[top])
+
+
+def test_parity_with_aum_package(tmp_path):
+    """Identical logits, targets and sample ids through the `aum` package and through our capture."""
+    from aum import AUMCalculator
+
+    rng = np.random.default_rng(0)
+    n, classes, epochs, batch = 300, 10, 5, 64
+    calc = AUMCalculator(str(tmp_path), compressed=True)
+    ours = np.zeros((epochs, n))
+    ref_margins = np.zeros((epochs, n))
+    targets_all = rng.integers(0, classes, n)
+    for e in range(epochs):
+        perm = rng.permutation(n)
+        for s in range(0, n, batch):
+            idx = perm[s : s + batch]
+            logits = torch.tensor(rng.normal(size=(idx.size, classes)) * 3, dtype=torch.float32)
+            targets = torch.tensor(targets_all[idx])
+            records = calc.update(logits, targets, [int(i) for i in idx])
+            for i in idx:
+                ref_margins[e, i] = records[int(i)].margin
+            ours[e, idx] = dyn.batch_capture(logits, targets).margin.numpy()
+    np.testing.assert_allclose(ours, ref_margins, atol=1e-6)
+    ref_aum = np.array([calc.sums[i] / calc.counts[i] for i in range(n)])
+    np.testing.assert_allclose(dyn.area_under_margin(ours), ref_aum, atol=1e-6)
+
+
+def test_aum_window_and_nan_epochs():
+    m = np.array([[1.0, 2.0], [3.0, np.nan], [5.0, 6.0]])
+    assert dyn.area_under_margin(m, 1).tolist() == [4.0, 6.0]
+    assert dyn.area_under_margin(m, 0, 2)[0] == 2.0
+    with pytest.raises(ValueError, match="empty AUM window"):
+        dyn.area_under_margin(m, 3)
+
+
+def test_threshold_cutoff_is_percentile():
+    x = np.arange(101, dtype=float)
+    assert dyn.threshold_cutoff(x, 99) == pytest.approx(99.0)
+    with pytest.raises(ValueError):
+        dyn.threshold_cutoff(np.array([np.nan]))
+
+
+def test_gmm_cutoff_separates_two_groups():
+    rng = np.random.default_rng(1)
+    clean = rng.normal(3.0, 0.5, 900)
+    noisy = rng.normal(-2.0, 0.5, 100)
+    cut = dyn.gmm_cutoff(np.concatenate([clean, noisy]))
+    assert -1.0 < cut < 1.5
+    assert dyn.gmm_cutoff(rng.normal(3.0, 0.5, 1000)) < 1.0  # one group: flags (almost) nothing
+
+
+def test_cartography_by_hand():
+    prob = np.array([[0.2, 0.9], [0.4, 0.9], [0.6, 0.9]])
+    correct = np.array([[0, 1], [0, 1], [1, 1]], dtype=bool)
+    conf, var, acc = dyn.cartography(prob, correct)
+    assert conf.tolist() == pytest.approx([0.4, 0.9])
+    assert var.tolist() == pytest.approx([np.std([0.2, 0.4, 0.6]), 0.0])  # population std
+    assert acc.tolist() == pytest.approx([1 / 3, 1.0])
+
+
+def test_forgetting_and_first_iteration_by_hand():
+    # columns: learned at epoch 2 and kept; learned, forgotten twice; never learned; always right
+    c = np.array([[0, 1, 0, 1], [0, 0, 0, 1], [1, 1, 0, 1], [1, 0, 0, 1]], dtype=bool)
+    assert forgetting_events(c).tolist() == [0, 2, 4, 0]
+    assert first_iteration(c).tolist() == pytest.approx([0.5, 1.0, 1.0, 0.0])
