@@ -1,0 +1,110 @@
+"""Background audits for the dashboard: one worker thread, a FIFO queue, cancel by run id.
+
+Audits run one at a time (queued, not concurrent): on a laptop CPU two trainings side by side
+would each run at half speed and finish no sooner. The worker never touches Streamlit; pages
+read progress from the run directory (``status.json``) and from ``JobManager.progress``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .audit import execute, prepare
+from .config import AuditConfig
+from .datasets import IndexedDataset
+from .runs import Run, owner_fields
+from .training import Cancelled, EpochResult
+
+
+@dataclass
+class Job:
+    run: Run
+    dataset: IndexedDataset | None = None  # loaded by prepare(); dropped once training starts
+    resume: bool = False
+    cancel: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    last: EpochResult | None = None
+    done: bool = False
+    error: str | None = None
+
+
+class JobManager:
+    """Thread-safe registry of audits started from this process."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = root
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._queue: queue.Queue[Job] = queue.Queue()
+        self._worker = threading.Thread(target=self._work, name="difficulty-audit-worker", daemon=True)
+        self._worker.start()
+
+    def start(self, cfg: AuditConfig, root: str | os.PathLike | None = None) -> Run:
+        """Validate and create the run now (errors raise here, in the caller), train in the background."""
+        run, ds = prepare(cfg, root if root is not None else self.root)
+        job = Job(run, ds)
+        with self._lock:
+            self._jobs[run.id] = job
+        self._queue.put(job)
+        return run
+
+    def resume(self, run: Run) -> None:
+        """Continue an interrupted, cancelled or failed run from its last finished epoch."""
+        job = Job(run, resume=True)
+        run.update_status(state="pending", error=None, **owner_fields())
+        with self._lock:
+            self._jobs[run.id] = job
+        self._queue.put(job)
+
+    def cancel(self, run_id: str) -> bool:
+        """Ask a queued or running audit to stop at its next batch; finished epochs are kept."""
+        with self._lock:
+            job = self._jobs.get(run_id)
+        if job is None or job.done:
+            return False
+        job.cancel.set()
+        return True
+
+    def job(self, run_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(run_id)
+
+    def active(self) -> list[Job]:
+        """Queued or running jobs, oldest first."""
+        with self._lock:
+            return sorted((j for j in self._jobs.values() if not j.done), key=lambda j: j.queued_at)
+
+    def wait(self, run_id: str, timeout: float = 600) -> Job:
+        """Block until the job ends (for tests and scripts)."""
+        end = time.time() + timeout
+        job = self.job(run_id)
+        while job is not None and not job.done and time.time() < end:
+            time.sleep(0.05)
+        return job
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job.cancel.is_set():
+                job.run.update_status(state="cancelled", finished_at=time.time())
+                job.done = True
+                continue
+            job.started_at = time.time()
+            ds, job.dataset = job.dataset, None
+
+            def on_epoch(r: EpochResult, job=job) -> None:
+                job.last = r
+
+            try:
+                execute(job.run, ds, on_epoch=on_epoch, cancel=job.cancel, resume=job.resume)
+            except Cancelled:
+                pass
+            except BaseException as exc:  # the run's status.json records it as failed
+                job.error = f"{type(exc).__name__}: {exc}"
+            finally:
+                job.done = True

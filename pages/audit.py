@@ -1,0 +1,148 @@
+"""Audit page: choose data and settings, start an audit in the background, watch it, cancel or resume it."""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from engine.config import AuditConfig, ConfigError
+from engine.datasets import DatasetError
+from engine.models import MODELS
+from engine.runs import runs_root
+from engine.uploads import extract_image_zip
+from pages.common import current_run, fmt_seconds, job_manager, sidebar_run_picker
+
+st.title("🚀 Audit")
+sidebar_run_picker()
+st.write(
+    "Train a classifier while recording every sample's margin at every epoch, then rank samples by "
+    "their **Area Under the Margin**: mislabeled samples keep a low margin until the network memorises them."
+)
+
+SOURCES = ["Built-in digits (known errors injected)", "Image folder on this machine", "CSV manifest on this machine",
+           "Upload a zip of an image folder"]
+defaults = AuditConfig()
+
+with st.form("start"):
+    source = st.radio("Dataset", SOURCES, index=0, horizontal=True)
+    c1, c2, c3 = st.columns(3)
+    noise = c1.slider("Labels to flip (digits, or any dataset to test the audit)", 0.0, 0.5, 0.1, 0.05)
+    noise_kind = c2.selectbox("Noise kind", ["symmetric", "asymmetric"],
+                              help="asymmetric (digits only): 2→7, 3→8, 5↔6, 7→1")
+    path = c3.text_input("Folder path (root/<class>/<image>) or manifest .csv (path,label[,sample_id])",
+                         placeholder="sample_data/digits_folder")
+    upload = st.file_uploader("Zip of an image folder", type=["zip"])
+    with st.expander("Training settings"):
+        d1, d2, d3, d4 = st.columns(4)
+        model = d1.selectbox("Model", MODELS, index=MODELS.index(defaults.model))
+        epochs = d2.number_input("Epochs", 1, 500, defaults.epochs)
+        lr = d3.number_input("Learning rate", 1e-5, 10.0, defaults.lr, format="%.4f")
+        batch = d4.number_input("Batch size", 1, 8192, defaults.batch_size)
+        e1, e2, e3, e4 = st.columns(4)
+        seed = e1.number_input("Seed", 0, 2**31 - 1, defaults.seed)
+        thr = e2.checkbox("Threshold samples (Pleiss et al.)", value=defaults.threshold_samples)
+        thr_runs = e3.number_input("Threshold runs", 1, 5, defaults.threshold_runs,
+                                   help="2 runs with disjoint threshold sets give every sample an AUM")
+        cutoff = e4.selectbox("Cut-off", ["auto", "threshold"], help="auto: mixture on AUM capped by the "
+                              "threshold-sample rule; threshold: the paper's 99th percentile rule")
+    submitted = st.form_submit_button("Start audit", type="primary")
+
+if submitted:
+    try:
+        if source == SOURCES[0]:
+            dataset = "digits"
+        elif source == SOURCES[3]:
+            if upload is None:
+                raise DatasetError("choose a .zip file to upload first")
+            dataset = str(extract_image_zip(upload.getvalue(), runs_root() / "uploads"))
+        else:
+            if not path.strip():
+                raise DatasetError("type the path of an image folder or a .csv manifest")
+            dataset = path.strip()
+            if source == SOURCES[2] and not dataset.lower().endswith(".csv"):
+                raise DatasetError(f"{dataset!r} is not a .csv manifest; pick 'Image folder' for a folder")
+        cfg = AuditConfig(
+            dataset=dataset, noise=float(noise), noise_kind=noise_kind, model=model, epochs=int(epochs), lr=float(lr),
+            batch_size=int(batch), seed=int(seed), threshold_samples=bool(thr), threshold_runs=int(thr_runs),
+            cutoff=cutoff if thr else "auto",
+        )
+        with st.spinner("Checking the dataset…"):
+            run = job_manager().start(cfg)
+    except (ConfigError, DatasetError) as exc:
+        st.error(f"Cannot start: {exc}")
+    else:
+        st.session_state["run_picker"] = run.id
+        st.query_params["run"] = run.id
+        st.rerun()
+
+st.caption("Audits run one at a time in the background; a second one waits in the queue. "
+           "You can switch pages or reload: the audit keeps going.")
+
+run = current_run()
+if run is None:
+    st.info("No audit yet: press **Start audit** above (the defaults audit digits with 10% flipped labels).")
+    st.stop()
+
+jobs = job_manager()
+active = run.status().get("state") in ("running", "pending")
+
+
+@st.fragment(run_every=1.0 if active else None)
+def progress() -> None:
+    status = run.status()
+    state = status.get("state")
+    epochs, passes = int(status.get("epochs") or run.config()["epochs"]), int(status.get("passes") or 1)
+    done = sum(status.get("epochs_done") or [])
+    total = epochs * passes
+    st.subheader(f"Run `{run.id}`: {state}")
+    st.progress(done / total if total else 0.0, text=f"{done} of {total} epochs ({passes} pass(es) × {epochs})")
+    hist = status.get("history") or []
+    if hist:
+        last = hist[-1]
+        elapsed = sum(h["seconds"] for h in hist)
+        eta = elapsed / len(hist) * (total - done) if state == "running" else 0
+        m = st.columns(5)
+        m[0].metric("Pass", f"{last['pass'] + 1} / {passes}")
+        m[1].metric("Epoch", f"{last['epoch'] + 1} / {epochs}")
+        m[2].metric("Loss", f"{last['loss']:.3f}")
+        m[3].metric("Train accuracy", f"{last['accuracy']:.1%}")
+        m[4].metric("Elapsed · ETA", f"{fmt_seconds(elapsed)} · {fmt_seconds(eta)}")
+    if state == "pending":
+        st.info("Queued: it starts when the audit before it ends.")
+    if state in ("running", "pending"):
+        if st.button("Cancel", key=f"cancel-{run.id}"):
+            jobs.cancel(run.id)
+            st.toast("Cancelling at the next batch; finished epochs are kept.")
+        if done:
+            st.caption("The AUM page already shows the finished epochs.")
+    elif active:  # it ended while we watched: refresh the whole page (sidebar state, summary)
+        st.rerun()
+
+
+progress()
+
+status = run.status()
+state = status.get("state")
+if state == "failed":
+    st.error(f"The audit failed: {status.get('error')}. Finished epochs are kept and can be viewed.")
+    with st.expander("Traceback"):
+        st.code(status.get("traceback") or "")
+if state in ("interrupted", "cancelled", "failed"):
+    if state == "interrupted":
+        st.warning("This audit was interrupted (the server stopped while it trained). Finished epochs are kept.")
+    if st.button("Resume from the last finished epoch", key=f"resume-{run.id}"):
+        jobs.resume(run)
+        time.sleep(0.2)
+        st.rerun()
+summary = run.summary()
+if state == "done" and summary:
+    st.success(f"Done: {summary['n_flagged']} of {summary['n_samples']} samples flagged as likely mislabeled.")
+    if "precision" in summary:
+        c = st.columns(4)
+        c[0].metric("Precision", f"{summary['precision']:.3f}")
+        c[1].metric("Recall", f"{summary['recall']:.3f}")
+        c[2].metric("F1", f"{summary['f1']:.3f}")
+        c[3].metric("AUROC", f"{summary['auroc']:.3f}")
+        st.caption(f"Against the {summary['n_label_errors']} labels that were flipped on purpose.")
+    st.page_link("pages/aum.py", label="See the AUM distribution and the cut-off", icon="📉")

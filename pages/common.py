@@ -1,0 +1,126 @@
+"""Shared pieces of the pages: the job manager, the run picker, cached reads of a run.
+
+Not a page itself (app.py lists the pages with st.navigation, so this module is never shown).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from engine.jobs import JobManager
+from engine.runs import Run, RunError, list_runs, open_run, runs_root
+from engine.views import live_scores
+
+STATE_ICONS = {"running": "🔄", "pending": "⏳", "done": "✅", "failed": "❌", "cancelled": "⏹️", "interrupted": "⚠️"}
+
+
+@st.cache_resource
+def job_manager() -> JobManager:
+    """One job manager per server process, shared by every session and rerun."""
+    return JobManager()
+
+
+def state_badge(run: Run) -> str:
+    state = run.status().get("state", "?")
+    return f"{STATE_ICONS.get(state, '')} {state}"
+
+
+def current_run() -> Run | None:
+    """The run chosen in the sidebar (kept in the URL as ?run=ID so a reload keeps it)."""
+    return st.session_state.get("_current_run")
+
+
+def sidebar_run_picker() -> Run | None:
+    """Draw the sidebar (title, runs folder, run picker) and return the chosen run. Every page calls it first."""
+    runs = list_runs()
+    with st.sidebar:
+        st.title("🔎 difficulty-audit")
+        st.caption(f"Runs folder: `{runs_root()}`")
+        if not runs:
+            st.info("No audits yet. Start one on the **Audit** page.")
+            st.session_state["_current_run"] = None
+            return None
+        ids = [r.id for r in runs]
+        wanted = st.query_params.get("run")
+        if "run_picker" not in st.session_state or st.session_state["run_picker"] not in ids:
+            st.session_state["run_picker"] = wanted if wanted in ids else ids[0]
+        by_id = {r.id: r for r in runs}
+        # Labels stay fixed while a run's state changes (a widget's options must not change under it).
+        chosen = st.selectbox("Run (newest first)", ids, key="run_picker")
+        st.query_params["run"] = chosen
+        run = by_id[chosen]
+        cfg = run.config()
+        st.markdown(f"State: **{state_badge(run)}**")
+        noise = f", {cfg['noise']:.0%} {cfg['noise_kind']} noise injected" if cfg.get("noise") else ""
+        st.caption(f"Dataset **{cfg['dataset']}**{noise} · model **{cfg['model']}** · "
+                   f"{cfg['epochs']} epochs × {cfg['threshold_runs'] if cfg['threshold_samples'] else 1} pass(es)")
+        with st.expander(f"All runs ({len(runs)})"):
+            st.markdown("\n".join(f"- `{r.id}` {state_badge(r)}" for r in runs))
+        st.session_state["_current_run"] = run
+        return run
+
+
+def require_run(what: str) -> Run:
+    """The current run, or an explanation of what to do next (and stop the page)."""
+    run = current_run()
+    if run is None:
+        st.info(f"{what} needs an audit. Go to the **Audit** page and press **Start audit** "
+                "(the default, digits with 10% flipped labels, takes under a minute).")
+        st.page_link("pages/audit.py", label="Open the Audit page", icon="🚀")
+        st.stop()
+    return run
+
+
+def _stamp(run: Run) -> tuple:
+    st_ = run.raw_status()
+    return (str(run.path), st_.get("state"), tuple(st_.get("epochs_done") or ()), _mtime(run.path / "scores.parquet"))
+
+
+def _mtime(p) -> float:
+    try:
+        return p.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+@st.cache_data(max_entries=8, show_spinner="Reading the run…")
+def _load(stamp: tuple) -> tuple[pd.DataFrame, dict, pd.DataFrame, list[str]]:
+    run = Run(stamp[0])
+    scores, info = live_scores(run)
+    return scores, info, run.samples(), run.classes()
+
+
+def load_scores(run: Run) -> tuple[pd.DataFrame, dict, pd.DataFrame, list[str]] | None:
+    """Scores, cut-off info, samples and class names (cached per run state); None before the first epoch."""
+    if sum(run.raw_status().get("epochs_done") or [0]) == 0:
+        return None
+    try:
+        return _load(_stamp(run))
+    except (ValueError, FileNotFoundError, RunError) as exc:
+        st.warning(f"This run cannot be scored yet: {exc}")
+        return None
+
+
+def natural_aum(scores: pd.DataFrame) -> np.ndarray:
+    """AUM in the paper's units (the scores table stores -AUM so that higher = more suspicious)."""
+    return -scores["aum"].to_numpy(dtype=np.float64)
+
+
+def fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 60}:{s % 60:02d}" if s >= 60 else f"{s} s"
+
+
+def now() -> float:
+    return time.time()
+
+
+def open_run_by_id(run_id: str) -> Run | None:
+    try:
+        return open_run(run_id)
+    except RunError:
+        return None

@@ -1,0 +1,50 @@
+"""Data map page: dataset cartography (Swayamdipta et al. 2020)."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+from engine.views import subsample
+from pages.common import load_scores, require_run, sidebar_run_picker
+
+MAX_POINTS = 50_000
+
+st.title("🗺️ Data map")
+sidebar_run_picker()
+run = require_run("The data map")
+loaded = load_scores(run)
+if loaded is None:
+    st.info("No finished epoch yet; the map appears after the first epoch.")
+    st.stop()
+scores, info, samples, classes = loaded
+st.markdown(
+    "Each point is a sample: **confidence** = mean probability of its given label over epochs, **variability** = "
+    "its standard deviation, colour = fraction of epochs predicted right. Easy samples sit top-left, ambiguous "
+    "ones in the middle (high variability), hard-to-learn and often mislabeled ones at the bottom."
+)
+confidence = 1.0 - scores["confidence"].to_numpy()
+variability = scores["variability"].to_numpy()
+correct = 1.0 - scores["cumulative_accuracy"].to_numpy()
+ok = np.isfinite(confidence)
+idx = np.flatnonzero(ok)
+sel = idx[subsample(idx.size, MAX_POINTS)]
+if sel.size < idx.size:
+    st.caption(f"Showing a random {sel.size:,} of {idx.size:,} samples (WebGL scatter; subsampled above {MAX_POINTS:,}).")
+ids = samples["sample_id"].to_numpy()
+labels = np.array(classes)[samples["label"].to_numpy()]
+fig = go.Figure(go.Scattergl(
+    x=variability[sel], y=confidence[sel], mode="markers",
+    marker=dict(color=correct[sel], colorscale="RdYlBu", cmin=0, cmax=1, size=5, opacity=0.7,
+                colorbar=dict(title="correctness")),
+    text=[f"{i} · label {lab}" for i, lab in zip(ids[sel], labels[sel], strict=True)],
+    hovertemplate="%{text}<br>variability %{x:.3f}<br>confidence %{y:.3f}<extra></extra>",
+))
+fig.update_layout(height=560, xaxis_title="variability", yaxis_title="confidence", margin=dict(t=20))
+st.plotly_chart(fig, use_container_width=True, key="datamap")
+flagged = scores["flagged"].to_numpy()
+c = st.columns(3)
+c[0].metric("Hard to learn (confidence < 0.2)", f"{int((confidence < 0.2).sum()):,}")
+c[1].metric("Ambiguous (variability > 0.2)", f"{int((variability > 0.2).sum()):,}")
+c[2].metric("Flagged by AUM", f"{int(flagged.sum()):,}")

@@ -1,0 +1,78 @@
+"""AppTest: every page rendered on a real finished run, the cut-off moved, an audit started and finished."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from engine.runs import list_runs
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+PAGES = ["pages/audit.py", "pages/aum.py", "pages/datamap.py"]
+
+
+def _app(monkeypatch, root) -> AppTest:
+    monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(root))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _text(at: AppTest) -> str:
+    parts = [m.value for m in at.markdown] + [i.value for i in at.info] + [w.value for w in at.warning]
+    parts += [s.value for s in at.success] + [e.value for e in at.error] + [t.value for t in at.title]
+    return "\n".join(str(p) for p in parts)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_pages_without_runs_say_what_to_do(monkeypatch, tmp_path, page):
+    at = _app(monkeypatch, tmp_path / "empty")
+    at.switch_page(page).run()
+    assert not at.exception, at.exception
+    assert "Start audit" in _text(at)
+
+
+def test_every_page_renders_a_finished_run(monkeypatch, small_run):
+    at = _app(monkeypatch, small_run.path.parent)
+    assert "Done:" in _text(at)
+    at.switch_page("pages/aum.py").run()
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) == 4  # histogram, per-class box and bars, trajectories
+    at.switch_page("pages/datamap.py").run()
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) == 1
+
+
+def test_moving_the_cutoff_changes_the_flagged_count(monkeypatch, small_run):
+    at = _app(monkeypatch, small_run.path.parent)
+    at.switch_page("pages/aum.py").run()
+    flagged = next(m for m in at.metric if m.label == "Flagged")
+    auto = flagged.value
+    at.radio(key=f"cutmode-{small_run.id}").set_value("AUM value").run()
+    slider = at.slider(key=f"cutval-{small_run.id}")
+    slider.set_value(slider.max).run()
+    assert not at.exception, at.exception
+    everything = next(m for m in at.metric if m.label == "Flagged").value
+    assert everything != auto and everything.startswith(f"{len(small_run.samples()):,} of")
+    precision = next(m for m in at.metric if m.label == "Precision").value
+    assert 0.0 < float(precision) < 0.2  # flagging everything: precision = noise rate 0.1
+
+
+def test_start_an_audit_from_the_audit_page(monkeypatch, tmp_path):
+    root = tmp_path / "runs"
+    at = _app(monkeypatch, root)
+    at.number_input[0].set_value(2)  # epochs
+    at.button[0].click().run()  # the form's "Start audit"
+    assert not at.exception, at.exception
+    (run,) = list_runs(root)
+    end = time.time() + 120
+    while run.status()["state"] in ("pending", "running") and time.time() < end:
+        time.sleep(0.5)
+    assert run.status()["state"] == "done"
+    at.run()
+    assert "Done:" in _text(at)
+    assert run.config()["epochs"] == 2 and run.config()["noise"] == 0.1
