@@ -48,24 +48,20 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
         n_real_classes: number of real classes (defaults to ``C``).
     """
     z = logits.detach().float()
-    b, c = z.shape
+    c = z.shape[1]
     n_real = c if n_real_classes is None else n_real_classes
-    rows = torch.arange(b, device=z.device)
-    target_logit = z[rows, targets]
-    masked = z.clone()
-    masked[rows, targets] = float("-inf")
-    other_val = masked.max(dim=1).values
-    margin = target_logit - other_val
-
-    top2 = z.topk(2, dim=1)
-    pred = top2.indices[:, 0]
-    margin_yang = target_logit - top2.values[:, 1]
-
-    real_masked = masked[:, :n_real]
-    other = real_masked.argmax(dim=1)
-
-    logp = torch.log_softmax(z, dim=1)
-    logp_target = logp[rows, targets]
+    y = targets.view(-1, 1)
+    target_logit = z.gather(1, y).squeeze(1)
+    k = min(3 if n_real < c else 2, c)
+    top_v, top_i = z.topk(k, dim=1)
+    pred = top_i[:, 0]
+    # largest logit other than the target: the runner-up when the target is on top, else the top
+    margin = target_logit - torch.where(pred == targets, top_v[:, 1], top_v[:, 0])
+    margin_yang = target_logit - top_v[:, 1]
+    # suggested relabel: first of the top-k that is neither the target nor the fake class
+    ok = (top_i != y) & (top_i < n_real)
+    other = top_i.gather(1, ok.to(torch.int8).argmax(dim=1, keepdim=True)).squeeze(1)
+    logp_target = target_logit - torch.logsumexp(z, dim=1)
     return BatchCapture(
         margin=margin,
         margin_yang=margin_yang,
@@ -74,6 +70,13 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
         other=other,
         loss=-logp_target,
     )
+
+
+def pleiss_margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Pleiss et al. 2020 margin alone, ``z_y - max_{k != y} z_k`` (the quantity the ``aum`` package tracks)."""
+    z = logits.detach()
+    y = targets.view(-1, 1)
+    return (z.gather(1, y) - z.scatter(1, y, float("-inf")).amax(dim=1, keepdim=True)).squeeze(1)
 
 
 def area_under_margin(margins: np.ndarray, start: int = 0, end: int | None = None) -> np.ndarray:

@@ -104,7 +104,7 @@ def pass_cutoff(method: str, aum_kept: np.ndarray, aum_threshold: np.ndarray | N
     ``threshold``: Pleiss et al. 2020, the ``percentile`` of the threshold samples' AUM.
     ``auto``: ``dynamics.gmm_cutoff`` on the AUM of the samples that kept their label, bounded
     above by the threshold-sample rule when threshold samples exist (never flag more than
-    the paper's rule would). The GMM alone over-flags under asymmetric noise, where mislabeled
+    the paper's rule would); when the mixture finds no second group, the threshold rule alone. The GMM alone over-flags under asymmetric noise, where mislabeled
     samples are partly learned and the two modes overlap (bench/RESULTS.md); the threshold
     samples alone have no answer when they are off. A sample is then flagged when its AUM
     averaged over the passes where it kept its label is below the mean of the pass cut-offs
@@ -116,7 +116,9 @@ def pass_cutoff(method: str, aum_kept: np.ndarray, aum_threshold: np.ndarray | N
             raise ValueError("cutoff 'threshold' needs threshold samples")
         return thr
     cut = dyn.gmm_cutoff(aum_kept, seed=seed)
-    return min(cut, thr) if thr is not None else cut
+    if thr is None:
+        return cut
+    return thr if not np.isfinite(cut) else min(cut, thr)
 
 
 def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:

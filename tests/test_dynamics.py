@@ -28,6 +28,16 @@ def test_other_excludes_threshold_class():
     assert c.other.item() == 1  # the suggested relabel never is the fake class
 
 
+def test_suggested_class_is_never_the_target_or_the_fake_class():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2000, 11, generator=g)
+    y = torch.randint(0, 11, (2000,), generator=g)
+    c = dyn.batch_capture(z, y, n_real_classes=10)
+    masked = z[:, :10].clone()
+    masked[torch.arange(2000)[y < 10], y[y < 10]] = float("-inf")
+    assert torch.equal(c.other, masked.argmax(1))
+
+
 def test_yang_never_below_pleiss():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(500, 7, generator=g)
@@ -58,6 +68,7 @@ def test_parity_with_aum_package(tmp_path):
             for i in idx:
                 ref_margins[e, i] = records[int(i)].margin
             ours[e, idx] = dyn.batch_capture(logits, targets).margin.numpy()
+            np.testing.assert_allclose(dyn.pleiss_margin(logits, targets).numpy(), ours[e, idx], atol=1e-6)
     np.testing.assert_allclose(ours, ref_margins, atol=1e-6)
     ref_aum = np.array([calc.sums[i] / calc.counts[i] for i in range(n)])
     np.testing.assert_allclose(dyn.area_under_margin(ours), ref_aum, atol=1e-6)
@@ -101,3 +112,15 @@ def test_forgetting_and_first_iteration_by_hand():
     c = np.array([[0, 1, 0, 1], [0, 0, 0, 1], [1, 1, 0, 1], [1, 0, 0, 1]], dtype=bool)
     assert forgetting_events(c).tolist() == [0, 2, 4, 0]
     assert first_iteration(c).tolist() == pytest.approx([0.5, 1.0, 1.0, 0.0])
+
+
+def test_auto_cutoff_falls_back_to_the_threshold_rule():
+    from engine.scores import pass_cutoff
+
+    rng = np.random.default_rng(0)
+    one_group = rng.normal(3.0, 1.0, 1000)
+    thr = rng.normal(-1.0, 0.5, 100)
+    assert pass_cutoff("auto", one_group, thr, 99.0, 0) == pytest.approx(np.percentile(thr, 99))
+    assert pass_cutoff("auto", one_group, None, 99.0, 0) == float("-inf")  # no evidence of errors: flag nothing
+    two = np.concatenate([one_group, rng.normal(-3.0, 0.5, 100)])
+    assert pass_cutoff("auto", two, thr + 10, 99.0, 0) < 3.0  # the mixture is lower than a loose threshold rule

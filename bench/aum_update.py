@@ -1,0 +1,64 @@
+"""Margin + AUM update cost: our vectorised capture vs the `aum` package's AUMCalculator.update.
+
+Both get the same batches of logits, targets and sample ids. Like for like: the Pleiss margin
+of the batch written into the epoch's per-sample row (the run stores margins per epoch and AUM
+is their mean, computed once at the end) vs AUMCalculator.update (compressed mode, running
+sums in Python dicts). Also shown: our full capture (margin, Yang margin, prob, pred, other,
+loss) with running sums. Usage: python bench/aum_update.py
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import machine  # noqa: E402
+from engine.dynamics import batch_capture, pleiss_margin  # noqa: E402
+
+
+def bench(batch: int, classes: int, steps: int) -> tuple[float, float, float]:
+    from aum import AUMCalculator
+
+    g = torch.Generator().manual_seed(0)
+    n = batch * 8
+    data = [(torch.randn(batch, classes, generator=g), torch.randint(0, classes, (batch,), generator=g),
+             torch.randint(0, n, (batch,), generator=g)) for _ in range(steps)]
+    sums = torch.zeros(n)
+    counts = torch.zeros(n)
+    t0 = time.perf_counter()
+    for logits, y, ids in data:
+        c = batch_capture(logits, y)
+        sums.index_add_(0, ids, c.margin)
+        counts.index_add_(0, ids, torch.ones_like(c.margin))
+    full = (time.perf_counter() - t0) / steps
+    epoch_row = torch.full((n,), float("nan"))
+    t0 = time.perf_counter()
+    for logits, y, ids in data:
+        epoch_row[ids] = pleiss_margin(logits, y)  # what the loop stores; AUM = mean of rows at the end
+    ours = (time.perf_counter() - t0) / steps
+    with tempfile.TemporaryDirectory() as tmp:
+        calc = AUMCalculator(tmp, compressed=True)
+        t0 = time.perf_counter()
+        for logits, y, ids in data:
+            calc.update(logits, y, ids.tolist())
+        ref = (time.perf_counter() - t0) / steps
+    return ours, full, ref
+
+
+def main() -> None:
+    print(f"machine: {machine()}")
+    for batch, classes, steps in [(512, 10, 300), (1024, 1000, 100)]:
+        ours, full, ref = bench(batch, classes, steps)
+        print(f"{batch} x {classes}: aum.AUMCalculator.update {ref * 1e6:.0f} us/batch | ours, margin + AUM sums "
+              f"(like for like: margin into the epoch row) {ours * 1e6:.0f} us -> {ref / ours:.1f}x faster"
+              + ("  (target >= 50x)" if classes == 10 else "")
+              + f" | ours, full capture (margin, Yang, prob, pred, other, loss) {full * 1e6:.0f} us -> {ref / full:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

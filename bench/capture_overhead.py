@@ -1,0 +1,69 @@
+"""Capture overhead: epoch time of the audit loop with per-sample capture vs the same loop without.
+
+Same model, data, seed and batches; runs interleaved (A B A B ...) so drift hits both alike.
+The capture side includes writing each epoch's row of the memory-mapped arrays to disk.
+Usage: python bench/capture_overhead.py [--epochs 10] [--repeats 3] [--dataset digits] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import machine  # noqa: E402
+from engine.config import AuditConfig  # noqa: E402
+from engine.datasets import load_dataset  # noqa: E402
+from engine.models import pick_device  # noqa: E402
+from engine.runs import DynamicsWriter, create_run  # noqa: E402
+from engine.training import to_tensor_images, train_pass  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--model", default="cnn")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    cfg = AuditConfig(dataset=args.dataset, epochs=args.epochs, model=args.model, device=args.device)
+    ds = load_dataset(cfg.dataset)
+    device = pick_device(cfg.device)
+    images, mean, std = to_tensor_images(ds.images, device)
+    targets = torch.from_numpy(ds.labels).to(device)
+    n = len(ds)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = create_run(tmp, cfg.to_dict(), pd.DataFrame({"sample_id": ds.sample_ids.astype(str)}), ds.classes)
+        times = {"plain": [], "capture": []}
+
+        def timed(capture: bool) -> float:
+            writer = DynamicsWriter(run, 0, cfg.epochs, n) if capture else None
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            train_pass(cfg, images, mean, std, targets, ds.n_classes, ds.n_classes, 0, writer, capture=capture)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return (time.perf_counter() - t0) / cfg.epochs
+
+        timed(False)  # warm-up
+        for _ in range(args.repeats):
+            times["plain"].append(timed(False))
+            times["capture"].append(timed(True))
+    plain, cap = np.median(times["plain"]), np.median(times["capture"])
+    print(f"machine: {machine()}, device {device}")
+    print(f"dataset {args.dataset} ({n} samples), model {args.model}, {args.epochs} epochs x {args.repeats} repeats")
+    print(f"epoch time  plain {plain * 1000:.1f} ms   with capture {cap * 1000:.1f} ms")
+    print(f"ratio capture/plain = {cap / plain:.3f}  (target <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()

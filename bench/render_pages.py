@@ -1,0 +1,95 @@
+"""Time and peak memory to render each dashboard page for a synthetic run of N samples x E epochs.
+
+Builds a run directory with memory-mapped dynamics (margins drawn so that 10% of samples look
+mislabeled), finalizes its scores with the engine, then renders every page with Streamlit's
+AppTest in a fresh process per page and reports the wall time of the render (second run, the
+first one fills the caches of a fresh server) and that process's peak resident memory.
+Usage: python bench/render_pages.py [--samples 1000000] [--epochs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CHILD = r"""
+import json, os, resource, sys, time
+from streamlit.testing.v1 import AppTest
+page = sys.argv[1]
+at = AppTest.from_file(os.path.join(sys.argv[2], "app.py"), default_timeout=600)
+t0 = time.perf_counter(); at.run(); first = time.perf_counter() - t0
+if page != "pages/audit.py":
+    at.switch_page(page)
+t0 = time.perf_counter(); at.run(); cold = time.perf_counter() - t0
+t0 = time.perf_counter(); at.run(); warm = time.perf_counter() - t0
+assert not at.exception, at.exception
+print(json.dumps({"cold": cold, "warm": warm, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def make_run(root: Path, n: int, epochs: int) -> Path:
+    from engine.audit import finalize
+    from engine.runs import DynamicsWriter, create_run
+
+    rng = np.random.default_rng(0)
+    classes = [str(c) for c in range(10)]
+    labels = rng.integers(0, 10, n)
+    noisy = rng.random(n) < 0.1
+    tpass = np.full(n, -1)
+    perm = rng.permutation(n)
+    m = n // 11
+    tpass[perm[:m]], tpass[perm[m:2 * m]] = 0, 1
+    samples = pd.DataFrame({"sample_id": [f"s{i:07d}" for i in range(n)], "source": [f"synthetic[{i}]" for i in range(n)],
+                            "label": labels, "true_label": np.where(noisy, (labels + 1) % 10, labels),
+                            "threshold_pass": tpass, "is_threshold": tpass >= 0})
+    cfg = {"dataset": "synthetic", "noise": 0.1, "noise_kind": "symmetric", "model": "cnn", "epochs": epochs,
+           "threshold_samples": True, "threshold_runs": 2, "threshold_percentile": 99.0, "cutoff": "auto",
+           "aum_start": 1, "aum_end": None, "seed": 0}
+    run = create_run(root, cfg, samples, classes)
+    bad = noisy | (tpass >= 0)
+    for p in range(2):
+        w = DynamicsWriter(run, p, epochs, n)
+        for e in range(epochs):
+            learn = min(1.0, e / 10)
+            margin = np.where(bad & (tpass != 1 - p), -2 + learn, 3 * learn) + rng.normal(0, 1, n)
+            w.write_epoch(e, {"margin": margin, "margin_yang": margin, "prob": 1 / (1 + np.exp(-margin)),
+                              "loss": np.log1p(np.exp(-margin)), "pred": np.where(margin > 0, labels, (labels + 1) % 10),
+                              "other": (labels + 1) % 10})
+    run.update_status(state="done", passes=2, epochs=epochs, epochs_done=[epochs, epochs], history=[])
+    t0 = time.perf_counter()
+    finalize(run)
+    print(f"finalize (all free scores) for {n:,} x {epochs} x 2 passes: {time.perf_counter() - t0:.1f} s")
+    return run.path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=1_000_000)
+    ap.add_argument("--epochs", type=int, default=30)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        make_run(Path(tmp), args.samples, args.epochs)
+        print(f"| page | first render (s) | rerun (s) | peak RSS of the process (MB) |\n|---|---|---|---|")
+        for page in ["pages/audit.py", "pages/aum.py", "pages/datamap.py"]:
+            out = subprocess.run([sys.executable, "-c", CHILD, page, str(ROOT)], capture_output=True, text=True,
+                                 env={"DIFFICULTY_AUDIT_RUNS": tmp, "PATH": "/usr/bin:/bin"}, cwd=ROOT)
+            if out.returncode:
+                print(page, "FAILED", out.stderr[-3000:])
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"| {page} | {r['cold']:.2f} | {r['warm']:.2f} | {r['peak_rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""End to end in a real browser: Debian's Chromium driven by Playwright against `streamlit run app.py`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (make chromium, as root)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, DIFFICULTY_AUDIT_RUNS=str(tmp_path / "runs"))
+    streamlit = shutil.which("streamlit", path=str(Path(sys.executable).parent)) or "streamlit"
+    proc = subprocess.Popen(
+        [streamlit, "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail(f"streamlit did not answer on {url}: {proc.stdout.read().decode()[-2000:]}")
+    yield url, tmp_path / "runs"
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+        )
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        yield pg
+        browser.close()
+
+
+def test_first_audit_journey(server, page):
+    from playwright.sync_api import expect
+
+    url, runs = server
+    page.goto(url)
+    expect(page.get_by_text("No audit yet")).to_be_visible(timeout=30_000)
+    page.screenshot(path=ARTIFACTS / "01-first-visit.png", full_page=True)
+    page.get_by_role("button", name="Start audit").click()
+    expect(page.get_by_text("Done:")).to_be_visible(timeout=180_000)
+    page.screenshot(path=ARTIFACTS / "02-audit-done.png", full_page=True)
+    assert any(runs.iterdir())
+
+    page.get_by_role("link", name="AUM", exact=True).click()
+    expect(page.get_by_text("Area Under the Margin").first).to_be_visible(timeout=30_000)
+    expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=30_000)
+    page.screenshot(path=ARTIFACTS / "03-aum.png", full_page=True)
+    flagged_before = page.get_by_test_id("stMetric").filter(has_text="Flagged").inner_text()
+    page.get_by_text("AUM value", exact=True).click()
+    slider = page.get_by_role("slider").first
+    slider.focus()
+    for _ in range(40):
+        page.keyboard.press("ArrowRight")
+    page.wait_for_timeout(1500)
+    flagged_after = page.get_by_test_id("stMetric").filter(has_text="Flagged").inner_text()
+    assert flagged_after != flagged_before
+    page.screenshot(path=ARTIFACTS / "04-aum-cutoff-moved.png", full_page=True)
+
+    page.get_by_role("link", name="Data map").click()
+    expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=30_000)
+    page.screenshot(path=ARTIFACTS / "05-datamap.png", full_page=True)
+
+    page.reload()  # a reload keeps the chosen run (it is in the URL)
+    expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=30_000)
