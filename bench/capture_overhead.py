@@ -1,6 +1,6 @@
 """Capture overhead: epoch time of the audit loop with per-sample capture vs the same loop without.
 
-Same model, data, seed and batches; runs interleaved (A B A B ...) so drift hits both alike.
+Same model, data, seed and batches; runs interleaved in ABBA order so drift hits both alike.
 The capture side includes writing each epoch's row of the memory-mapped arrays to disk.
 Usage: python bench/capture_overhead.py [--epochs 10] [--repeats 3] [--dataset digits] [--device auto]
 """
@@ -55,9 +55,9 @@ def main() -> None:
             return (time.perf_counter() - t0) / cfg.epochs
 
         timed(False)  # warm-up
-        for _ in range(args.repeats):
-            times["plain"].append(timed(False))
-            times["capture"].append(timed(True))
+        for r in range(args.repeats):  # ABBA order: neither side always runs first
+            for capture in ((False, True) if r % 2 == 0 else (True, False)):
+                times["capture" if capture else "plain"].append(timed(capture))
     plain, cap = np.median(times["plain"]), np.median(times["capture"])
     print(f"machine: {machine()}, device {device}")
     print(f"dataset {args.dataset} ({n} samples), model {args.model}, {args.epochs} epochs x {args.repeats} repeats")

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 from streamlit.testing.v1 import AppTest
 page = sys.argv[1]
 at = AppTest.from_file(os.path.join(sys.argv[2], "app.py"), default_timeout=600)
@@ -34,7 +34,8 @@ if page != "pages/audit.py":
 t0 = time.perf_counter(); at.run(); cold = time.perf_counter() - t0
 t0 = time.perf_counter(); at.run(); warm = time.perf_counter() - t0
 assert not at.exception, at.exception
-print(json.dumps({"cold": cold, "warm": warm, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))  # peak RSS, kB
+print(json.dumps({"cold": cold, "warm": warm, "peak_rss_mb": hwm / 1024}))
 """
 
 
@@ -77,10 +78,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=1_000_000)
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--keep", default=None, help="build the run in this folder and keep it")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = args.keep or tmp
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         make_run(Path(tmp), args.samples, args.epochs)
-        print(f"| page | first render (s) | rerun (s) | peak RSS of the process (MB) |\n|---|---|---|---|")
+        print("| page | first render (s) | rerun (s) | peak RSS of the process (MB) |\n|---|---|---|---|")
         for page in ["pages/audit.py", "pages/aum.py", "pages/datamap.py"]:
             out = subprocess.run([sys.executable, "-c", CHILD, page, str(ROOT)], capture_output=True, text=True,
                                  env={"DIFFICULTY_AUDIT_RUNS": tmp, "PATH": "/usr/bin:/bin"}, cwd=ROOT)

@@ -164,6 +164,10 @@ def finalize(run: Run, partial: bool = False) -> dict:
     """Write ``scores.parquet`` and ``summary.json`` from the captured dynamics; returns the summary."""
     table, info = compute_scores(run)
     atomic_write_parquet(run.path / "scores.parquet", table)
+    if not partial:
+        from .views import save_margin_sample
+
+        save_margin_sample(run)
     samples = run.samples()
     st = run.raw_status()
     summary = {

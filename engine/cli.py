@@ -6,9 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import CUTOFFS, AuditConfig, ConfigError
+from .config import CUTOFFS, MODELS, AuditConfig, ConfigError
 from .datasets import DatasetError
-from .models import MODELS
 from .runs import RunError, open_run, runs_root
 from .training import Cancelled
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .models import MODELS
+MODELS = ("cnn", "resnet18")
 
 CUTOFFS = ("auto", "threshold")
 

@@ -10,9 +10,12 @@ Two layers:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a batch is captured, so the dashboard's read path stays light
+    import torch
 
 
 @dataclass
@@ -47,6 +50,8 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
         targets: ``(B,)`` long targets the loss was computed against.
         n_real_classes: number of real classes (defaults to ``C``).
     """
+    import torch
+
     z = logits.detach().float()
     c = z.shape[1]
     n_real = c if n_real_classes is None else n_real_classes

@@ -12,12 +12,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .audit import execute, prepare
 from .config import AuditConfig
-from .datasets import IndexedDataset
 from .runs import Run, owner_fields
-from .training import Cancelled, EpochResult
+
+if TYPE_CHECKING:  # the training stack (torch) loads with the first audit, not with the dashboard
+    from .datasets import IndexedDataset
+    from .training import EpochResult
 
 
 @dataclass
@@ -46,6 +48,8 @@ class JobManager:
 
     def start(self, cfg: AuditConfig, root: str | os.PathLike | None = None) -> Run:
         """Validate and create the run now (errors raise here, in the caller), train in the background."""
+        from .audit import prepare
+
         run, ds = prepare(cfg, root if root is not None else self.root)
         job = Job(run, ds)
         with self._lock:
@@ -90,6 +94,9 @@ class JobManager:
     def _work(self) -> None:
         while True:
             job = self._queue.get()
+            from .audit import execute
+            from .training import Cancelled
+
             if job.cancel.is_set():
                 job.run.update_status(state="cancelled", finished_at=time.time())
                 job.done = True

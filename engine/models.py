@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MODELS = ("cnn", "resnet18")
+from .config import MODELS
 
 
 class SmallCNN(nn.Module):

@@ -152,12 +152,14 @@ class Run:
         return json.loads(p.read_text()) if p.is_file() else None
 
     # ---- per-sample tables ---------------------------------------------
-    def samples(self) -> pd.DataFrame:
-        return pd.read_parquet(self.path / "samples.parquet")
+    def samples(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """One row per sample, in run order; ``columns`` reads only those (a million ids cost memory)."""
+        return pd.read_parquet(self.path / "samples.parquet", columns=columns)
 
-    def scores(self) -> pd.DataFrame | None:
+    def scores(self, columns: list[str] | None = None) -> pd.DataFrame | None:
+        """The scores table (same row order as ``samples``), or None before the first scoring."""
         p = self.path / "scores.parquet"
-        return pd.read_parquet(p) if p.is_file() else None
+        return pd.read_parquet(p, columns=columns) if p.is_file() else None
 
     # ---- dynamics -------------------------------------------------------
     def dynamics_path(self, pass_idx: int, name: str) -> Path:

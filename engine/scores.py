@@ -135,6 +135,7 @@ def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:
     kept_any = np.zeros(n, dtype=bool)
     others = []
     cutoffs = []
+    threshold_aum = np.full(n, np.nan)
     for p in range(run.n_passes()):
         targets = labels.copy()
         in_thr = tpass == p
@@ -151,6 +152,7 @@ def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:
             int(cfg.get("seed", 0)),
         )
         cutoffs.append(cut)
+        threshold_aum[in_thr] = s["aum_raw"][in_thr]
         flagged_all &= np.where(kept, s["aum_raw"] < cut, True)
         kept_any |= kept
         for k, v in s.items():
@@ -181,6 +183,7 @@ def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(1, n + 1)
     table["rank"] = rank
+    table["threshold_aum"] = threshold_aum  # not a score: a threshold sample's AUM against its fake class
     info = {
         "cutoff_method": method,
         "pass_cutoffs": cutoffs,

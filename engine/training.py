@@ -112,10 +112,10 @@ def train_pass(
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-    buffers = {
-        name: torch.empty(n, dtype=torch.float32 if np.issubdtype(dt, np.floating) else torch.int64, device=device)
-        for name, dt in DYNAMICS.items()
-    }
+    float_names = [k for k, dt in DYNAMICS.items() if np.issubdtype(dt, np.floating)]
+    int_names = [k for k in DYNAMICS if k not in float_names]
+    fbuf = torch.empty((len(float_names), n), dtype=torch.float32, device=device)
+    ibuf = torch.empty((len(int_names), n), dtype=torch.int64, device=device)
     slices = batch_slices(n, cfg.batch_size)
     real = targets < n_real
     max_shift = max(1, images.shape[-1] // 8) if cfg.augment else 0
@@ -139,16 +139,13 @@ def train_pass(
             loss.backward()
             opt.step()
             if capture:
-                c = batch_capture(logits, y, n_real)
-                buffers["margin"][idx] = c.margin
-                buffers["margin_yang"][idx] = c.margin_yang
-                buffers["prob"][idx] = c.prob
-                buffers["loss"][idx] = c.loss
-                buffers["pred"][idx] = c.pred
-                buffers["other"][idx] = c.other
+                c = vars(batch_capture(logits, y, n_real))
+                fbuf[:, idx] = torch.stack([c[k] for k in float_names])
+                ibuf[:, idx] = torch.stack([c[k] for k in int_names])
         if not capture:
             continue
-        host = {k: v.cpu().numpy() for k, v in buffers.items()}  # one transfer per epoch
+        fh, ih = fbuf.cpu().numpy(), ibuf.cpu().numpy()  # one transfer per epoch
+        host = dict(zip(float_names, fh, strict=True)) | dict(zip(int_names, ih, strict=True))
         if writer is not None:
             writer.write_epoch(epoch, {k: v.astype(DYNAMICS[k], copy=False) for k, v in host.items()})
         if checkpoint is not None:

@@ -12,12 +12,22 @@ from .runs import Run
 from .scores import compute_scores
 
 
-def live_scores(run: Run) -> tuple[pd.DataFrame, dict]:
-    """The scores table and cut-off info: from ``scores.parquet`` for a finished run, else from the finished epochs."""
+def live_scores(run: Run, with_ids: bool = True) -> tuple[pd.DataFrame, dict]:
+    """The scores table and cut-off info: from ``scores.parquet`` for a finished run, else from the finished epochs.
+
+    ``with_ids=False`` leaves out the ``sample_id`` column (rows are in run order, as ``samples``).
+    """
     if run.status().get("state") == "done" and (run.path / "scores.parquet").is_file():
         summary = run.summary() or {}
-        return run.scores(), {k: summary.get(k) for k in ("cutoff", "cutoff_method", "pass_cutoffs", "n_unscored")}
-    return compute_scores(run)
+        columns = None
+        if not with_ids:
+            import pyarrow.parquet as pq
+
+            columns = [c for c in pq.read_schema(run.path / "scores.parquet").names if c != "sample_id"]
+        info = {k: summary.get(k) for k in ("cutoff", "cutoff_method", "pass_cutoffs", "n_unscored")}
+        return run.scores(columns), info
+    table, info = compute_scores(run)
+    return (table if with_ids else table.drop(columns="sample_id")), info
 
 
 def histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -33,24 +43,6 @@ def common_edges(*arrays: np.ndarray, bins: int = 60) -> np.ndarray:
     if hi <= lo:
         hi = lo + 1.0
     return np.linspace(lo, hi, bins + 1)
-
-
-def threshold_sample_aum(run: Run) -> np.ndarray:
-    """AUM (natural units) of each pass's threshold samples, measured against the fake class in that pass."""
-    from .dynamics import area_under_margin
-
-    cfg = run.config()
-    tp = run.samples()["threshold_pass"].to_numpy()
-    out = []
-    for p in range(run.n_passes()):
-        members = np.flatnonzero(tp == p)
-        done = run.epochs_done(p)
-        if members.size == 0 or done == 0:
-            continue
-        start = int(cfg.get("aum_start", 1))
-        margins = np.asarray(run.dynamics(p, "margin")[:, members])
-        out.append(area_under_margin(margins, start if start < done else 0, cfg.get("aum_end")))
-    return np.concatenate(out) if out else np.empty(0)
 
 
 def flags_at(aum_natural: np.ndarray, cutoff: float) -> np.ndarray:
@@ -79,26 +71,56 @@ def subsample(n: int, max_points: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
 
 
-def margin_bands(margins: np.ndarray, groups: dict[str, np.ndarray], max_samples: int = 20_000) -> pd.DataFrame:
-    """Per epoch, the 25th/50th/75th percentile of the margin of each group of sample indices.
+MARGIN_SAMPLE = "margin_sample.npz"
 
-    ``margins`` is ``(epochs, samples)`` (memory-mapped is fine: only the needed columns are read).
-    Large groups are subsampled to ``max_samples`` for speed.
+
+def margin_sample(run: Run, max_samples: int = 20_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a seeded random subset of samples and their ``(epochs, k)`` margins from their first kept pass.
+
+    Finished runs keep it in ``margin_sample.npz`` (written by ``audit.finalize``), so a page never
+    reads the full ``(epochs, samples)`` arrays to draw the median bands.
     """
+    cached = run.path / MARGIN_SAMPLE
+    if cached.is_file() and run.status().get("state") == "done":
+        with np.load(cached, allow_pickle=False) as z:
+            return z["idx"], z["margins"]
+    n = len(run.samples(["label"]))
+    idx = subsample(n, max_samples, seed)
+    passes = first_kept_pass(run)[idx]
+    done = min(run.epochs_done(p) for p in range(run.n_passes()) if run.epochs_done(p) > 0) if run.epochs_done(0) else 0
+    margins = np.full((done, idx.size), np.nan, dtype=np.float32)
+    for p in np.unique(passes[passes >= 0]):
+        cols = passes == p
+        margins[:, cols] = run.dynamics(int(p), "margin")[:done, idx[cols]]
+    return idx, margins
+
+
+def save_margin_sample(run: Run) -> None:
+    """Write ``margin_sample.npz`` atomically (called when a run is finalized)."""
+    import io
+
+    from .runs import atomic_write_bytes
+
+    idx, margins = margin_sample(run)
+    buf = io.BytesIO()
+    np.savez(buf, idx=idx, margins=margins)
+    atomic_write_bytes(run.path / MARGIN_SAMPLE, buf.getvalue())
+
+
+def margin_bands(margins: np.ndarray, groups: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Per epoch, the 25th/50th/75th percentile of the margins of each group of columns of ``margins``."""
     frames = []
-    for name, idx in groups.items():
-        if len(idx) == 0:
+    for name, cols in groups.items():
+        if len(cols) == 0 or margins.shape[0] == 0:
             continue
-        sel = np.sort(idx[subsample(len(idx), max_samples)])
-        m = np.asarray(margins[:, sel], dtype=np.float64)
-        q = np.nanpercentile(m, [25, 50, 75], axis=1)
-        frames.append(pd.DataFrame({"epoch": np.arange(m.shape[0]), "group": name, "q25": q[0], "median": q[1], "q75": q[2]}))
+        q = np.nanpercentile(np.asarray(margins[:, cols], dtype=np.float64), [25, 50, 75], axis=1)
+        frames.append(pd.DataFrame({"epoch": np.arange(margins.shape[0]), "group": name, "q25": q[0], "median": q[1], "q75": q[2]}))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def first_kept_pass(run: Run) -> np.ndarray:
     """For each sample, the first pass in which it kept its given label (its margins are about that label)."""
-    tp = run.samples()["threshold_pass"].to_numpy()
+    tp = run.samples(["threshold_pass"])["threshold_pass"].to_numpy()
     return np.where(tp == 0, 1 if run.n_passes() > 1 else -1, 0)
 
 

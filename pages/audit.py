@@ -6,9 +6,8 @@ import time
 
 import streamlit as st
 
-from engine.config import AuditConfig, ConfigError
+from engine.config import MODELS, AuditConfig, ConfigError
 from engine.datasets import DatasetError
-from engine.models import MODELS
 from engine.runs import runs_root
 from engine.uploads import extract_image_zip
 from pages.common import current_run, fmt_seconds, job_manager, sidebar_run_picker
@@ -24,15 +23,22 @@ SOURCES = ["Built-in digits (known errors injected)", "Image folder on this mach
            "Upload a zip of an image folder"]
 defaults = AuditConfig()
 
+source = st.radio("Dataset", SOURCES, index=0, horizontal=True, key="source")
 with st.form("start"):
-    source = st.radio("Dataset", SOURCES, index=0, horizontal=True)
-    c1, c2, c3 = st.columns(3)
-    noise = c1.slider("Labels to flip (digits, or any dataset to test the audit)", 0.0, 0.5, 0.1, 0.05)
-    noise_kind = c2.selectbox("Noise kind", ["symmetric", "asymmetric"],
-                              help="asymmetric (digits only): 2→7, 3→8, 5↔6, 7→1")
-    path = c3.text_input("Folder path (root/<class>/<image>) or manifest .csv (path,label[,sample_id])",
-                         placeholder="sample_data/digits_folder")
-    upload = st.file_uploader("Zip of an image folder", type=["zip"])
+    noise, noise_kind, path, upload = 0.0, "symmetric", "", None
+    c1, c2 = st.columns(2)
+    if source == SOURCES[0]:
+        noise = c1.slider("Labels to flip on purpose", 0.0, 0.5, 0.1, 0.05,
+                          help="The audit should find them: precision and recall are reported against them.")
+        noise_kind = c2.selectbox("Noise kind", ["symmetric", "asymmetric"],
+                                  help="symmetric: to any other class; asymmetric: 2→7, 3→8, 5↔6, 7→1")
+    elif source == SOURCES[3]:
+        upload = st.file_uploader("Zip of an image folder laid out as <class>/<image>", type=["zip"])
+    else:
+        kind = "Image folder, laid out as root/<class>/<image>" if source == SOURCES[1] else \
+            "CSV manifest with a header path,label[,sample_id]; paths relative to the CSV's folder"
+        path = c1.text_input(kind, placeholder="sample_data/digits_folder" if source == SOURCES[1] else "data/manifest.csv")
+        noise = c2.slider("Also flip labels on purpose (to test the audit)", 0.0, 0.5, 0.0, 0.05)
     with st.expander("Training settings"):
         d1, d2, d3, d4 = st.columns(4)
         model = d1.selectbox("Model", MODELS, index=MODELS.index(defaults.model))

@@ -6,7 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine.metrics import detection_metrics
+from engine.metrics import flag_metrics, ranking_auroc
 from engine.views import (
     common_edges,
     first_kept_pass,
@@ -14,10 +14,10 @@ from engine.views import (
     histogram,
     label_errors,
     margin_bands,
+    margin_sample,
     per_class,
 )
-from engine.views import threshold_sample_aum as _threshold_sample_aum
-from pages.common import load_scores, natural_aum, require_run, sidebar_run_picker
+from pages.common import load_scores, natural_aum, require_run, sidebar_run_picker, stamp
 
 st.title("📉 Area Under the Margin")
 sidebar_run_picker()
@@ -32,16 +32,23 @@ if state != "done":
     st.warning(f"This run is **{state}**: what you see comes from the epochs finished so far.")
 
 
-@st.cache_data(max_entries=8)
-def threshold_aum(path: str, stamp: tuple) -> np.ndarray:
+@st.cache_resource(max_entries=4)
+def sampled_margins(key: tuple) -> tuple[np.ndarray, np.ndarray]:
     from engine.runs import Run
 
-    return _threshold_sample_aum(Run(path))
+    return margin_sample(Run(key[0]))
 
 
+@st.cache_resource(max_entries=4)
+def auroc(key: tuple, _score: np.ndarray, _errors: np.ndarray) -> float:
+    """AUROC does not depend on the cut-off: once per run state."""
+    return ranking_auroc(_score, _errors)
+
+
+key = stamp(run)
 aum = natural_aum(scores)
-stamp = tuple(run.raw_status().get("epochs_done") or ())
-thr_aum = threshold_aum(str(run.path), stamp)
+thr_aum = scores["threshold_aum"].to_numpy()
+thr_aum = thr_aum[np.isfinite(thr_aum)]
 auto_cut = float(info.get("cutoff") if info.get("cutoff") is not None else np.nan)
 
 st.markdown(
@@ -70,10 +77,11 @@ else:
     cut = float(np.percentile(thr_aum, pct))
     c2.write(f"Cut-off: **{cut:.3f}**")
 flagged = flags_at(aum, cut)
-c3.metric("Flagged", f"{int(flagged.sum()):,} of {len(aum):,}", f"{flagged.mean():.1%}", delta_color="off")
+c3.metric("Flagged", f"{int(flagged.sum()):,} of {len(aum):,}")
+c3.caption(f"{flagged.mean():.1%} of the samples")
 errors = label_errors(samples)
 if errors is not None:
-    m = detection_metrics(flagged, scores["aum"].to_numpy(), errors)
+    m = flag_metrics(flagged, errors) | {"auroc": auroc(key, scores["aum"].to_numpy(), errors)}
     k = st.columns(4)
     k[0].metric("Precision", f"{m['precision']:.3f}")
     k[1].metric("Recall", f"{m['recall']:.3f}")
@@ -98,7 +106,7 @@ if np.isfinite(cut):
     fig.add_vline(x=cut, line_dash="dash", line_color="black", annotation_text=f"cut-off {cut:.2f}")
 fig.update_layout(barmode="overlay", height=380, xaxis_title="AUM", yaxis_title="samples",
                   margin=dict(t=30, b=40), legend=dict(orientation="h", y=1.12))
-st.plotly_chart(fig, use_container_width=True, key="aum-hist")
+st.plotly_chart(fig, width="stretch", key="aum-hist")
 
 # ---- per class -----------------------------------------------------------------
 st.subheader("Per given label")
@@ -111,11 +119,11 @@ if not pc.empty:
         box.add_hline(y=cut, line_dash="dash", line_color="black")
     box.update_layout(height=320, xaxis_title="given label", yaxis_title="AUM (box: quartiles, whiskers: 5-95%)",
                       margin=dict(t=20, b=40))
-    c1.plotly_chart(box, use_container_width=True, key="aum-class-box")
+    c1.plotly_chart(box, width="stretch", key="aum-class-box")
     bar = go.Figure(go.Bar(x=pc["class"], y=pc["flagged"], marker_color="#e45756",
                            text=[f"{f}/{n}" for f, n in zip(pc["flagged"], pc["n"], strict=True)]))
     bar.update_layout(height=320, xaxis_title="given label", yaxis_title="flagged", margin=dict(t=20, b=40))
-    c2.plotly_chart(bar, use_container_width=True, key="aum-class-bar")
+    c2.plotly_chart(bar, width="stretch", key="aum-class-bar")
 
 # ---- margin trajectories ---------------------------------------------------------
 st.subheader("Margin over epochs")
@@ -128,25 +136,24 @@ default_ids = [ids[i] for i in order[:5]]
 picked = st.multiselect("Samples", options=ids[order[:2000]].tolist(), default=default_ids, key=f"traj-{run.id}",
                         help="The 2,000 lowest-AUM samples are listed; type to search.")
 traj = go.Figure()
-pass0 = passes == 0
-margins = run.dynamics(0, "margin")
-if margins.shape[0]:
-    bands = margin_bands(margins, {"unflagged": np.flatnonzero(pass0 & ~flagged), "flagged": np.flatnonzero(pass0 & flagged)})
-    colors = {"unflagged": "76,120,168", "flagged": "228,87,86"}
-    for name, g in bands.groupby("group") if not bands.empty else []:
-        col = colors[name]
-        traj.add_scatter(x=g["epoch"], y=g["q75"], line=dict(width=0), showlegend=False, hoverinfo="skip")
-        traj.add_scatter(x=g["epoch"], y=g["q25"], fill="tonexty", fillcolor=f"rgba({col},0.2)", line=dict(width=0),
-                         showlegend=False, hoverinfo="skip")
-        traj.add_scatter(x=g["epoch"], y=g["median"], name=f"{name} (median)", line=dict(color=f"rgb({col})", width=3))
-    index = {s: i for i, s in enumerate(ids)}
-    for sid in picked:
-        i = index[sid]
-        p = int(passes[i])
-        if p < 0:
-            continue
-        m = np.asarray(run.dynamics(p, "margin")[:, i])
-        traj.add_scatter(x=np.arange(m.size), y=m, name=f"{sid} ({classes[samples['label'].iat[i]]})", mode="lines",
-                         line=dict(width=1.5, dash="dot"))
+sample_idx, sample_margins = sampled_margins(key)
+bands = margin_bands(sample_margins, {"unflagged": np.flatnonzero(~flagged[sample_idx]),
+                                      "flagged": np.flatnonzero(flagged[sample_idx])})
+colors = {"unflagged": "76,120,168", "flagged": "228,87,86"}
+for name, g in bands.groupby("group") if not bands.empty else []:
+    col = colors[name]
+    traj.add_scatter(x=g["epoch"], y=g["q75"], line=dict(width=0), showlegend=False, hoverinfo="skip")
+    traj.add_scatter(x=g["epoch"], y=g["q25"], fill="tonexty", fillcolor=f"rgba({col},0.2)", line=dict(width=0),
+                     showlegend=False, hoverinfo="skip")
+    traj.add_scatter(x=g["epoch"], y=g["median"], name=f"{name} (median)", line=dict(color=f"rgb({col})", width=3))
+index = {ids[i]: i for i in order[:2000]}
+for sid in picked:
+    i = index[sid]
+    p = int(passes[i])
+    if p < 0:
+        continue
+    m = np.asarray(run.dynamics(p, "margin")[:, i])
+    traj.add_scatter(x=np.arange(m.size), y=m, name=f"{sid} ({classes[samples['label'].iat[i]]})", mode="lines",
+                     line=dict(width=1.5, dash="dot"))
 traj.update_layout(height=380, xaxis_title="epoch", yaxis_title="margin", margin=dict(t=20, b=40))
-st.plotly_chart(traj, use_container_width=True, key="aum-traj")
+st.plotly_chart(traj, width="stretch", key="aum-traj")

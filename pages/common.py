@@ -5,14 +5,12 @@ Not a page itself (app.py lists the pages with st.navigation, so this module is 
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from engine.jobs import JobManager
-from engine.runs import Run, RunError, list_runs, open_run, runs_root
+from engine.runs import Run, RunError, list_runs, runs_root
 from engine.views import live_scores
 
 STATE_ICONS = {"running": "🔄", "pending": "⏳", "done": "✅", "failed": "❌", "cancelled": "⏹️", "interrupted": "⚠️"}
@@ -87,15 +85,17 @@ def _mtime(p) -> float:
         return 0.0
 
 
-@st.cache_data(max_entries=8, show_spinner="Reading the run…")
+@st.cache_resource(max_entries=4, show_spinner="Reading the run…")
 def _load(stamp: tuple) -> tuple[pd.DataFrame, dict, pd.DataFrame, list[str]]:
+    """Shared, not copied, between reruns and sessions (a million rows): callers must not modify them."""
     run = Run(stamp[0])
-    scores, info = live_scores(run)
-    return scores, info, run.samples(), run.classes()
+    scores, info = live_scores(run, with_ids=False)  # ids live in `samples` (same row order)
+    samples = run.samples(["sample_id", "label", "true_label", "threshold_pass"])
+    return scores, info, samples, run.classes()
 
 
 def load_scores(run: Run) -> tuple[pd.DataFrame, dict, pd.DataFrame, list[str]] | None:
-    """Scores, cut-off info, samples and class names (cached per run state); None before the first epoch."""
+    """Scores, cut-off info, samples and class names (cached per run state, read-only); None before the first epoch."""
     if sum(run.raw_status().get("epochs_done") or [0]) == 0:
         return None
     try:
@@ -110,17 +110,11 @@ def natural_aum(scores: pd.DataFrame) -> np.ndarray:
     return -scores["aum"].to_numpy(dtype=np.float64)
 
 
+def stamp(run: Run) -> tuple:
+    """Changes whenever the run's data changes: a cache key for anything derived from it."""
+    return _stamp(run)
+
+
 def fmt_seconds(s: float) -> str:
     s = int(round(s))
     return f"{s // 60}:{s % 60:02d}" if s >= 60 else f"{s} s"
-
-
-def now() -> float:
-    return time.time()
-
-
-def open_run_by_id(run_id: str) -> Run | None:
-    try:
-        return open_run(run_id)
-    except RunError:
-        return None

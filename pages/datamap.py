@@ -42,7 +42,7 @@ fig = go.Figure(go.Scattergl(
     hovertemplate="%{text}<br>variability %{x:.3f}<br>confidence %{y:.3f}<extra></extra>",
 ))
 fig.update_layout(height=560, xaxis_title="variability", yaxis_title="confidence", margin=dict(t=20))
-st.plotly_chart(fig, use_container_width=True, key="datamap")
+st.plotly_chart(fig, width="stretch", key="datamap")
 flagged = scores["flagged"].to_numpy()
 c = st.columns(3)
 c[0].metric("Hard to learn (confidence < 0.2)", f"{int((confidence < 0.2).sum()):,}")

@@ -75,6 +75,7 @@ def test_first_audit_journey(server, page):
     url, runs = server
     page.goto(url)
     expect(page.get_by_text("No audit yet")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("Labels to flip on purpose")).to_be_visible(timeout=30_000)
     page.screenshot(path=ARTIFACTS / "01-first-visit.png", full_page=True)
     page.get_by_role("button", name="Start audit").click()
     expect(page.get_by_text("Done:")).to_be_visible(timeout=180_000)

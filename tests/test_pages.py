@@ -42,6 +42,7 @@ def test_every_page_renders_a_finished_run(monkeypatch, small_run):
     at.switch_page("pages/aum.py").run()
     assert not at.exception, at.exception
     assert len(at.get("plotly_chart")) == 4  # histogram, per-class box and bars, trajectories
+    assert (small_run.path / "margin_sample.npz").is_file()
     at.switch_page("pages/datamap.py").run()
     assert not at.exception, at.exception
     assert len(at.get("plotly_chart")) == 1
@@ -76,3 +77,29 @@ def test_start_an_audit_from_the_audit_page(monkeypatch, tmp_path):
     at.run()
     assert "Done:" in _text(at)
     assert run.config()["epochs"] == 2 and run.config()["noise"] == 0.1
+
+
+def test_bad_folder_path_says_what_to_fix(monkeypatch, tmp_path):
+    at = _app(monkeypatch, tmp_path / "runs")
+    at.radio(key="source").set_value("Image folder on this machine").run()
+    at.text_input[0].set_value(str(tmp_path / "no-such-folder"))
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    (err,) = at.error
+    assert "Cannot start" in err.value and "dataset folder not found" in err.value
+    assert not list_runs(tmp_path / "runs")  # nothing was created
+
+
+def test_sample_folder_audit_from_the_page(monkeypatch, tmp_path):
+    at = _app(monkeypatch, tmp_path / "runs")
+    at.radio(key="source").set_value("Image folder on this machine").run()
+    at.text_input[0].set_value(str(Path(APP).parent / "sample_data" / "digits_folder"))
+    at.number_input[0].set_value(1)
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    (run,) = list_runs(tmp_path / "runs")
+    assert run.config()["dataset"].endswith("digits_folder") and len(run.samples()) == 300
+    end = time.time() + 120
+    while run.status()["state"] in ("pending", "running") and time.time() < end:
+        time.sleep(0.5)
+    assert run.status()["state"] == "done"
