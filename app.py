@@ -7,6 +7,7 @@ st.set_page_config(page_title="difficulty-audit", page_icon="🔎", layout="wide
 pages = [
     st.Page("pages/audit.py", title="Audit", icon="🚀", default=True),
     st.Page("pages/aum.py", title="AUM", icon="📉"),
+    st.Page("pages/flagged.py", title="Flagged samples", icon="🏷️"),
     st.Page("pages/datamap.py", title="Data map", icon="🗺️"),
 ]
 nav = st.navigation(pages)

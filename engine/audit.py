@@ -136,6 +136,7 @@ def execute(
                 checkpoint=run.path / "checkpoints" / f"pass{p}.pt", start_epoch=start,
                 on_epoch=record, cancel=cancel,
             )
+        save_features(run, cfg, images, mean, std, n_out)
         summary = finalize(run)
         run.update_status(state="done", finished_at=time.time())
         return summary
@@ -150,6 +151,34 @@ def execute(
             error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20),
         )
         raise
+
+
+def save_features(run: Run, cfg: AuditConfig, images, mean, std, n_out: int, batch: int = 512) -> None:
+    """Penultimate-layer features of every sample under the last pass's final model -> ``features.npy`` (float16).
+
+    Used for the nearest-neighbour view of a sample (and by feature-density scores).
+    """
+    import io
+
+    import torch
+
+    from .models import build_model
+    from .runs import atomic_write_bytes
+
+    last = cfg.passes - 1
+    model = build_model(cfg.model, images.shape[1], n_out).to(images.device)
+    state = torch.load(run.path / "checkpoints" / f"pass{last}.pt", map_location=images.device, weights_only=True)
+    model.load_state_dict(state["model"])
+    model.eval()
+    chunks = []
+    with torch.inference_mode():
+        for s in range(0, images.shape[0], batch):
+            x = (images[s : s + batch].float().div_(255.0) - mean) / std
+            chunks.append(model.features(x).float().cpu())
+    feats = torch.cat(chunks).numpy().astype(np.float16)
+    buf = io.BytesIO()
+    np.save(buf, feats)
+    atomic_write_bytes(run.path / "features.npy", buf.getvalue())
 
 
 def _finalize_partial(run: Run) -> None:

@@ -40,10 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue an interrupted run from its last finished epoch")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    e = sub.add_parser("export", help="write the flagged samples (worst first) to CSV")
+    e = sub.add_parser("export", help="write the flagged samples (worst first), with review decisions, to CSV")
     e.add_argument("run_dir", metavar="RUN_DIR")
     e.add_argument("--out", required=True, help="CSV file to write")
-    e.add_argument("--all", action="store_true", help="every sample, not only the flagged ones")
+    what = e.add_mutually_exclusive_group()
+    what.add_argument("--all", action="store_true", help="every sample, not only the flagged ones")
+    what.add_argument("--manifest", action="store_true",
+                      help="cleaned manifest path,label,sample_id: relabels applied, removed samples dropped")
+    what.add_argument("--decisions", action="store_true", help="the review decisions alone")
     return p
 
 
@@ -120,10 +124,11 @@ def _export(args: argparse.Namespace) -> int:
     from .export import export_csv
 
     run = open_run(args.run_dir)
-    n = export_csv(run, args.out, all_samples=args.all)
+    kind = "all" if args.all else "manifest" if args.manifest else "decisions" if args.decisions else "flagged"
+    n = export_csv(run, args.out, kind=kind)
     state = run.status().get("state")
-    note = "" if state == "done" else f" (run state: {state}; scores cover finished epochs only)"
-    print(f"wrote {n} {'samples' if args.all else 'flagged samples'} to {args.out}{note}")
+    note = "" if state == "done" else f"  WARNING: run is {state}, not done; scores cover its finished epochs only"
+    print(f"wrote {n} rows ({kind}) to {args.out}{note}")
     return 0
 
 

@@ -128,3 +128,16 @@ def label_errors(samples: pd.DataFrame) -> np.ndarray | None:
     """Boolean mask of known label errors (given != true label), or None when true labels are unknown."""
     true = samples["true_label"].to_numpy()
     return samples["label"].to_numpy() != true if (true >= 0).all() else None
+
+
+def nearest_neighbours(features: np.ndarray, candidates: np.ndarray, query: int, k: int = 5) -> np.ndarray:
+    """Indices of the ``k`` samples among ``candidates`` closest to sample ``query`` (Euclidean, itself excluded)."""
+    cand = np.asarray(candidates)
+    cand = cand[cand != query]
+    if cand.size == 0:
+        return cand
+    q = np.asarray(features[query], dtype=np.float32)
+    d = ((np.asarray(features[cand], dtype=np.float32) - q) ** 2).sum(axis=1)
+    take = min(k, cand.size)
+    part = np.argpartition(d, take - 1)[:take]
+    return cand[part[np.argsort(d[part], kind="stable")]]

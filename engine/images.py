@@ -1,0 +1,76 @@
+"""Images of a run's samples, read from the dataset's own source: arrays for built-ins, files under the root.
+
+A file is served only if it resolves inside the dataset root recorded in the run's config.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .runs import Run
+
+
+class ImageError(ValueError):
+    """An image cannot be shown (missing file, outside the root, unreadable)."""
+
+
+@lru_cache(maxsize=2)
+def _digits_images() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return np.clip(np.round(load_digits().images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+
+
+@lru_cache(maxsize=1)
+def _torchvision_images(spec: str) -> np.ndarray:
+    from .datasets import load_dataset
+
+    return load_dataset(spec).images
+
+
+class SampleImages:
+    """``image(i)`` gives sample i's pixels (uint8, HxW or HxWxC); ``png(i, size)`` a cached thumbnail."""
+
+    def __init__(self, run: Run):
+        cfg = run.config()
+        self.spec = cfg["dataset"]
+        self.root = Path(cfg["dataset_root"]).resolve() if cfg.get("dataset_root") else None
+        self.sources = run.samples(["source"])["source"].to_numpy()
+        self._png = lru_cache(maxsize=4096)(self._make_png)
+
+    def image(self, i: int) -> np.ndarray:
+        if self.spec == "digits":
+            return _digits_images()[int(self.sources[i].split("[")[1].rstrip("]"))]
+        if self.spec.startswith("torchvision:"):
+            return _torchvision_images(self.spec)[i]
+        if self.root is None:
+            raise ImageError("this run records no dataset root")
+        path = (self.root / self.sources[i]).resolve()
+        if not path.is_relative_to(self.root):
+            raise ImageError(f"{self.sources[i]} is outside the dataset root {self.root}; not served")
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy())
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
+            raise ImageError(f"cannot read {path}: {exc}") from exc
+
+    def png(self, i: int, size: int = 96) -> bytes:
+        """PNG thumbnail, upscaled without smoothing when the image is small (8x8 digits stay crisp)."""
+        return self._png(int(i), int(size))
+
+    def _make_png(self, i: int, size: int) -> bytes:
+        from PIL import Image
+
+        im = Image.fromarray(np.squeeze(self.image(i)))
+        scale = size / max(im.size)
+        im = im.resize((max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))),
+                       Image.NEAREST if scale >= 2 else Image.BILINEAR)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()

@@ -1,0 +1,135 @@
+"""The flagged-samples page and the review/export engine behind it, on real runs."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from streamlit.testing.v1 import AppTest
+
+from engine import audit
+from engine.config import AuditConfig
+from engine.export import export_filename, export_frame
+from engine.reviews import ReviewStore
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+
+
+def _flagged_page(monkeypatch, run) -> AppTest:
+    monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(run.path.parent))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    at.switch_page("pages/flagged.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _card_ids(at: AppTest) -> list[str]:
+    return [b.key[3:] for b in at.button if b.key and b.key.startswith("ok-")]
+
+
+def test_gallery_shows_images_and_pages(monkeypatch, small_run):
+    at = _flagged_page(monkeypatch, small_run)
+    first = _card_ids(at)
+    assert len(first) == min(12, int(small_run.scores()["flagged"].sum()))
+    assert len(at.get("image")) >= len(first)  # Streamlit 1.67 names the element "image" (not "imgs")
+    scores = small_run.scores().set_index("sample_id")
+    assert first == scores.loc[first].sort_values("aum", ascending=False).index.tolist()  # worst first
+    at.selectbox(key="flt_flagged").set_value("all").run()
+    at.number_input(key="page_no").set_value(2).run()
+    second = _card_ids(at)
+    assert len(second) == 12 and not set(second) & set(_card_ids(at.number_input(key="page_no").set_value(1).run()))
+
+
+def test_filter_by_given_label(monkeypatch, small_run):
+    at = _flagged_page(monkeypatch, small_run)
+    at.selectbox(key="flt_flagged").set_value("all").run()
+    at.multiselect(key="flt_given").set_value(["3"]).run()
+    at.radio(key="view").set_value("Table").run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    samples = small_run.samples()
+    assert len(table) == int((samples["label"] == 3).sum()) and set(table["label"]) == {"3"}
+
+
+def test_decision_is_saved_at_once_and_survives_a_reload(monkeypatch, small_run):
+    at = _flagged_page(monkeypatch, small_run)
+    sid = _card_ids(at)[0]
+    at.button(key=f"rm-{sid}").click().run()
+    assert not at.exception, at.exception
+    current = ReviewStore(small_run.path).current().set_index("sample_id")
+    assert current.loc[sid, "decision"] == "remove"
+    reloaded = _flagged_page(monkeypatch, small_run)  # a fresh session, as after a browser reload
+    assert any(sid in m.value and "remove" in m.value for m in reloaded.markdown)
+    assert "Reviewed / flagged" in [m.label for m in reloaded.metric]
+
+
+def test_exports_row_by_row(small_run):
+    store = ReviewStore(small_run.path)
+    table = export_frame(small_run, "all")
+    a, b, c = table["sample_id"].iloc[:3]
+    store.record(a, "mislabeled", "7")
+    store.record(b, "remove")
+    store.record(c, "correct")
+    store.record(c, "unsure")  # last write wins
+    flagged = export_frame(small_run, "flagged")
+    scores = small_run.scores().set_index("sample_id")
+    assert flagged["sample_id"].tolist() == scores[scores["flagged"]].sort_values("rank").index.tolist()
+    np.testing.assert_allclose(flagged["aum"], scores.loc[flagged["sample_id"], "aum"])
+    manifest = export_frame(small_run, "manifest").set_index("sample_id")
+    samples = small_run.samples().set_index("sample_id")
+    assert b not in manifest.index and len(manifest) == len(samples) - 1
+    assert manifest.loc[a, "label"] == "7"
+    untouched = manifest.index[~manifest.index.isin([a, b, c])]
+    assert (manifest.loc[untouched, "label"] == samples.loc[untouched, "label"].astype(str)).all()
+    assert (manifest.loc[untouched, "path"] == samples.loc[untouched, "source"]).all()
+    decisions = export_frame(small_run, "decisions").set_index("sample_id")
+    assert decisions.loc[[a, b, c], "decision"].tolist() == ["mislabeled", "remove", "unsure"]
+    assert len(store.history()) >= 4
+    assert export_filename(small_run, "flagged") == f"{small_run.id}-flagged.csv"
+
+
+def test_concurrent_reviewers_lose_nothing(small_run, tmp_path):
+    shutil.copytree(small_run.path, tmp_path / "copy")
+    ids = small_run.samples()["sample_id"].tolist()[:500]
+
+    def reviewer(name: str, decision: str) -> None:
+        store = ReviewStore(tmp_path / "copy")
+        for s in ids:
+            store.record(s, decision, session=name)
+
+    threads = [threading.Thread(target=reviewer, args=("tab1", "correct")),
+               threading.Thread(target=reviewer, args=("tab2", "remove"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store = ReviewStore(tmp_path / "copy")
+    hist = store.history()
+    hist = hist[hist["session"].isin(["tab1", "tab2"])]  # the shared run may hold other tests' decisions
+    assert len(hist) == 1000 and hist.groupby("session").size().tolist() == [500, 500]
+    current = store.current().set_index("sample_id")
+    last = hist.sort_values("id").groupby("sample_id").tail(1).set_index("sample_id")
+    assert (current.loc[ids, "decision"] == last.loc[ids, "decision"]).all()  # last write wins
+
+
+def test_cleaned_manifest_reaudit_flags_fewer(tmp_path):
+    """A reviewer relabels the flagged samples to their suggestion; the same audit of the cleaned data flags fewer."""
+    data = tmp_path / "digits_folder"
+    shutil.copytree(ROOT / "sample_data" / "digits_folder", data)
+    cfg = AuditConfig(dataset=str(data), epochs=15, seed=1)
+    run, ds = audit.prepare(cfg, tmp_path / "runs")
+    first = audit.execute(run, ds)
+    table = export_frame(run, "flagged")
+    ReviewStore(run.path).record_many([(s, "mislabeled", lab) for s, lab in zip(table["sample_id"], table["suggested_label"], strict=True)])
+    manifest = export_frame(run, "manifest")
+    manifest.to_csv(data / "cleaned.csv", index=False)
+    again, ds2 = audit.prepare(AuditConfig(dataset=str(data / "cleaned.csv"), epochs=15, seed=1), tmp_path / "runs")
+    second = audit.execute(again, ds2)
+    assert second["n_samples"] == first["n_samples"] == 300
+    assert second["n_flagged"] < first["n_flagged"]
+    assert (pd.read_csv(data / "cleaned.csv")["sample_id"] == sorted(ds.sample_ids)).all()
