@@ -29,7 +29,7 @@ from streamlit.testing.v1 import AppTest
 page = sys.argv[1]
 at = AppTest.from_file(os.path.join(sys.argv[2], "app.py"), default_timeout=600)
 t0 = time.perf_counter(); at.run(); first = time.perf_counter() - t0
-if page != "pages/audit.py":
+if page != "app_pages/audit.py":
     at.switch_page(page)
 t0 = time.perf_counter(); at.run(); cold = time.perf_counter() - t0
 t0 = time.perf_counter(); at.run(); warm = time.perf_counter() - t0
@@ -85,7 +85,7 @@ def main() -> None:
         Path(tmp).mkdir(parents=True, exist_ok=True)
         make_run(Path(tmp), args.samples, args.epochs)
         print("| page | first render (s) | rerun (s) | peak RSS of the process (MB) |\n|---|---|---|---|")
-        for page in ["pages/audit.py", "pages/aum.py", "pages/datamap.py"]:
+        for page in ["app_pages/audit.py", "app_pages/aum.py", "app_pages/datamap.py"]:
             out = subprocess.run([sys.executable, "-c", CHILD, page, str(ROOT)], capture_output=True, text=True,
                                  env={"DIFFICULTY_AUDIT_RUNS": tmp, "PATH": "/usr/bin:/bin"}, cwd=ROOT)
             if out.returncode:

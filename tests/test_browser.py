@@ -103,3 +103,49 @@ def test_first_audit_journey(server, page):
 
     page.reload()  # a reload keeps the chosen run (it is in the URL)
     expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=30_000)
+
+
+def test_review_and_export_journey(server, page, tmp_path):
+    """Open a finished audit's flagged gallery, decide three samples, reload, download both exports."""
+    import csv
+
+    from playwright.sync_api import expect
+
+    from engine import audit
+    from engine.config import AuditConfig
+    from engine.reviews import ReviewStore
+
+    url, runs = server
+    run, ds = audit.prepare(AuditConfig(noise=0.1, epochs=8), runs)
+    audit.execute(run, ds)
+    page.goto(f"{url}/flagged?run={run.id}")
+    expect(page.get_by_text("Reviewed / flagged")).to_be_visible(timeout=30_000)
+    expect(page.get_by_role("button", name="Relabel").first).to_be_visible(timeout=30_000)
+    page.screenshot(path=ARTIFACTS / "06-flagged.png", full_page=True)
+    cards = (page.get_by_test_id("stColumn")  # a card: the column holding both a Relabel and a Correct button
+             .filter(has=page.get_by_role("button", name="Relabel")).filter(has=page.get_by_role("button", name="Correct")))
+    for n, action in enumerate(["Relabel", "Remove", "Correct"]):
+        cards.nth(n).get_by_role("button", name=action).click()
+        page.wait_for_timeout(1200)
+    expect(page.get_by_text("decision:").first).to_be_visible(timeout=10_000)
+    decided = ReviewStore(run.path).current()
+    assert sorted(decided["decision"]) == ["correct", "mislabeled", "remove"]
+
+    page.reload()
+    expect(cards.filter(has_text="decision:")).to_have_count(3, timeout=30_000)
+    page.screenshot(path=ARTIFACTS / "07-flagged-after-reload.png", full_page=True)
+
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Flagged list with scores and decisions").click()
+    flagged_path = tmp_path / dl.value.suggested_filename
+    dl.value.save_as(flagged_path)
+    rows = list(csv.DictReader(open(flagged_path)))
+    assert len(rows) == run.summary()["n_flagged"]
+    assert sorted(r["decision"] for r in rows if r["decision"]) == ["correct", "mislabeled", "remove"]
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Cleaned manifest (path,label)").click()
+    manifest = list(csv.DictReader(open(dl.value.path())))
+    removed = decided.set_index("decision").loc["remove", "sample_id"]
+    relabeled = decided.set_index("decision").loc[["mislabeled"]].iloc[0]
+    assert len(manifest) == 1796 and removed not in {r["sample_id"] for r in manifest}
+    assert next(r for r in manifest if r["sample_id"] == relabeled["sample_id"])["label"] == relabeled["new_label"]

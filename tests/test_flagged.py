@@ -23,7 +23,7 @@ def _flagged_page(monkeypatch, run) -> AppTest:
     monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(run.path.parent))
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()
-    at.switch_page("pages/flagged.py").run()
+    at.switch_page("app_pages/flagged.py").run()
     assert not at.exception, at.exception
     return at
 

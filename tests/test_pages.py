@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 from engine.runs import list_runs
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
-PAGES = ["pages/audit.py", "pages/aum.py", "pages/datamap.py"]
+PAGES = ["app_pages/audit.py", "app_pages/aum.py", "app_pages/datamap.py"]
 
 
 def _app(monkeypatch, root) -> AppTest:
@@ -39,18 +39,18 @@ def test_pages_without_runs_say_what_to_do(monkeypatch, tmp_path, page):
 def test_every_page_renders_a_finished_run(monkeypatch, small_run):
     at = _app(monkeypatch, small_run.path.parent)
     assert "Done:" in _text(at)
-    at.switch_page("pages/aum.py").run()
+    at.switch_page("app_pages/aum.py").run()
     assert not at.exception, at.exception
     assert len(at.get("plotly_chart")) == 4  # histogram, per-class box and bars, trajectories
     assert (small_run.path / "margin_sample.npz").is_file()
-    at.switch_page("pages/datamap.py").run()
+    at.switch_page("app_pages/datamap.py").run()
     assert not at.exception, at.exception
     assert len(at.get("plotly_chart")) == 1
 
 
 def test_moving_the_cutoff_changes_the_flagged_count(monkeypatch, small_run):
     at = _app(monkeypatch, small_run.path.parent)
-    at.switch_page("pages/aum.py").run()
+    at.switch_page("app_pages/aum.py").run()
     flagged = next(m for m in at.metric if m.label == "Flagged")
     auto = flagged.value
     at.radio(key=f"cutmode-{small_run.id}").set_value("AUM value").run()

@@ -6,13 +6,12 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
+from app_pages.common import load_scores, require_run
 from engine.views import subsample
-from pages.common import load_scores, require_run, sidebar_run_picker
 
 MAX_POINTS = 50_000
 
 st.title("🗺️ Data map")
-sidebar_run_picker()
 run = require_run("The data map")
 loaded = load_scores(run)
 if loaded is None:

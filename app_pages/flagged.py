@@ -9,17 +9,16 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from app_pages.common import load_scores, natural_aum, require_run, stamp
 from engine.export import export_filename, export_frame, to_csv_bytes
 from engine.images import ImageError, SampleImages
 from engine.reviews import ReviewStore
 from engine.scores import REGISTRY
 from engine.views import first_kept_pass, nearest_neighbours
-from pages.common import load_scores, natural_aum, require_run, sidebar_run_picker, stamp
 
 DECISION_LABELS = {"mislabeled": "🔁 relabel", "correct": "✅ correct", "remove": "🗑️ remove", "unsure": "❔ unsure"}
 
 st.title("🏷️ Flagged samples")
-sidebar_run_picker()
 run = require_run("The flagged samples page")
 loaded = load_scores(run)
 if loaded is None:
@@ -130,7 +129,7 @@ def card_text(i: int) -> str:
 images = images_of(key)
 
 if view == "Cards":
-    cols_per_row = 6
+    cols_per_row = 4
     for start in range(0, len(page_idx), cols_per_row):
         row = st.columns(cols_per_row)
         for col, i in zip(row, page_idx[start : start + cols_per_row], strict=False):

@@ -1,6 +1,6 @@
 """Shared pieces of the pages: the job manager, the run picker, cached reads of a run.
 
-Not a page itself (app.py lists the pages with st.navigation, so this module is never shown).
+Not a page itself: app.py lists the pages with st.navigation.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def current_run() -> Run | None:
 
 
 def sidebar_run_picker() -> Run | None:
-    """Draw the sidebar (title, runs folder, run picker) and return the chosen run. Every page calls it first."""
+    """Draw the sidebar (title, runs folder, run picker) and return the chosen run (app.py calls it before the page)."""
     runs = list_runs()
     with st.sidebar:
         st.title("🔎 difficulty-audit")
@@ -68,7 +68,7 @@ def require_run(what: str) -> Run:
     if run is None:
         st.info(f"{what} needs an audit. Go to the **Audit** page and press **Start audit** "
                 "(the default, digits with 10% flipped labels, takes under a minute).")
-        st.page_link("pages/audit.py", label="Open the Audit page", icon="🚀")
+        st.page_link("app_pages/audit.py", label="Open the Audit page", icon="🚀")
         st.stop()
     return run
 

@@ -6,6 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
+from app_pages.common import load_scores, natural_aum, require_run, stamp
 from engine.metrics import flag_metrics, ranking_auroc
 from engine.views import (
     common_edges,
@@ -17,10 +18,8 @@ from engine.views import (
     margin_sample,
     per_class,
 )
-from pages.common import load_scores, natural_aum, require_run, sidebar_run_picker, stamp
 
 st.title("📉 Area Under the Margin")
-sidebar_run_picker()
 run = require_run("The AUM page")
 loaded = load_scores(run)
 if loaded is None:

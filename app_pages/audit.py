@@ -6,14 +6,13 @@ import time
 
 import streamlit as st
 
+from app_pages.common import current_run, fmt_seconds, job_manager
 from engine.config import MODELS, AuditConfig, ConfigError
 from engine.datasets import DatasetError
 from engine.runs import runs_root
 from engine.uploads import extract_image_zip
-from pages.common import current_run, fmt_seconds, job_manager, sidebar_run_picker
 
 st.title("🚀 Audit")
-sidebar_run_picker()
 st.write(
     "Train a classifier while recording every sample's margin at every epoch, then rank samples by "
     "their **Area Under the Margin**: mislabeled samples keep a low margin until the network memorises them."
@@ -151,4 +150,4 @@ if state == "done" and summary:
         c[2].metric("F1", f"{summary['f1']:.3f}")
         c[3].metric("AUROC", f"{summary['auroc']:.3f}")
         st.caption(f"Against the {summary['n_label_errors']} labels that were flipped on purpose.")
-    st.page_link("pages/aum.py", label="See the AUM distribution and the cut-off", icon="📉")
+    st.page_link("app_pages/aum.py", label="See the AUM distribution and the cut-off", icon="📉")
