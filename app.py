@@ -15,6 +15,7 @@ pages = [
     st.Page("app_pages/audit.py", title="Audit", icon="🚀", default=True),
     st.Page("app_pages/aum.py", title="AUM", icon="📉"),
     st.Page("app_pages/flagged.py", title="Flagged samples", icon="🏷️"),
+    st.Page("app_pages/scores.py", title="Scores", icon="🧮"),
     st.Page("app_pages/datamap.py", title="Data map", icon="🗺️"),
 ]
 nav = st.navigation(pages)

@@ -1,0 +1,191 @@
+"""Scores page: bring your own scores (CSV), compare every score by correlation and top-k overlap."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+from app_pages.common import current_run, load_scores
+from engine.correlations import METHODS, correlation_matrix, topk_jaccard
+from engine.predefined import (
+    MAX_BYTES,
+    PredefinedError,
+    guess_columns,
+    join_to_run,
+    load_from_run,
+    parse_csv,
+    save_to_run,
+    validate,
+)
+from engine.scores import REGISTRY
+from engine.views import subsample
+
+NO_ID = "(none: match rows by position)"
+
+st.title("🧮 Scores")
+st.write("Difficulty is not one number. Compare the scores of an audit with each other and with scores you "
+         "computed elsewhere: a verdict is more trustworthy when independent scores agree.")
+run = current_run()
+
+# ---- bring your own scores ------------------------------------------------------------------
+with st.expander("Import predefined scores from a CSV", expanded=run is None):
+    st.caption(f"A CSV with a sample id column and one or more numeric score columns (up to {MAX_BYTES // 2**20} MB). "
+               "Rows are matched to the run by sample id, never by position. Example: `sample_data/predefined_scores.csv`.")
+    up = st.file_uploader("CSV file", type=["csv", "txt", "tsv"], key="predef_upload")
+    path = st.text_input("…or a path on this machine", key="predef_path", placeholder="sample_data/predefined_scores.csv")
+    data, source = None, None
+    try:
+        if up is not None:
+            data, source = up.getvalue(), up.name
+        elif path.strip():
+            p = Path(path.strip()).expanduser()
+            if not p.is_file():
+                raise PredefinedError(f"no file at {p}")
+            if p.stat().st_size > MAX_BYTES:
+                raise PredefinedError(f"{p} is {p.stat().st_size / 1e6:.0f} MB; the limit is {MAX_BYTES / 1e6:.0f} MB")
+            data, source = p.read_bytes(), str(p)
+        parsed = parse_csv(data) if data is not None else None
+    except PredefinedError as exc:
+        st.error(f"Cannot read {source or 'the file'}: {exc}")
+        parsed = None
+    if parsed is not None:
+        df = parsed.frame
+        id_guess, label_guess, numeric = guess_columns(df)
+        st.caption(f"{source}: {len(df):,} rows, {len(df.columns)} columns, read as {parsed.encoding} with "
+                   f"{parsed.delimiter!r} between fields.")
+        c1, c2 = st.columns(2)
+        id_options = list(df.columns) + [NO_ID]
+        id_col = c1.selectbox("Sample id column", id_options, index=id_options.index(id_guess) if id_guess else len(df.columns),
+                              key="predef_id")
+        cols = c2.multiselect("Score columns", [c for c in df.columns if c != id_col], default=numeric, key="predef_cols")
+        harder = {c: st.checkbox(f"higher {c} = harder / more suspicious", value=True, key=f"predef_dir_{c}") for c in cols}
+        label_col = None
+        if run is None:
+            label_opts = ["(none)"] + [c for c in df.columns if c not in cols and c != id_col]
+            label_col = st.selectbox("Label column (optional)", label_opts,
+                                     index=label_opts.index(label_guess) if label_guess in label_opts else 0, key="predef_label")
+            label_col = None if label_col == "(none)" else label_col
+        try:
+            clean = validate(df, None if id_col == NO_ID else id_col, cols, harder)
+            if run is not None:
+                samples_ids = run.samples(["sample_id"])["sample_id"].to_numpy()
+                joined = join_to_run(clean, samples_ids)
+                if joined.by_position:
+                    st.warning("No id column: rows are matched to samples by position. This is right only if the file "
+                               "lists the samples in exactly the run's order.")
+                ok = True
+                if joined.n_unknown:
+                    st.warning(f"{joined.n_unknown:,} id(s) of the file are not samples of this run "
+                               f"(e.g. {joined.unknown_examples}); {joined.n_matched:,} match.")
+                    ok = st.checkbox(f"Import the {joined.n_matched:,} that match", key="predef_overlap")
+                if st.button("Import into this run", type="primary", disabled=not ok, key="predef_import"):
+                    names = save_to_run(run.path, joined)
+                    st.success(f"Imported {', '.join(joined.values.columns)} for {joined.n_matched:,} samples "
+                               f"(this run now has predefined scores: {', '.join(names)}).")
+            else:
+                if id_col == NO_ID:
+                    raise PredefinedError("without a run the file needs an id column")
+                if label_col:
+                    clean["label"] = df[label_col].str.strip().to_numpy()
+                st.session_state["csv_only"] = {"name": source, "frame": clean,
+                                                "sha": hashlib.sha256(data).hexdigest()[:12]}
+                st.success(f"Loaded {len(clean):,} samples with scores {', '.join(cols)} (no run needed).")
+        except PredefinedError as exc:
+            st.error(f"Cannot import: {exc}")
+
+# ---- the scores to compare --------------------------------------------------------------------
+frames: dict[str, np.ndarray] = {}
+flagged = None
+labels = None
+ids = None
+if run is not None:
+    loaded = load_scores(run)
+    if loaded is not None:
+        scores, info, samples, classes = loaded
+        for c in REGISTRY:
+            if c in scores.columns and np.isfinite(scores[c].to_numpy(dtype=np.float64)).any():
+                frames[c] = scores[c].to_numpy(dtype=np.float64)
+        flagged = scores["flagged"].to_numpy()
+        labels = np.array(classes)[samples["label"].to_numpy()]
+        ids = samples["sample_id"].to_numpy()
+    for c in load_from_run(run.path).columns:
+        frames[f"csv:{c}"] = load_from_run(run.path)[c].to_numpy(dtype=np.float64)
+elif "csv_only" in st.session_state:
+    only = st.session_state["csv_only"]
+    f = only["frame"]
+    st.info(f"No run selected: showing the scores of **{only['name']}** alone.")
+    for c in f.columns:
+        if c not in ("sample_id", "label"):
+            frames[c] = f[c].to_numpy(dtype=np.float64)
+    ids = f["sample_id"].to_numpy()
+    labels = f["label"].to_numpy() if "label" in f else None
+else:
+    st.info("Start an audit on the **Audit** page, or import a CSV of scores above to compare its columns.")
+    st.stop()
+
+if not frames:
+    st.info("No scores yet: the run has no finished epoch. Come back after the first epoch.")
+    st.stop()
+
+table = pd.DataFrame(frames)
+names = list(table.columns)
+
+if run is None:  # CSV alone: distributions and the ranked table
+    st.subheader("Distributions")
+    pick = st.selectbox("Score", names, key="csv_hist")
+    v = table[pick].to_numpy()
+    counts, edges = np.histogram(v[np.isfinite(v)], bins=60)
+    fig = go.Figure(go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=counts, width=edges[1] - edges[0]))
+    fig.update_layout(height=300, xaxis_title=pick, yaxis_title="samples", margin=dict(t=10))
+    st.plotly_chart(fig, width="stretch", key="csv-hist")
+    st.subheader("Ranked (hardest first)")
+    ranked = pd.DataFrame({"sample_id": ids, **({"label": labels} if labels is not None else {}), **frames})
+    st.dataframe(ranked.sort_values(pick, ascending=False).head(1000), hide_index=True, width="stretch")
+
+st.subheader("Correlation between scores")
+c1, c2 = st.columns([3, 1])
+chosen = c1.multiselect("Scores", names, default=names[: min(len(names), 9)], key="corr_scores")
+method = c2.selectbox("Method", METHODS, key="corr_method", help="Spearman (rank) is the default, as aucurriculum")
+if len(chosen) >= 2:
+    corr, used = correlation_matrix(table[chosen], method)
+    heat = px.imshow(corr, text_auto=".2f", zmin=-1, zmax=1, color_continuous_scale="RdBu", aspect="auto")
+    heat.update_layout(height=120 + 45 * len(chosen), margin=dict(t=20))
+    st.plotly_chart(heat, width="stretch", key="corr-heat")
+    note = f"over the {used:,} samples where every chosen score exists"
+    if method == "kendall" and used < len(table):
+        note += " (a seeded subsample: Kendall's tau is slow on more)"
+    st.caption(f"{method.capitalize()} correlation {note}. All scores are oriented higher = harder.")
+
+    st.markdown("**One pair, sample by sample** (the heatmap is not clickable: pick the pair here)")
+    p1, p2 = st.columns(2)
+    x_name = p1.selectbox("x", chosen, index=0, key="pair_x")
+    y_name = p2.selectbox("y", chosen, index=1, key="pair_y")
+    sel = subsample(len(table), 50_000)
+    scatter = go.Figure()
+    groups = [("flagged", flagged[sel], "#e45756"), ("not flagged", ~flagged[sel], "#4c78a8")] if flagged is not None \
+        else [("samples", np.ones(sel.size, dtype=bool), "#4c78a8")]
+    for name, m, color in groups:
+        idx = sel[m]
+        scatter.add_trace(go.Scattergl(x=table[x_name].to_numpy()[idx], y=table[y_name].to_numpy()[idx], mode="markers",
+                                       name=name, marker=dict(size=4, color=color, opacity=0.6),
+                                       text=ids[idx] if ids is not None else None))
+    scatter.update_layout(height=420, xaxis_title=x_name, yaxis_title=y_name, margin=dict(t=10))
+    st.plotly_chart(scatter, width="stretch", key="pair-scatter")
+    if sel.size < len(table):
+        st.caption(f"A random {sel.size:,} of {len(table):,} samples are drawn.")
+
+    st.markdown("**Agreement of the hardest samples** (Jaccard overlap of the top-k sets)")
+    default_k = int(flagged.sum()) if flagged is not None and flagged.sum() else max(1, len(table) // 10)
+    k = st.number_input("k", 1, len(table), min(default_k, len(table)), key="topk")
+    jac = topk_jaccard(table[chosen], int(k))
+    jh = px.imshow(jac, text_auto=".2f", zmin=0, zmax=1, color_continuous_scale="Blues", aspect="auto")
+    jh.update_layout(height=120 + 45 * len(chosen), margin=dict(t=20))
+    st.plotly_chart(jh, width="stretch", key="jaccard-heat")
+else:
+    st.caption("Choose at least two scores.")

@@ -1,0 +1,204 @@
+"""Predefined scores: a CSV the user computed elsewhere, validated whole before anything is imported.
+
+A file is read as text only (never unpickled or evaluated), capped in size, its encoding and
+delimiter detected; the chosen id column must be unique and the chosen score columns finite
+numbers. Scores are joined to a run **by sample_id**, never by row position (a file without an
+id column is accepted only when its row count equals the run's, and the caller must warn).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+MAX_BYTES = 100 * 1024 * 1024
+ID_CANDIDATES = ("sample_id", "id", "sample", "path", "file", "filename", "image")
+LABEL_CANDIDATES = ("label", "class", "given_label", "target")
+DELIMITERS = [",", ";", "\t", "|"]
+
+
+class PredefinedError(ValueError):
+    """The file cannot be imported; the message says what is wrong, where, and how to fix it."""
+
+
+@dataclass
+class ParsedCSV:
+    frame: pd.DataFrame  # every cell as text
+    delimiter: str
+    encoding: str
+
+
+def _rows(idx: np.ndarray, limit: int = 8) -> str:
+    """File row numbers (header = row 1) of the first offending rows."""
+    rows = [str(int(i) + 2) for i in idx[:limit]]
+    return ", ".join(rows) + (f" and {len(idx) - limit} more" if len(idx) > limit else "")
+
+
+def parse_csv(data: bytes, max_bytes: int = MAX_BYTES) -> ParsedCSV:
+    """Read CSV bytes as text into a frame of strings; detect UTF-8 / UTF-16 / Latin-1 and , ; tab | delimiters."""
+    if len(data) > max_bytes:
+        raise PredefinedError(f"the file is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB. "
+                              "Keep only the id and score columns, or split the file.")
+    if not data.strip():
+        raise PredefinedError("the file is empty; it needs a header row (e.g. sample_id,my_score) and one row per sample.")
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        encoding = "utf-16"
+    else:
+        encoding = "utf-8-sig"
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError:
+        try:
+            text = data.decode("cp1252")
+            encoding = "cp1252"
+        except UnicodeDecodeError as exc:
+            raise PredefinedError(f"the file is not text in UTF-8, UTF-16 or Windows-1252 ({exc}); save it as UTF-8 CSV.") from exc
+    if "\x00" in text:
+        raise PredefinedError("the file holds NUL bytes: it is binary, not a CSV. Export your scores as CSV text.")
+    first = text.splitlines()[0] if text.splitlines() else ""
+    counts = {d: first.count(d) for d in DELIMITERS}
+    delimiter = max(counts, key=counts.get)
+    if counts[delimiter] == 0:
+        raise PredefinedError(
+            f"the first line {first[:80]!r} has no delimiter (, ; tab or |): the file needs a header with at least "
+            "an id column and a score column, e.g. sample_id,my_score."
+        )
+    csv.field_size_limit(max(max_bytes, 1 << 20))
+    header = [h.strip() for h in next(csv.reader([first], delimiter=delimiter))]
+    if len(set(header)) != len(header):
+        raise PredefinedError(f"the header repeats a column name: {header}")
+    try:
+        df = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False, engine="python",
+                         skipinitialspace=True)
+    except (pd.errors.ParserError, csv.Error, ValueError) as exc:
+        raise PredefinedError(f"cannot parse the file as {delimiter!r}-separated CSV: {exc}") from exc
+    df.columns = [str(c).strip() for c in df.columns]
+    if len(df.columns) < 2:
+        raise PredefinedError("the file has a single column; it needs an id column and at least one score column.")
+    if any(c == "" or c.startswith("Unnamed:") for c in df.columns):
+        raise PredefinedError(f"the header has an empty column name ({list(df.columns)}); is the first row a header?")
+    if len(df) == 0:
+        raise PredefinedError("the file has a header but no rows.")
+    if all(_is_number(c) for c in df.columns):
+        raise PredefinedError(f"the first row {list(df.columns)[:5]} looks like data, not a header; add a header row.")
+    return ParsedCSV(df, delimiter, encoding)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def guess_columns(df: pd.DataFrame) -> tuple[str | None, str | None, list[str]]:
+    """Best guesses for (id column, label column, numeric score columns)."""
+    lower = {c.lower(): c for c in df.columns}
+    id_col = next((lower[c] for c in ID_CANDIDATES if c in lower), None)
+    label_col = next((lower[c] for c in LABEL_CANDIDATES if c in lower), None)
+    numeric = []
+    for c in df.columns:
+        if c in (id_col, label_col):
+            continue
+        vals = pd.to_numeric(df[c].str.strip(), errors="coerce")
+        if vals.notna().mean() > 0.9:
+            numeric.append(c)
+    return id_col, label_col, numeric
+
+
+def validate(df: pd.DataFrame, id_col: str | None, score_cols: list[str], higher_is_harder: dict[str, bool] | None = None,
+             ) -> pd.DataFrame:
+    """A frame ``sample_id`` + one float column per score, oriented higher = harder; or ``PredefinedError``.
+
+    ``id_col=None`` keeps row order (the caller joins by position only when the row counts match).
+    """
+    if not score_cols:
+        raise PredefinedError("choose at least one score column.")
+    missing = [c for c in ([id_col] if id_col else []) + score_cols if c not in df.columns]
+    if missing:
+        raise PredefinedError(f"column(s) {missing} not in the file (columns: {list(df.columns)}).")
+    out = pd.DataFrame()
+    if id_col is not None:
+        ids = df[id_col].str.strip()
+        empty = np.flatnonzero((ids == "").to_numpy())
+        if empty.size:
+            raise PredefinedError(f"{empty.size} row(s) have an empty {id_col!r}: rows {_rows(empty)}.")
+        dup = ids.duplicated(keep=False).to_numpy()
+        if dup.any():
+            examples = list(dict.fromkeys(ids[dup]))[:5]
+            raise PredefinedError(f"{int(ids.duplicated().sum())} duplicated id(s) in {id_col!r}, e.g. {examples} "
+                                  f"(rows {_rows(np.flatnonzero(dup))}); each sample must appear once.")
+        out["sample_id"] = ids.to_numpy()
+    for c in score_cols:
+        raw = df[c].str.strip()
+        vals = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
+        bad_text = np.flatnonzero(np.isnan(vals) & ~raw.str.lower().isin(["nan", "", "inf", "-inf"]).to_numpy())
+        if bad_text.size:
+            raise PredefinedError(f"column {c!r}: {bad_text.size} value(s) are not numbers, e.g. {raw.iat[bad_text[0]]!r} "
+                                  f"(rows {_rows(bad_text)}).")
+        nonfinite = np.flatnonzero(~np.isfinite(vals))
+        if nonfinite.size:
+            raise PredefinedError(f"column {c!r}: {nonfinite.size} value(s) are empty, NaN or infinite "
+                                  f"(rows {_rows(nonfinite)}); fill or drop those rows.")
+        harder = True if higher_is_harder is None else higher_is_harder.get(c, True)
+        out[c] = vals if harder else -vals
+    return out
+
+
+@dataclass
+class Joined:
+    values: pd.DataFrame  # one row per run sample (run order), NaN where the file has no value
+    n_matched: int
+    n_unknown: int  # ids in the file that the run does not have
+    unknown_examples: list[str]
+    by_position: bool
+
+
+def join_to_run(scores: pd.DataFrame, run_ids: np.ndarray) -> Joined:
+    """Align validated scores to the run's samples by sample_id (or by position when the file has no id column)."""
+    cols = [c for c in scores.columns if c != "sample_id"]
+    if "sample_id" not in scores.columns:
+        if len(scores) != len(run_ids):
+            raise PredefinedError(f"the file has no id column and {len(scores)} rows, the run {len(run_ids)} samples: "
+                                  "without ids rows cannot be matched. Add a sample_id column.")
+        return Joined(scores[cols].reset_index(drop=True), len(run_ids), 0, [], True)
+    run_index = pd.Index(run_ids.astype(str))
+    pos = run_index.get_indexer(scores["sample_id"])
+    known = pos >= 0
+    values = pd.DataFrame(np.nan, index=range(len(run_ids)), columns=cols)
+    values.iloc[pos[known]] = scores.loc[known, cols].to_numpy()
+    unknown = scores.loc[~known, "sample_id"]
+    if known.sum() == 0:
+        raise PredefinedError(f"none of the file's {len(scores)} ids is a sample of this run (e.g. {unknown.iat[0]!r} "
+                              f"vs the run's {run_ids[0]!r}); choose the right id column or run.")
+    return Joined(values, int(known.sum()), int((~known).sum()), unknown.head(5).tolist(), False)
+
+
+PREDEFINED_FILE = "predefined.parquet"
+
+
+def save_to_run(run_dir, joined: Joined) -> list[str]:
+    """Merge the joined columns into ``<run>/predefined.parquet`` (same name replaces), atomically; returns all names."""
+    from pathlib import Path
+
+    from .runs import atomic_write_parquet
+
+    path = Path(run_dir) / PREDEFINED_FILE
+    current = pd.read_parquet(path) if path.is_file() else pd.DataFrame(index=range(len(joined.values)))
+    for c in joined.values.columns:
+        current[c] = joined.values[c].to_numpy()
+    atomic_write_parquet(path, current)
+    return list(current.columns)
+
+
+def load_from_run(run_dir) -> pd.DataFrame:
+    """Imported predefined scores of a run (run order, NaN where a file had no value); empty frame if none."""
+    from pathlib import Path
+
+    path = Path(run_dir) / PREDEFINED_FILE
+    return pd.read_parquet(path) if path.is_file() else pd.DataFrame()
