@@ -40,6 +40,7 @@ with st.expander("Import predefined scores from a CSV", expanded=run is None):
     up = st.file_uploader("CSV file", type=["csv", "txt", "tsv"], key="predef_upload")
     path = st.text_input("…or a path on this machine", key="predef_path", placeholder="sample_data/predefined_scores.csv")
     data, source = None, None
+    file_key = ""
     try:
         if up is not None:
             data, source = up.getvalue(), up.name
@@ -51,6 +52,7 @@ with st.expander("Import predefined scores from a CSV", expanded=run is None):
                 raise PredefinedError(f"{p} is {p.stat().st_size / 1e6:.0f} MB; the limit is {MAX_BYTES / 1e6:.0f} MB")
             data, source = p.read_bytes(), str(p)
         parsed = parse_csv(data) if data is not None else None
+        file_key = hashlib.sha256(data).hexdigest()[:10] if data is not None else ""  # fresh mapping widgets per file
     except PredefinedError as exc:
         st.error(f"Cannot read {source or 'the file'}: {exc}")
         parsed = None
@@ -62,14 +64,14 @@ with st.expander("Import predefined scores from a CSV", expanded=run is None):
         c1, c2 = st.columns(2)
         id_options = list(df.columns) + [NO_ID]
         id_col = c1.selectbox("Sample id column", id_options, index=id_options.index(id_guess) if id_guess else len(df.columns),
-                              key="predef_id")
-        cols = c2.multiselect("Score columns", [c for c in df.columns if c != id_col], default=numeric, key="predef_cols")
-        harder = {c: st.checkbox(f"higher {c} = harder / more suspicious", value=True, key=f"predef_dir_{c}") for c in cols}
+                              key=f"predef_id_{file_key}")
+        cols = c2.multiselect("Score columns", [c for c in df.columns if c != id_col], default=numeric, key=f"predef_cols_{file_key}")
+        harder = {c: st.checkbox(f"higher {c} = harder / more suspicious", value=True, key=f"predef_dir_{c}_{file_key}") for c in cols}
         label_col = None
         if run is None:
             label_opts = ["(none)"] + [c for c in df.columns if c not in cols and c != id_col]
             label_col = st.selectbox("Label column (optional)", label_opts,
-                                     index=label_opts.index(label_guess) if label_guess in label_opts else 0, key="predef_label")
+                                     index=label_opts.index(label_guess) if label_guess in label_opts else 0, key=f"predef_label_{file_key}")
             label_col = None if label_col == "(none)" else label_col
         try:
             clean = validate(df, None if id_col == NO_ID else id_col, cols, harder)
@@ -83,7 +85,7 @@ with st.expander("Import predefined scores from a CSV", expanded=run is None):
                 if joined.n_unknown:
                     st.warning(f"{joined.n_unknown:,} id(s) of the file are not samples of this run "
                                f"(e.g. {joined.unknown_examples}); {joined.n_matched:,} match.")
-                    ok = st.checkbox(f"Import the {joined.n_matched:,} that match", key="predef_overlap")
+                    ok = st.checkbox(f"Import the {joined.n_matched:,} that match", key=f"predef_overlap_{file_key}")
                 if st.button("Import into this run", type="primary", disabled=not ok, key="predef_import"):
                     names = save_to_run(run.path, joined)
                     st.success(f"Imported {', '.join(joined.values.columns)} for {joined.n_matched:,} samples "
@@ -150,7 +152,8 @@ if run is None:  # CSV alone: distributions and the ranked table
 
 st.subheader("Correlation between scores")
 c1, c2 = st.columns([3, 1])
-chosen = c1.multiselect("Scores", names, default=names[: min(len(names), 9)], key="corr_scores")
+# keyed by the available names: a newly imported column starts out selected
+chosen = c1.multiselect("Scores", names, default=names[:12], key=f"corr_scores_{hashlib.md5(str(names).encode()).hexdigest()[:8]}")
 method = c2.selectbox("Method", METHODS, key="corr_method", help="Spearman (rank) is the default, as aucurriculum")
 if len(chosen) >= 2:
     corr, used = correlation_matrix(table[chosen], method)

@@ -149,3 +149,25 @@ def test_review_and_export_journey(server, page, tmp_path):
     relabeled = decided.set_index("decision").loc[["mislabeled"]].iloc[0]
     assert len(manifest) == 1796 and removed not in {r["sample_id"] for r in manifest}
     assert next(r for r in manifest if r["sample_id"] == relabeled["sample_id"])["label"] == relabeled["new_label"]
+    page.goto(f"{url}/flagged?run={run.id}")
+    expect(page.get_by_text("Reviewed / flagged")).to_be_visible(timeout=30_000)
+
+    # Bring your own scores: the sample CSV joins to this run; a malformed file is refused with a reason.
+    page.get_by_role("link", name="Scores").click()
+    expect(page.get_by_text("Correlation between scores")).to_be_visible(timeout=30_000)
+    page.get_by_text("Import predefined scores from a CSV").click()
+    with page.expect_file_chooser() as fc:
+        page.get_by_test_id("stFileUploaderDropzone").get_by_test_id("stBaseButton-secondary").click()
+    fc.value.set_files(str(ROOT / "sample_data" / "predefined_scores.csv"))
+    page.get_by_role("button", name="Import into this run").click()
+    expect(page.get_by_text("Imported knn_disagreement")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("csv:knn_disagreement").first).to_be_visible(timeout=30_000)
+    page.get_by_text("Agreement of the hardest samples").scroll_into_view_if_needed()
+    page.screenshot(path=ARTIFACTS / "09-scores-heatmap.png", full_page=True)
+    bad = tmp_path / "malformed.csv"
+    bad.write_text("sample_id,score\ndigits-0001,0.5\ndigits-0002,not-a-number\n")
+    page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(str(bad))  # replaces the first file
+    page.wait_for_timeout(3000)
+    page.get_by_text("Import predefined scores from a CSV").scroll_into_view_if_needed()
+    page.screenshot(path=ARTIFACTS / "10-malformed-csv.png", full_page=True)
+    expect(page.get_by_text("not numbers")).to_be_visible(timeout=30_000)

@@ -127,7 +127,7 @@ def test_import_sample_csv_into_a_run_and_see_correlations(monkeypatch, small_ru
     assert len(at.get("plotly_chart")) == 3  # heatmap, pair scatter, top-k overlap of the run's own scores
     at.text_input(key="predef_path").set_value(str(SAMPLE)).run()
     assert not at.exception, at.exception
-    assert at.multiselect(key="predef_cols").value == ["knn_disagreement", "pixel_distance_to_class_mean"]
+    assert next(m for m in at.multiselect if m.label == "Score columns").value == ["knn_disagreement", "pixel_distance_to_class_mean"]
     at.button(key="predef_import").click().run()
     assert not at.exception, at.exception
     assert any("Imported" in s.value for s in at.success)
@@ -137,7 +137,7 @@ def test_import_sample_csv_into_a_run_and_see_correlations(monkeypatch, small_ru
     ids = small_run.samples()["sample_id"]
     np.testing.assert_allclose(imported["knn_disagreement"], reference.loc[ids, "knn_disagreement"])
     at.run()
-    assert "csv:knn_disagreement" in at.multiselect(key="corr_scores").options
+    assert "csv:knn_disagreement" in next(m for m in at.multiselect if m.label == "Scores").options
 
 
 def test_malformed_upload_shows_the_error(monkeypatch, small_run, tmp_path):
