@@ -11,8 +11,9 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import current_run, load_scores
+from app_pages.common import current_run, job_manager, load_scores
 from engine.correlations import METHODS, correlation_matrix, topk_jaccard
+from engine.extra_scores import EXTRA
 from engine.predefined import (
     MAX_BYTES,
     PredefinedError,
@@ -137,6 +138,40 @@ if not frames:
 
 table = pd.DataFrame(frames)
 names = list(table.columns)
+
+if run is not None:
+    with st.expander("Compute more scores (background job)"):
+        jobs = job_manager()
+        job = jobs.job(f"{run.id}:scores")
+        missing = [n for n in EXTRA if n not in names]
+        st.caption("These need extra training or fitting: CVLoss and self-confidence (k-fold out-of-sample "
+                   "probabilities), prediction depth (k-NN probes, leave-one-out), transfer teacher (SVM on the "
+                   "final model's features), random (a baseline).")
+        pick = st.multiselect("Scores", missing, default=missing, key="extra_pick")
+        e1, e2 = st.columns(2)
+        folds = e1.number_input("Folds (CVLoss, self-confidence)", 2, 10, 3, key="extra_folds")
+        knn = e2.number_input("k of the k-NN probes (prediction depth)", 1, 200, 30, key="extra_k")
+        busy = job is not None and not job.done
+        if st.button("Compute in the background", disabled=busy or not pick or run.status().get("state") != "done",
+                     key="extra_go"):
+            jobs.start_scores(run, pick, folds=int(folds), k=int(knn))
+            st.rerun()
+
+        @st.fragment(run_every=1.0 if busy else None)
+        def score_progress() -> None:
+            j = jobs.job(f"{run.id}:scores")
+            if j is None:
+                return
+            if not j.done:
+                st.progress(j.progress, text=j.message or "queued")
+            elif j.error:
+                st.error(f"Computing scores failed: {j.error}")
+            elif busy:
+                st.rerun()
+            else:
+                st.success(f"Computed {', '.join(j.score_args['names'])}.")
+
+        score_progress()
 
 if run is None:  # CSV alone: distributions and the ranked table
     st.subheader("Distributions")

@@ -22,7 +22,7 @@ from .datasets import IndexedDataset, load_dataset
 from .metrics import detection_metrics
 from .models import pick_device
 from .runs import DynamicsWriter, Run, atomic_write_json, atomic_write_parquet, create_run, owner_fields
-from .scores import compute_scores
+from .scores import REGISTRY, compute_scores
 from .training import Cancelled, EpochResult, to_tensor_images, train_pass
 
 
@@ -192,6 +192,11 @@ def _finalize_partial(run: Run) -> None:
 def finalize(run: Run, partial: bool = False) -> dict:
     """Write ``scores.parquet`` and ``summary.json`` from the captured dynamics; returns the summary."""
     table, info = compute_scores(run)
+    previous = run.scores()
+    if previous is not None and len(previous) == len(table):  # keep scores computed on demand (engine.extra_scores)
+        for name, spec in REGISTRY.items():
+            if spec.cost == "extra" and name in previous.columns:
+                table[name] = previous[name].to_numpy()
     atomic_write_parquet(run.path / "scores.parquet", table)
     if not partial:
         from .views import save_margin_sample

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import CUTOFFS, MODELS, AuditConfig, ConfigError
 from .datasets import DatasetError
+from .extra_scores import ScoreError
 from .runs import RunError, open_run, runs_root
 from .training import Cancelled
 
@@ -48,7 +49,39 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--manifest", action="store_true",
                       help="cleaned manifest path,label,sample_id: relabels applied, removed samples dropped")
     what.add_argument("--decisions", action="store_true", help="the review decisions alone")
+    sc = sub.add_parser("score", help="compute on-demand scores of a run (cv_loss, self_confidence, "
+                        "prediction_depth, transfer_teacher, random) into its scores table")
+    sc.add_argument("run_dir", metavar="RUN_DIR")
+    sc.add_argument("names", metavar="NAME", nargs="+")
+    sc.add_argument("--folds", type=int, default=3, help="k of the k-fold CVLoss / self-confidence (default 3)")
+    sc.add_argument("--k", type=int, default=30, help="neighbours of the prediction-depth probes (default 30)")
+    sc.add_argument("--no-leave-one-out", action="store_true", help="let a sample be its own probe neighbour")
+    sc.add_argument("--teacher", default="self", help="self | ARCH:/path/weights.pt (torchvision ARCH)")
+    sc.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _score(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .extra_scores import compute
+
+    run = open_run(args.run_dir)
+    bar = tqdm(total=100, unit="%", desc="scoring")
+
+    def progress(frac: float, msg: str) -> None:
+        bar.n = int(frac * 100)
+        bar.set_postfix_str(msg)
+        bar.refresh()
+
+    written = compute(run, args.names, folds=args.folds, k=args.k, teacher=args.teacher,
+                      leave_one_out=not args.no_leave_one_out, seed=args.seed, progress=progress)
+    bar.close()
+    table = run.scores()
+    for name in written:
+        v = table[name]
+        print(f"{name}: mean {v.mean():.4f}, min {v.min():.4f}, max {v.max():.4f} (higher = harder)")
+    return 0
 
 
 def _config_from_args(args: argparse.Namespace) -> AuditConfig:
@@ -137,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "audit":
             return _audit(args)
+        if args.command == "score":
+            return _score(args)
         return _export(args)
-    except (ConfigError, DatasetError, RunError) as exc:
+    except (ConfigError, DatasetError, RunError, ScoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ class AuditConfig:
     cutoff: str = "auto"
     aum_start: int = 1
     aum_end: int | None = None
+    el2n_epoch: int | None = None
 
     def validate(self) -> AuditConfig:
         """Raise ``ConfigError`` on a value that cannot work; returns self."""

@@ -28,6 +28,7 @@ class BatchCapture:
     pred: torch.Tensor  # argmax class over all logits
     other: torch.Tensor  # largest logit among the real classes other than the target
     loss: torch.Tensor  # per-sample cross-entropy
+    el2n: torch.Tensor  # ||softmax - onehot(target)||_2 (Paul et al. 2021)
 
 
 def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: int | None = None) -> BatchCapture:
@@ -40,6 +41,8 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
     largest remaining one, i.e. ``margin_yang = z_y - z_(2)`` with ``z_(2)`` the second largest
     logit. It equals the Pleiss margin when ``y`` is the argmax, is 0 when ``y`` is the runner-up
     and is never below the Pleiss margin.
+
+    ``el2n`` is the error L2 norm ``||softmax(z) - onehot(y)||_2`` (Paul et al. 2021).
 
     ``other`` is the class with the largest logit among the first ``n_real_classes``
     classes other than the target (the threshold-sample fake class is excluded): the
@@ -66,14 +69,19 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
     # suggested relabel: first of the top-k that is neither the target nor the fake class
     ok = (top_i != y) & (top_i < n_real)
     other = top_i.gather(1, ok.to(torch.int8).argmax(dim=1, keepdim=True)).squeeze(1)
-    logp_target = target_logit - torch.logsumexp(z, dim=1)
+    lse = torch.logsumexp(z, dim=1, keepdim=True)
+    logp_target = target_logit - lse.squeeze(1)
+    p_target = logp_target.exp()
+    # EL2N^2 = sum_k p_k^2 - 2 p_y + 1
+    el2n = ((z - lse).exp().square().sum(dim=1) - 2 * p_target + 1).clamp_min(0).sqrt()
     return BatchCapture(
         margin=margin,
         margin_yang=margin_yang,
-        prob=logp_target.exp(),
+        prob=p_target,
         pred=pred,
         other=other,
         loss=-logp_target,
+        el2n=el2n,
     )
 
 

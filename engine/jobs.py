@@ -27,6 +27,10 @@ class Job:
     run: Run
     dataset: IndexedDataset | None = None  # loaded by prepare(); dropped once training starts
     resume: bool = False
+    kind: str = "audit"  # or "scores" (engine.extra_scores.compute)
+    score_args: dict = field(default_factory=dict)
+    progress: float = 0.0
+    message: str = ""
     cancel: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -65,6 +69,15 @@ class JobManager:
             self._jobs[run.id] = job
         self._queue.put(job)
 
+    def start_scores(self, run: Run, names: list[str], **kwargs) -> str:
+        """Queue on-demand scores of ``run`` (see engine.extra_scores.compute); returns the job id."""
+        job_id = f"{run.id}:scores"
+        job = Job(run, kind="scores", score_args={"names": list(names), **kwargs})
+        with self._lock:
+            self._jobs[job_id] = job
+        self._queue.put(job)
+        return job_id
+
     def cancel(self, run_id: str) -> bool:
         """Ask a queued or running audit to stop at its next batch; finished epochs are kept."""
         with self._lock:
@@ -102,6 +115,9 @@ class JobManager:
                 job.done = True
                 continue
             job.started_at = time.time()
+            if job.kind == "scores":
+                self._run_scores(job)
+                continue
             ds, job.dataset = job.dataset, None
 
             def on_epoch(r: EpochResult, job=job) -> None:
@@ -115,3 +131,17 @@ class JobManager:
                 job.error = f"{type(exc).__name__}: {exc}"
             finally:
                 job.done = True
+
+    @staticmethod
+    def _run_scores(job: Job) -> None:
+        from .extra_scores import compute
+
+        def progress(frac: float, message: str) -> None:
+            job.progress, job.message = frac, message
+
+        try:
+            compute(job.run, progress=progress, cancel=job.cancel, **job.score_args)
+        except BaseException as exc:  # shown by the page; the scores table is untouched (atomic write at the end)
+            job.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            job.done = True

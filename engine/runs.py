@@ -38,6 +38,7 @@ DYNAMICS = {
     "margin_yang": np.float32,
     "prob": np.float32,
     "loss": np.float32,
+    "el2n": np.float32,
     "pred": np.int16,
     "other": np.int16,
 }

@@ -39,9 +39,25 @@ REGISTRY: dict[str, ScoreSpec] = {
         ScoreSpec("cumulative_accuracy", "1 - fraction of epochs predicted right", "aucurriculum", "high = easy", True, "free"),
         ScoreSpec("first_iteration", "(T - trailing correct streak) / T", "aucurriculum", "high = hard", False, "free"),
         ScoreSpec("forgetting", "forgetting events", "Toneva et al. 2019", "high = hard", False, "free"),
+        ScoreSpec("el2n", "EL2N ||softmax - onehot|| at an early epoch", "Paul et al. 2021", "high = hard", False, "free"),
         ScoreSpec("ce_loss", "cross-entropy at the last epoch", "aucurriculum CELoss", "high = hard", False, "free"),
+        ScoreSpec("cv_loss", "held-out cross-entropy, k-fold", "aucurriculum CVLoss", "high = hard", False, "extra"),
+        ScoreSpec("self_confidence", "1 - held-out p(given label)", "cleanlab rank (Northcutt et al. 2021)",
+                  "high = clean", True, "extra"),
+        ScoreSpec("prediction_depth", "prediction depth, k-NN probes", "Baldock et al. 2021; aucurriculum",
+                  "high = hard", False, "extra"),
+        ScoreSpec("transfer_teacher", "1 - teacher SVM P(given label)", "aucurriculum TransferTeacher",
+                  "high = hard", False, "extra"),
+        ScoreSpec("random", "seeded uniform noise (a baseline)", "aucurriculum Random", "none", False, "extra"),
     ]
 }
+
+
+def el2n_epoch(cfg: dict) -> int:
+    """Epoch (0-based) at which EL2N is read: ``el2n_epoch`` of the config, else 10% into training (Paul et al.
+    score early, e.g. epoch 20 of 200)."""
+    e = cfg.get("el2n_epoch")
+    return int(e) if e is not None else max(1, round(0.1 * int(cfg.get("epochs", 10)))) - 1
 
 
 def forgetting_events(correct: np.ndarray) -> np.ndarray:
@@ -81,6 +97,7 @@ def _pass_scores(run: Run, p: int, window: tuple[int, int | None], targets_overr
     loss = np.asarray(run.dynamics(p, "loss"), dtype=np.float64)
     other = np.asarray(run.dynamics(p, "other"))
     yang = np.asarray(run.dynamics(p, "margin_yang"))
+    el2n = np.asarray(run.dynamics(p, "el2n"), dtype=np.float64)
     targets = targets_override
     correct = pred == targets[None, :]
     conf, var, acc = dyn.cartography(prob, correct)
@@ -93,6 +110,7 @@ def _pass_scores(run: Run, p: int, window: tuple[int, int | None], targets_overr
         "first_iteration": first_iteration(correct),
         "forgetting": forgetting_events(correct),
         "ce_loss": loss[-1],
+        "el2n": el2n[min(el2n_epoch(run.config()), done - 1)],
         "other": other[w],
         "epochs": np.full(margin.shape[1], done),
     }
@@ -169,7 +187,7 @@ def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:
     table = pd.DataFrame({"sample_id": samples["sample_id"].to_numpy()})
     table["aum"] = -combined["aum_raw"]
     table["aum_yang"] = -combined["aum_yang_raw"]
-    for name in ("confidence", "variability", "cumulative_accuracy", "first_iteration", "forgetting", "ce_loss"):
+    for name in ("confidence", "variability", "cumulative_accuracy", "first_iteration", "forgetting", "el2n", "ce_loss"):
         table[name] = combined[name]
     method = cfg.get("cutoff", "auto")
     cutoff = float(np.mean(cutoffs))

@@ -19,6 +19,8 @@ def test_margins_by_hand():
     p = torch.softmax(logits, 1)[torch.arange(3), targets]
     assert c.prob.tolist() == pytest.approx(p.tolist())
     assert c.loss.tolist() == pytest.approx((-p.log()).tolist(), rel=1e-5)
+    onehot = torch.nn.functional.one_hot(targets, 3).float()
+    assert c.el2n.tolist() == pytest.approx((torch.softmax(logits, 1) - onehot).norm(dim=1).tolist(), rel=1e-5)
 
 
 def test_other_excludes_threshold_class():

@@ -1,0 +1,273 @@
+"""Scores that need more compute than the captured dynamics: run on demand, with progress, into scores.parquet.
+
+``compute(run, names)`` is what ``python -m engine score RUN NAME...`` and the dashboard's
+background job call. Each function returns one value per sample, oriented higher = harder.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from .config import AuditConfig
+from .runs import Run, atomic_write_parquet
+from .scores import REGISTRY
+
+EXTRA = tuple(name for name, spec in REGISTRY.items() if spec.cost == "extra")
+SVC_MAX = 10_000  # above this many samples the RBF SVC (quadratic) gives way to a calibrated linear SVM
+PD_REFERENCE_MAX = 100_000  # above this, prediction-depth k-NN probes search a seeded subsample of references
+
+Progress = Callable[[float, str], None]
+
+
+class ScoreError(ValueError):
+    """A score cannot be computed for this run; the message says why."""
+
+
+def _cfg(run: Run) -> AuditConfig:
+    raw = run.config()
+    return AuditConfig.from_dict({k: v for k, v in raw.items() if k in AuditConfig().to_dict()})
+
+
+def _dataset(run: Run):
+    from .datasets import load_dataset
+
+    cfg = _cfg(run)
+    ds = load_dataset(cfg.dataset, cfg.noise, cfg.noise_kind, cfg.seed, cfg.image_size)
+    if not (ds.sample_ids.astype(str) == run.samples(["sample_id"])["sample_id"].to_numpy()).all():
+        raise ScoreError(f"the dataset {cfg.dataset} changed since the run was made; audit it again")
+    return cfg, ds
+
+
+def random_score(n: int, seed: int = 0) -> np.ndarray:
+    """aucurriculum Random: i.i.d. uniform [0, 1) per sample, seeded (the baseline any score must beat)."""
+    return np.random.default_rng(seed).random(n)
+
+
+def cross_validated_probs(run: Run, folds: int = 3, progress: Progress | None = None,
+                          cancel: threading.Event | None = None) -> np.ndarray:
+    """Out-of-sample softmax probabilities: k models, each trained on k-1 folds with the run's recipe
+    (no threshold samples), predicting the held-out fold. Returns ``(N, classes)``."""
+    import torch
+
+    from .models import pick_device
+    from .training import to_tensor_images, train_pass
+
+    cfg, ds = _dataset(run)
+    if folds < 2:
+        raise ScoreError(f"cross-validation needs at least 2 folds, got {folds}")
+    device = pick_device(cfg.device)
+    fold_of = np.random.default_rng(cfg.seed + 101).permutation(len(ds)) % folds
+    probs = np.zeros((len(ds), ds.n_classes))
+    for f in range(folds):
+        if progress:
+            progress(f / folds, f"fold {f + 1} of {folds}: training on {int((fold_of != f).sum())} samples")
+        tr, te = fold_of != f, fold_of == f
+        images, mean, std = to_tensor_images(ds.images[tr], device)
+        model = train_pass(cfg, images, mean, std, torch.from_numpy(ds.labels[tr]).to(device), ds.n_classes,
+                           ds.n_classes, 100 + f, writer=None, capture=False, cancel=cancel)
+        model.eval()
+        held, _, _ = to_tensor_images(ds.images[te], device)
+        with torch.inference_mode():
+            out = [torch.softmax(model((held[s : s + 1024].float() / 255 - mean) / std).float(), 1).cpu()
+                   for s in range(0, held.shape[0], 1024)]
+        probs[te] = torch.cat(out).numpy()
+    return probs
+
+
+def cv_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """aucurriculum CVLoss: held-out cross-entropy ``-log p(y)`` from k-fold out-of-sample probabilities."""
+    p = probs[np.arange(len(labels)), labels]
+    return -np.log(np.clip(p, 1e-12, 1.0))
+
+
+def self_confidence(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """cleanlab's self-confidence label quality ``p(y)`` on out-of-sample probabilities, oriented: ``1 - p(y)``."""
+    return 1.0 - probs[np.arange(len(labels)), labels]
+
+
+def _probe_features(run: Run, progress: Progress | None = None):
+    """Representations at each probe (input, after every block, output) of the run's final model, plus its predictions.
+
+    Convolutional activations are global-average-pooled to one vector per sample and block, so
+    the k-NN probes stay affordable (aucurriculum flattens them; pooling keeps memory bounded).
+    """
+    import torch
+
+    from .models import SmallCNN, build_model, pick_device
+    from .training import to_tensor_images
+
+    cfg, ds = _dataset(run)
+    device = pick_device(cfg.device)
+    n_out = ds.n_classes + 1 if cfg.threshold_samples else ds.n_classes
+    images, mean, std = to_tensor_images(ds.images, device)
+    model = build_model(cfg.model, images.shape[1], n_out).to(device)
+    state = torch.load(run.path / "checkpoints" / f"pass{cfg.passes - 1}.pt", map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    model.eval()
+    if isinstance(model, SmallCNN):
+        blocks = [m for m in model.body if isinstance(m, torch.nn.ReLU)]
+    else:
+        blocks = [model.net.layer1, model.net.layer2, model.net.layer3, model.net.layer4]
+    captured: list[list[torch.Tensor]] = [[] for _ in blocks]
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: captured[k].append(o.float().mean(dim=(2, 3)).cpu()))
+             for k, b in enumerate(blocks)]
+    logits = []
+    with torch.inference_mode():
+        for s in range(0, images.shape[0], 512):
+            logits.append(model((images[s : s + 512].float() / 255 - mean) / std).float().cpu())
+    for h in hooks:
+        h.remove()
+    out = torch.cat(logits)
+    probes = [ds.images.reshape(len(ds), -1).astype(np.float32) / 255.0]
+    probes += [torch.cat(c).numpy() for c in captured]
+    probes.append(out[:, : ds.n_classes].numpy())
+    prediction = out[:, : ds.n_classes].argmax(1).numpy()
+    return probes, prediction, ds.labels, cfg.seed
+
+
+def knn_predictions(x: np.ndarray, labels: np.ndarray, k: int, leave_one_out: bool, n_classes: int,
+                    reference: np.ndarray | None = None) -> np.ndarray:
+    """Majority label of the k nearest (Euclidean) reference samples; with ``leave_one_out`` a sample is not its own neighbour."""
+    from sklearn.neighbors import NearestNeighbors
+
+    ref = np.arange(len(x)) if reference is None else reference
+    nn = NearestNeighbors(n_neighbors=min(k + 1, len(ref))).fit(x[ref])
+    _, idx = nn.kneighbors(x)
+    neighbours = ref[idx]
+    if leave_one_out:
+        is_self = neighbours == np.arange(len(x))[:, None]
+        # drop self where present, else the farthest, keeping k
+        drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), neighbours.shape[1] - 1)
+        keep = np.ones_like(neighbours, dtype=bool)
+        keep[np.arange(len(x)), drop] = False
+        neighbours = neighbours[keep].reshape(len(x), -1)[:, :k]
+    else:
+        neighbours = neighbours[:, :k]
+    votes = np.zeros((len(x), n_classes), dtype=np.int32)
+    np.add.at(votes, (np.repeat(np.arange(len(x)), neighbours.shape[1]), labels[neighbours].ravel()), 1)
+    return votes.argmax(axis=1)
+
+
+def prediction_depth_from(knn_preds: list[np.ndarray], prediction: np.ndarray) -> np.ndarray:
+    """aucurriculum prediction depth: ``(P - length of the trailing run of probes agreeing with the model's
+    prediction) / P`` over the P probes (Baldock et al. 2021: the depth after which every probe agrees)."""
+    agree = np.stack([p == prediction for p in knn_preds])  # (P, N)
+    p = agree.shape[0]
+    rev = agree[::-1]
+    trailing = np.where(rev.all(axis=0), p, np.argmin(rev, axis=0))
+    return (p - trailing) / p
+
+
+def prediction_depth(run: Run, k: int = 30, leave_one_out: bool = True, progress: Progress | None = None) -> np.ndarray:
+    """Prediction depth with k-NN probes (k=30, Euclidean) at the input, after each block and at the output.
+
+    Leave-one-out by default: with the sample among its own references, its given label votes for
+    itself at every probe, which pulls mislabeled samples towards "agrees early" and hides them.
+    """
+    probes, prediction, labels, seed = _probe_features(run, progress)
+    n_classes = int(max(labels.max(), prediction.max())) + 1
+    ref = None
+    if len(labels) > PD_REFERENCE_MAX:
+        ref = np.sort(np.random.default_rng(seed).choice(len(labels), PD_REFERENCE_MAX, replace=False))
+    preds = []
+    for i, x in enumerate(probes):
+        if progress:
+            progress(i / len(probes), f"k-NN probe {i + 1} of {len(probes)}")
+        preds.append(knn_predictions(x, labels, k, leave_one_out, n_classes, ref))
+    return prediction_depth_from(preds, prediction)
+
+
+def transfer_teacher(run: Run, teacher: str = "self", seed: int = 0, progress: Progress | None = None) -> np.ndarray:
+    """aucurriculum TransferTeacher: an SVM on a teacher's embeddings, ``1 - P(given label)`` (Platt probabilities).
+
+    teacher ``self`` = the run's own final model (``features.npy``); ``resnet18:/path/weights.pt`` (or another
+    torchvision architecture) = that network with weights from a local file, its penultimate layer.
+    RBF SVC up to ``SVC_MAX`` samples; above, a linear SVM with sigmoid calibration (quadratic cost).
+    """
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC, LinearSVC
+
+    labels = run.samples(["label"])["label"].to_numpy()
+    if teacher == "self":
+        path = run.path / "features.npy"
+        if not path.is_file():
+            raise ScoreError("the run has no features.npy yet (it is written when the audit finishes)")
+        emb = np.load(path).astype(np.float32)
+    else:
+        emb = _torchvision_embeddings(run, teacher)
+    emb = StandardScaler().fit_transform(emb)
+    if progress:
+        progress(0.2, f"fitting an SVM on {emb.shape[0]:,} x {emb.shape[1]} embeddings")
+    if len(labels) <= SVC_MAX:
+        clf = SVC(kernel="rbf", probability=True, random_state=seed).fit(emb, labels)
+    else:
+        clf = CalibratedClassifierCV(LinearSVC(random_state=seed), method="sigmoid", cv=3).fit(emb, labels)
+    proba = clf.predict_proba(emb)
+    col = {c: i for i, c in enumerate(clf.classes_)}
+    return 1.0 - proba[np.arange(len(labels)), [col[y] for y in labels]]
+
+
+def _torchvision_embeddings(run: Run, teacher: str) -> np.ndarray:
+    import torch
+    import torchvision.models as tvm
+
+    arch, _, weights = teacher.partition(":")
+    if not hasattr(tvm, arch) or not weights:
+        raise ScoreError(f"teacher {teacher!r}: expected self or ARCH:/path/to/weights.pt with a torchvision ARCH")
+    net = getattr(tvm, arch)(weights=None)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as exc:
+        raise ScoreError(f"cannot load teacher weights {weights}: {exc}") from exc
+    net.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    for attr in ("fc", "classifier", "heads"):
+        if hasattr(net, attr):
+            setattr(net, attr, torch.nn.Identity())
+    net.eval()
+    _, ds = _dataset(run)
+    x = torch.from_numpy(ds.images.transpose(0, 3, 1, 2).copy()).float() / 255
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    x = torch.nn.functional.interpolate(x, size=max(32, x.shape[-1]), mode="bilinear")
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        return torch.cat([net((x[s : s + 256] - mean) / std) for s in range(0, len(x), 256)]).numpy()
+
+
+def compute(run: Run, names: list[str], folds: int = 3, k: int = 30, teacher: str = "self",
+            leave_one_out: bool = True, seed: int = 0, progress: Progress | None = None,
+            cancel: threading.Event | None = None) -> list[str]:
+    """Compute the named extra scores and add them to ``scores.parquet`` (atomically); returns the names written."""
+    unknown = [n for n in names if n not in EXTRA]
+    if unknown:
+        raise ScoreError(f"unknown score(s) {unknown}; on-demand scores are {', '.join(EXTRA)} "
+                         "(the others are computed with every audit)")
+    table = run.scores()
+    if table is None:
+        raise ScoreError("the run has no scores yet; wait until its first epoch has finished")
+    labels = run.samples(["label"])["label"].to_numpy()
+    out: dict[str, np.ndarray] = {}
+    if "random" in names:
+        out["random"] = random_score(len(labels), seed)
+    if {"cv_loss", "self_confidence"} & set(names):
+        probs = cross_validated_probs(run, folds, progress, cancel)
+        if "cv_loss" in names:
+            out["cv_loss"] = cv_loss(probs, labels)
+        if "self_confidence" in names:
+            out["self_confidence"] = self_confidence(probs, labels)
+    if "prediction_depth" in names:
+        out["prediction_depth"] = prediction_depth(run, k, leave_one_out, progress)
+    if "transfer_teacher" in names:
+        out["transfer_teacher"] = transfer_teacher(run, teacher, seed, progress)
+    table = run.scores()  # re-read: training may have refreshed it meanwhile
+    for name, values in out.items():
+        table[name] = values
+    atomic_write_parquet(run.path / "scores.parquet", table)
+    if progress:
+        progress(1.0, f"wrote {', '.join(out)}")
+    return list(out)
