@@ -147,7 +147,7 @@ if run is not None:
         st.caption("These need extra training or fitting: CVLoss and self-confidence (k-fold out-of-sample "
                    "probabilities), prediction depth (k-NN probes, leave-one-out), transfer teacher (SVM on the "
                    "final model's features), random (a baseline).")
-        pick = st.multiselect("Scores", missing, default=missing, key="extra_pick")
+        pick = st.multiselect("Scores to compute", missing, default=missing, key="extra_pick")
         e1, e2 = st.columns(2)
         folds = e1.number_input("Folds (CVLoss, self-confidence)", 2, 10, 3, key="extra_folds")
         knn = e2.number_input("k of the k-NN probes (prediction depth)", 1, 200, 30, key="extra_k")
