@@ -39,7 +39,7 @@ print(json.dumps({"cold": cold, "warm": warm, "peak_rss_mb": hwm / 1024}))
 """
 
 
-def make_run(root: Path, n: int, epochs: int) -> Path:
+def make_run(root: Path, n: int, epochs: int, passes: int = 2, do_finalize: bool = True) -> Path:
     from engine.audit import finalize
     from engine.runs import DynamicsWriter, create_run
 
@@ -49,28 +49,29 @@ def make_run(root: Path, n: int, epochs: int) -> Path:
     noisy = rng.random(n) < 0.1
     tpass = np.full(n, -1)
     perm = rng.permutation(n)
-    m = n // 11
+    m = n // 11 if passes > 1 else 0
     tpass[perm[:m]], tpass[perm[m:2 * m]] = 0, 1
     samples = pd.DataFrame({"sample_id": [f"s{i:07d}" for i in range(n)], "source": [f"synthetic[{i}]" for i in range(n)],
                             "label": labels, "true_label": np.where(noisy, (labels + 1) % 10, labels),
                             "threshold_pass": tpass, "is_threshold": tpass >= 0})
     cfg = {"dataset": "synthetic", "noise": 0.1, "noise_kind": "symmetric", "model": "cnn", "epochs": epochs,
-           "threshold_samples": True, "threshold_runs": 2, "threshold_percentile": 99.0, "cutoff": "auto",
+           "threshold_samples": passes > 1, "threshold_runs": max(passes, 1), "threshold_percentile": 99.0, "cutoff": "auto",
            "aum_start": 1, "aum_end": None, "seed": 0}
     run = create_run(root, cfg, samples, classes)
     bad = noisy | (tpass >= 0)
-    for p in range(2):
+    for p in range(passes):
         w = DynamicsWriter(run, p, epochs, n)
         for e in range(epochs):
             learn = min(1.0, e / 10)
             margin = np.where(bad & (tpass != 1 - p), -2 + learn, 3 * learn) + rng.normal(0, 1, n)
             w.write_epoch(e, {"margin": margin, "margin_yang": margin, "prob": 1 / (1 + np.exp(-margin)),
-                              "loss": np.log1p(np.exp(-margin)), "pred": np.where(margin > 0, labels, (labels + 1) % 10),
+                              "loss": np.log1p(np.exp(-margin)), "el2n": np.abs(margin) / 5, "pred": np.where(margin > 0, labels, (labels + 1) % 10),
                               "other": (labels + 1) % 10})
-    run.update_status(state="done", passes=2, epochs=epochs, epochs_done=[epochs, epochs], history=[])
-    t0 = time.perf_counter()
-    finalize(run)
-    print(f"finalize (all free scores) for {n:,} x {epochs} x 2 passes: {time.perf_counter() - t0:.1f} s")
+    run.update_status(state="done", passes=passes, epochs=epochs, epochs_done=[epochs] * passes, history=[])
+    if do_finalize:
+        t0 = time.perf_counter()
+        finalize(run)
+        print(f"finalize (all free scores) for {n:,} x {epochs} x {passes} passes: {time.perf_counter() - t0:.1f} s")
     return run.path
 
 
