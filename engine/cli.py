@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto: two-component mixture on AUM, capped by the threshold rule; threshold: Pleiss et al.")
     a.add_argument("--aum-start", type=int, default=d.aum_start, help="first epoch of the AUM window (0-based)")
     a.add_argument("--aum-end", type=int, default=None, help="epoch after the AUM window (default: all)")
+    a.add_argument("--el2n-epoch", type=int, default=None, help="epoch (0-based) of the EL2N score (default 10%% in)")
     a.add_argument("--out", default=None, help="runs folder (default ./runs or $DIFFICULTY_AUDIT_RUNS)")
     a.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue an interrupted run from its last finished epoch")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -49,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--manifest", action="store_true",
                       help="cleaned manifest path,label,sample_id: relabels applied, removed samples dropped")
     what.add_argument("--decisions", action="store_true", help="the review decisions alone")
+    en = sub.add_parser("ensemble", help="average one score per sample over several runs (seeds) into a CSV")
+    en.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
+    en.add_argument("--score", default="aum")
+    en.add_argument("--normalize", action="store_true", help="rank_and_normalize each run's score first")
+    en.add_argument("--out", required=True)
+
     sc = sub.add_parser("score", help="compute on-demand scores of a run (cv_loss, self_confidence, "
                         "prediction_depth, transfer_teacher, random) into its scores table")
     sc.add_argument("run_dir", metavar="RUN_DIR")
@@ -59,6 +66,27 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--teacher", default="self", help="self | ARCH:/path/weights.pt (torchvision ARCH)")
     sc.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from .correlations import ensemble, rank_and_normalize
+    from .export import to_csv_bytes
+    from .runs import atomic_write_bytes
+
+    tables = []
+    for ref in args.run_dirs:
+        run = open_run(ref)
+        t = run.scores()
+        if t is None or args.score not in t.columns:
+            raise RunError(f"run {run.id} has no score {args.score!r}")
+        t = t[["sample_id", args.score]].copy()
+        if args.normalize:
+            t[args.score] = rank_and_normalize(t[args.score])
+        tables.append(t)
+    out = ensemble(tables, args.score)
+    atomic_write_bytes(args.out, to_csv_bytes(out))
+    print(f"wrote {len(out):,} samples: {args.score} averaged over {len(tables)} runs to {args.out}")
+    return 0
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -90,7 +118,7 @@ def _config_from_args(args: argparse.Namespace) -> AuditConfig:
         model=args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         device=args.device, threshold_samples=not args.no_threshold_samples, threshold_runs=args.threshold_runs,
         threshold_percentile=args.threshold_percentile, cutoff=args.cutoff, aum_start=args.aum_start,
-        aum_end=args.aum_end,
+        aum_end=args.aum_end, el2n_epoch=args.el2n_epoch,
     )
 
 
@@ -172,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             return _audit(args)
         if args.command == "score":
             return _score(args)
+        if args.command == "ensemble":
+            return _ensemble(args)
         return _export(args)
     except (ConfigError, DatasetError, RunError, ScoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -92,3 +92,14 @@ def test_scores_page_computes_in_the_background(monkeypatch, small_run, tmp_path
         time.sleep(0.2)
     at.run()
     assert "random" in next(m for m in at.multiselect if m.label == "Scores").options
+
+
+def test_cli_ensemble_of_two_runs(small_run, tmp_path):
+    import pandas as pd
+
+    r = subprocess.run([sys.executable, "-m", "engine", "ensemble", str(small_run.path), str(small_run.path),
+                        "--score", "aum", "--normalize", "--out", str(tmp_path / "e.csv")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    e = pd.read_csv(tmp_path / "e.csv")
+    assert len(e) == len(small_run.samples()) and (e["n_runs"] == 2).all() and e["aum"].between(0, 1).all()
