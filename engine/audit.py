@@ -92,6 +92,9 @@ def execute(
     finished epochs stay on disk and, when at least one epoch finished, scores and summary are
     written from them (marked ``partial``).
     """
+    from .distributed import is_main
+
+    main = is_main()  # under torchrun, rank 0 alone writes the run directory
     raw = run.config()
     cfg = AuditConfig.from_dict({k: v for k, v in raw.items() if k not in ("dataset_root", "dataset_info", "image_shape")})
     if ds is None:
@@ -105,7 +108,8 @@ def execute(
     history = list(prev.get("history") or []) if resume else []
     history = [h for h in history if h["epoch"] < epochs_done[h["pass"]]]
     started = time.time()
-    run.update_status(
+    status = run.update_status if main else (lambda **kw: None)
+    status(
         state="running", passes=passes, epochs=cfg.epochs, epochs_done=epochs_done, history=history,
         pass_idx=0, error=None, started_at=started, **owner_fields(),
     )
@@ -119,7 +123,7 @@ def execute(
     def record(r: EpochResult) -> None:
         epochs_done[r.pass_idx] = r.epoch + 1
         history.append({"pass": r.pass_idx, "epoch": r.epoch, "loss": r.loss, "accuracy": r.accuracy, "seconds": r.seconds})
-        run.update_status(epochs_done=epochs_done, history=history, pass_idx=r.pass_idx)
+        status(epochs_done=epochs_done, history=history, pass_idx=r.pass_idx)
         if on_epoch is not None:
             on_epoch(r)
 
@@ -130,23 +134,27 @@ def execute(
                 continue
             targets = ds.labels.copy()
             targets[tpass == p] = n_real
-            writer = DynamicsWriter(run, p, cfg.epochs, len(ds), resume=start > 0)
+            writer = DynamicsWriter(run, p, cfg.epochs, len(ds), resume=start > 0) if main else None
             train_pass(
                 cfg, images, mean, std, torch.from_numpy(targets).to(device), n_out, n_real, p, writer,
                 checkpoint=run.path / "checkpoints" / f"pass{p}.pt", start_epoch=start,
                 on_epoch=record, cancel=cancel,
             )
-        save_features(run, cfg, images, mean, std, n_out)
-        summary = finalize(run)
-        run.update_status(state="done", finished_at=time.time())
+        summary = {}
+        if main:
+            save_features(run, cfg, images, mean, std, n_out)
+            summary = finalize(run)
+            run.update_status(state="done", finished_at=time.time())
         return summary
     except Cancelled:
-        _finalize_partial(run)
-        run.update_status(state="cancelled", finished_at=time.time())
+        if main:
+            _finalize_partial(run)
+        status(state="cancelled", finished_at=time.time())
         raise
     except BaseException as exc:
-        _finalize_partial(run)
-        run.update_status(
+        if main:
+            _finalize_partial(run)
+        status(
             state="failed", finished_at=time.time(),
             error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20),
         )

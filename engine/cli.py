@@ -143,7 +143,10 @@ def _audit(args: argparse.Namespace) -> int:
     from . import audit
 
     if args.resume:
+        from .distributed import init_from_env
+
         run = open_run(args.resume, args.out)
+        init_from_env(run.config().get("device", "auto"))
         st = run.status()
         if st.get("state") == "done":
             print(f"run {run.id} is already done; nothing to resume", file=sys.stderr)
@@ -156,9 +159,27 @@ def _audit(args: argparse.Namespace) -> int:
         total = cfg["epochs"] * (cfg["threshold_runs"] if cfg["threshold_samples"] else 1)
         initial = sum(run.raw_status().get("epochs_done") or [])
     else:
+        from .distributed import broadcast_object, init_from_env, is_main
+
         cfg_obj = _config_from_args(args)
-        run, ds = audit.prepare(cfg_obj, args.out or runs_root())
+        init_from_env(cfg_obj.device)
+        created, error = None, None
+        if is_main():  # rank 0 validates and creates the run; the others open it
+            try:
+                created, ds = audit.prepare(cfg_obj, args.out or runs_root())
+            except (ConfigError, DatasetError) as exc:
+                error = exc
+        created_path, error_text = broadcast_object((str(created.path) if created else None, str(error) if error else None))
+        if error is not None:
+            raise error
+        if error_text is not None:
+            raise ConfigError(error_text)
+        if not is_main():
+            run, ds = open_run(created_path), None
+        else:
+            run = created
         total, initial = cfg_obj.epochs * cfg_obj.passes, 0
+        args.quiet = args.quiet or not is_main()
     bar = tqdm(total=total, initial=initial, unit="epoch", disable=args.quiet, desc=run.id)
 
     def on_epoch(r):
@@ -177,7 +198,10 @@ def _audit(args: argparse.Namespace) -> int:
         print(f"cancelled; finished epochs are kept in {run.path}", file=sys.stderr)
         return 1
     bar.close()
-    print(format_summary(summary, run.path))
+    from .distributed import is_main
+
+    if is_main():
+        print(format_summary(summary, run.path))
     return 0
 
 
@@ -195,6 +219,16 @@ def _export(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "audit":
             return _audit(args)

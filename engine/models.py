@@ -75,7 +75,7 @@ def pick_device(requested: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU; an explicit unavailable device is an error."""
     if requested == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", torch.cuda.current_device())  # torchrun: this rank's GPU
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")

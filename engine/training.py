@@ -100,13 +100,21 @@ def train_pass(
     ``images`` uint8 NCHW and ``targets`` live on the training device. Raises ``Cancelled`` at
     the first batch after ``cancel`` is set; the epoch in progress is then discarded.
     """
+    from .distributed import shard, world
+
     device = images.device
     n = images.shape[0]
+    rank, size = world()
     torch.manual_seed(cfg.seed * 7919 + pass_idx)
     model = build_model(cfg.model, images.shape[1], n_outputs).to(device)
     use_cuda = device.type == "cuda"
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
+    net = model
+    if size > 1:  # torchrun: gradients averaged across ranks; `model` stays the unwrapped module
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if start_epoch > 0 and checkpoint is not None:
         state = torch.load(checkpoint, map_location=device, weights_only=True)
@@ -114,17 +122,23 @@ def train_pass(
         opt.load_state_dict(state["optimizer"])
     float_names = [k for k, dt in DYNAMICS.items() if np.issubdtype(dt, np.floating)]
     int_names = [k for k in DYNAMICS if k not in float_names]
-    fbuf = torch.empty((len(float_names), n), dtype=torch.float32, device=device)
-    ibuf = torch.empty((len(int_names), n), dtype=torch.int64, device=device)
-    slices = batch_slices(n, cfg.batch_size)
+    fbuf = torch.zeros((len(float_names), n), dtype=torch.float32, device=device)
+    ibuf = torch.zeros((len(int_names), n), dtype=torch.int64, device=device)
+    count = torch.zeros(n, dtype=torch.int32, device=device) if size > 1 else None
     real = targets < n_real
     max_shift = max(1, images.shape[-1] // 8) if cfg.augment else 0
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
         gen = epoch_generator(cfg.seed, pass_idx, epoch)
-        perm = torch.randperm(n, generator=gen).to(device)
-        for sl in slices:
+        perm = torch.randperm(n, generator=gen)
+        keep_all = None
+        if size > 1:
+            mine, keep = shard(perm.numpy(), rank, size)
+            perm, keep_all = torch.from_numpy(mine), torch.from_numpy(keep).to(device)
+            fbuf.zero_(), ibuf.zero_(), count.zero_()
+        perm = perm.to(device)
+        for sl in batch_slices(len(perm), cfg.batch_size):
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
             idx = perm[sl]
@@ -133,22 +147,35 @@ def train_pass(
                 x = x.contiguous(memory_format=torch.channels_last)
             y = targets[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-                logits = model(x)
+                logits = net(x)
             loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if capture:
                 c = vars(batch_capture(logits, y, n_real))
-                fbuf[:, idx] = torch.stack([c[k] for k in float_names])
-                ibuf[:, idx] = torch.stack([c[k] for k in int_names])
+                fvals = torch.stack([c[k] for k in float_names])
+                ivals = torch.stack([c[k] for k in int_names])
+                if keep_all is not None:  # padded repeats of DistributedSampler are trained, not captured
+                    keep = keep_all[sl]
+                    idx, fvals, ivals = idx[keep], fvals[:, keep], ivals[:, keep]
+                    count[idx] += 1
+                fbuf[:, idx] = fvals
+                ibuf[:, idx] = ivals
         if not capture:
             continue
+        if size > 1:  # every rank holds its samples' values, zeros elsewhere: one sum gathers them
+            import torch.distributed as dist
+
+            for t in (fbuf, ibuf, count):
+                dist.all_reduce(t)
+            if not bool((count == 1).all()):
+                raise RuntimeError(f"distributed capture: {int((count != 1).sum())} samples not captured exactly once")
         fh, ih = fbuf.cpu().numpy(), ibuf.cpu().numpy()  # one transfer per epoch
         host = dict(zip(float_names, fh, strict=True)) | dict(zip(int_names, ih, strict=True))
         if writer is not None:
             writer.write_epoch(epoch, {k: v.astype(DYNAMICS[k], copy=False) for k, v in host.items()})
-        if checkpoint is not None:
+        if checkpoint is not None and rank == 0:
             save_checkpoint(checkpoint, model, opt, epoch)
         if on_epoch is not None:
             r = real.cpu().numpy()
