@@ -105,6 +105,8 @@ def execute(
     passes = cfg.passes
     prev = run.raw_status()
     epochs_done = list(prev.get("epochs_done") or [0] * passes) if resume else [0] * passes
+    if resume:  # a kill between an epoch's checkpoint and its status update: the checkpoint is the truth
+        epochs_done = [max(done, checkpoint_epoch(run, p) + 1) for p, done in enumerate(epochs_done)]
     history = list(prev.get("history") or []) if resume else []
     history = [h for h in history if h["epoch"] < epochs_done[h["pass"]]]
     started = time.time()
@@ -159,6 +161,16 @@ def execute(
             error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20),
         )
         raise
+
+
+def checkpoint_epoch(run: Run, pass_idx: int) -> int:
+    """Last epoch saved in the pass's checkpoint (its dynamics row is written before it), -1 if none."""
+    import torch
+
+    path = run.path / "checkpoints" / f"pass{pass_idx}.pt"
+    if not path.is_file():
+        return -1
+    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
 
 
 def save_features(run: Run, cfg: AuditConfig, images, mean, std, n_out: int, batch: int = 512) -> None:

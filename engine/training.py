@@ -118,6 +118,8 @@ def train_pass(
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if start_epoch > 0 and checkpoint is not None:
         state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if int(state["epoch"]) != start_epoch - 1:
+            raise RuntimeError(f"checkpoint {checkpoint} holds epoch {state['epoch']}, not {start_epoch - 1}: cannot resume")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
     float_names = [k for k, dt in DYNAMICS.items() if np.issubdtype(dt, np.floating)]

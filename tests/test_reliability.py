@@ -1,0 +1,159 @@
+"""Faults caused for real (a killed process, bad archives, bad configs) and the security boundaries."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from engine import audit
+from engine.config import AuditConfig, ConfigError
+from engine.datasets import DatasetError
+from engine.images import ImageError, SampleImages
+from engine.runs import RunError, list_runs, open_run
+from engine.uploads import extract_image_zip
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """SIGKILL a headless audit mid-training; the run reads as interrupted and --resume finishes it identically.
+
+    "Identically" on CPU: same machine, same thread count, same seed -> bitwise equal dynamics and scores.
+    """
+    env = dict(os.environ, DIFFICULTY_AUDIT_RUNS=str(tmp_path / "killed"))
+    args = [sys.executable, "-m", "engine", "audit", "--noise", "0.1", "--epochs", "12", "--seed", "5", "--quiet"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    run = None
+    while time.time() < deadline:
+        runs = list_runs(tmp_path / "killed")
+        if runs and sum(runs[0].raw_status().get("epochs_done") or [0]) >= 4:
+            run = runs[0]
+            break
+        time.sleep(0.05)
+    assert run is not None, "the audit never reached epoch 4"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    st = run.status()
+    assert st["state"] == "interrupted"
+    done = st["epochs_done"][0]
+    assert done >= 4 and np.isfinite(run.dynamics(0, "margin")).all()  # finished epochs intact and readable
+    r = subprocess.run([sys.executable, "-m", "engine", "audit", "--resume", str(run.path), "--quiet"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert run.status()["state"] == "done"
+    full, ds = audit.prepare(AuditConfig(noise=0.1, epochs=12, seed=5), tmp_path / "full")
+    audit.execute(full, ds)
+    for name in ("margin", "prob", "pred", "el2n"):
+        np.testing.assert_array_equal(run.dynamics(1, name), full.dynamics(1, name))
+    pd.testing.assert_frame_equal(run.scores(), full.scores())
+
+
+def _zip(entries: dict[str, bytes], symlink: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+        if symlink:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = (0o120777 << 16)
+            zf.writestr(info, "/etc/passwd")
+    return buf.getvalue()
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "entries, symlink, message",
+    [
+        ({"/etc/evil.png": b"x"}, None, "absolute path"),
+        ({"../../evil.png": b"x"}, None, "absolute path or '..'"),
+        ({"a/ok.png": b"x"}, "a/link.png", "symbolic link"),
+        ({"bomb/a/x.png": b"\0" * 60_000_000}, None, "zip bomb"),
+    ],
+)
+def test_hostile_zips_are_refused(tmp_path, entries, symlink, message):
+    with pytest.raises(DatasetError, match=message):
+        extract_image_zip(_zip(entries, symlink), tmp_path)
+    assert not any(tmp_path.rglob("*.png"))
+
+
+def test_not_a_zip_and_a_good_zip(tmp_path):
+    with pytest.raises(DatasetError, match="not a zip"):
+        extract_image_zip(b"PK-but-not-really", tmp_path)
+    root = extract_image_zip(_zip({f"data/{c}/{i}.png": _png() for c in "ab" for i in range(3)}), tmp_path)
+    assert root.name == "data" and sorted(p.name for p in root.iterdir()) == ["a", "b"]
+
+
+def test_config_edge_cases(tmp_path):
+    for bad, msg in [({"epochs": -3}, "epochs"), ({"noise": 1.0}, "noise"), ({"threshold_runs": 0}, "threshold runs")]:
+        with pytest.raises(ConfigError, match=msg):
+            audit.prepare(AuditConfig(**bad), tmp_path)
+    # a batch larger than the dataset trains full-batch
+    run, ds = audit.prepare(AuditConfig(epochs=2, batch_size=5000, noise=0.1), tmp_path)
+    assert audit.execute(run, ds)["n_samples"] == 1797
+
+
+def _folder(root: Path, counts: dict[str, int]) -> Path:
+    for c, n in counts.items():
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((8, 8), 30 * i % 255, np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_one_class_is_refused_and_a_class_of_one_sample_works(tmp_path):
+    with pytest.raises(DatasetError, match="at least 2 classes"):
+        audit.prepare(AuditConfig(dataset=str(_folder(tmp_path / "one", {"only": 5})), epochs=1), tmp_path / "r")
+    cfg = AuditConfig(dataset=str(_folder(tmp_path / "two", {"many": 30, "single": 1})), epochs=2,
+                      threshold_samples=False)
+    run, ds = audit.prepare(cfg, tmp_path / "r")
+    assert audit.execute(run, ds)["n_samples"] == 31
+
+
+def test_images_are_served_only_from_the_dataset_root(tmp_path):
+    data = _folder(tmp_path / "d", {"a": 4, "b": 4})
+    run, ds = audit.prepare(AuditConfig(dataset=str(data), epochs=1, threshold_samples=False), tmp_path / "r")
+    audit.execute(run, ds)
+    images = SampleImages(run)
+    assert images.png(0)[:4] == b"\x89PNG"
+    (tmp_path / "secret.png").write_bytes(_png())
+    images.sources[1] = "../secret.png"  # a tampered samples table must not reach outside the root
+    with pytest.raises(ImageError, match="outside the dataset root"):
+        images.image(1)
+
+
+def test_run_ids_cannot_escape_the_runs_folder(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    root.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "config.json").write_text(json.dumps({}))
+    (tmp_path / "cwd" / "deep").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "cwd" / "deep")  # run ids below must not resolve as paths from here
+    # (an explicit directory path, e.g. ../../elsewhere from here, is the CLI user opening a run by path)
+    for run_id in ["..", "../elsewhere", "runs/../elsewhere", "../runs/../elsewhere", ".hidden", "a" * 200]:
+        with pytest.raises(RunError):
+            open_run(run_id, root)
+    with pytest.raises(RunError, match="not a run directory"):
+        open_run("/etc")
+
+
+def test_checkpoints_load_with_weights_only(small_run):
+    import torch
+
+    state = torch.load(small_run.path / "checkpoints" / "pass0.pt", weights_only=True)
+    assert set(state) == {"model", "optimizer", "epoch"}
