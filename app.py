@@ -17,6 +17,7 @@ pages = [
     st.Page("app_pages/flagged.py", title="Flagged samples", icon="🏷️"),
     st.Page("app_pages/scores.py", title="Scores", icon="🧮"),
     st.Page("app_pages/datamap.py", title="Data map", icon="🗺️"),
+    st.Page("app_pages/ood.py", title="OoD & uncertainty", icon="🌫️"),
 ]
 nav = st.navigation(pages)
 sidebar_run_picker()

@@ -7,7 +7,7 @@ import time
 import streamlit as st
 
 from app_pages.common import current_run, fmt_seconds, job_manager
-from engine.config import MODELS, AuditConfig, ConfigError
+from engine.config import MODELS, AuditConfig
 from engine.datasets import DatasetError
 from engine.runs import runs_root
 from engine.uploads import extract_image_zip
@@ -51,6 +51,15 @@ with st.form("start"):
                                    help="2 runs with disjoint threshold sets give every sample an AUM")
         cutoff = e4.selectbox("Cut-off", ["auto", "threshold"], help="auto: mixture on AUM capped by the "
                               "threshold-sample rule; threshold: the paper's 99th percentile rule")
+    with st.expander("Out-of-distribution sets (optional)"):
+        o1, o2, o3 = st.columns(3)
+        holdout = o1.text_input("Hold out classes (indices, e.g. 8,9)", key="ood_holdout",
+                                help="Trained without them; their images are evaluated as out of distribution.")
+        corruptions = o2.multiselect("Corrupted copies of held-out ID images", ["noise", "blur", "invert"],
+                                     key="ood_corrupt")
+        ood_folder = o3.text_input("Another image folder", key="ood_folder")
+        st.caption("With any of these, 20% of the in-distribution samples are held out of training (not audited) "
+                   "for the OoD comparison and for calibration.")
     submitted = st.form_submit_button("Start audit", type="primary")
 
 if submitted:
@@ -70,11 +79,12 @@ if submitted:
         cfg = AuditConfig(
             dataset=dataset, noise=float(noise), noise_kind=noise_kind, model=model, epochs=int(epochs), lr=float(lr),
             batch_size=int(batch), seed=int(seed), threshold_samples=bool(thr), threshold_runs=int(thr_runs),
-            cutoff=cutoff if thr else "auto",
+            cutoff=cutoff if thr else "auto", corruptions=corruptions or None, ood_folder=ood_folder.strip() or None,
+            holdout_classes=[int(t) for t in holdout.replace(" ", "").split(",") if t] if holdout.strip() else None,
         )
         with st.spinner("Checking the dataset…"):
             run = job_manager().start(cfg)
-    except (ConfigError, DatasetError) as exc:
+    except ValueError as exc:  # ConfigError, DatasetError, or a malformed class list
         st.error(f"Cannot start: {exc}")
     else:
         st.session_state["run_picker"] = run.id

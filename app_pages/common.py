@@ -118,3 +118,16 @@ def stamp(run: Run) -> tuple:
 def fmt_seconds(s: float) -> str:
     s = int(round(s))
     return f"{s // 60}:{s % 60:02d}" if s >= 60 else f"{s} s"
+
+
+def image_grid(images, indices, captions: list[str], cols: int = 6, size: int = 96) -> None:
+    """A grid of sample thumbnails with captions (the flagged page's cards use the same thumbnails)."""
+    from engine.images import ImageError
+
+    for start in range(0, len(indices), cols):
+        row = st.columns(cols)
+        for col, i, cap in zip(row, indices[start : start + cols], captions[start : start + cols], strict=False):
+            try:
+                col.image(images.png(int(i), size), caption=cap)
+            except ImageError as exc:
+                col.caption(f"{cap}: no image ({exc})")

@@ -52,12 +52,19 @@ def check_dataset(ds: IndexedDataset, cfg: AuditConfig) -> None:
         raise ConfigError(f"{len(ds)} samples are too few to train on; give at least a few per class")
 
 
+def load_run_dataset(cfg: AuditConfig):
+    """The audit's training set and its OoD evaluation sets (``ood_eval.split``): the one way to load a run's data."""
+    from .ood_eval import split
+
+    return split(load_dataset(cfg.dataset, cfg.noise, cfg.noise_kind, cfg.seed, cfg.image_size), cfg)
+
+
 def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None) -> tuple[Run, IndexedDataset]:
     """Validate config and dataset, assign threshold samples, create the run directory."""
     from .runs import runs_root
 
     cfg.validate()
-    ds = load_dataset(cfg.dataset, cfg.noise, cfg.noise_kind, cfg.seed, cfg.image_size)
+    ds, _ = load_run_dataset(cfg)
     check_dataset(ds, cfg)
     tpass = (
         threshold_assignment(len(ds), ds.n_classes, cfg.passes, cfg.seed)
@@ -97,8 +104,14 @@ def execute(
     main = is_main()  # under torchrun, rank 0 alone writes the run directory
     raw = run.config()
     cfg = AuditConfig.from_dict({k: v for k, v in raw.items() if k not in ("dataset_root", "dataset_info", "image_shape")})
-    if ds is None:
-        ds = load_dataset(cfg.dataset, cfg.noise, cfg.noise_kind, cfg.seed, cfg.image_size)
+    wants_sets = cfg.eval_share > 0 or cfg.ood_folder
+    if ds is None or wants_sets:  # (a second read only when OoD sets are asked for)
+        loaded, sets = load_run_dataset(cfg)
+        ds = loaded if ds is None else ds
+    else:
+        from .ood_eval import EvalSets
+
+        sets = EvalSets()
     samples = run.samples()
     if len(samples) != len(ds) or not (samples["sample_id"].to_numpy() == ds.sample_ids.astype(str)).all():
         raise ConfigError(f"the dataset {cfg.dataset} changed since run {run.id} was created; start a new audit")
@@ -144,7 +157,7 @@ def execute(
             )
         summary = {}
         if main:
-            save_features(run, cfg, images, mean, std, n_out)
+            evaluate_final_model(run, cfg, ds, sets, tpass, mean, std, n_out)
             summary = finalize(run)
             run.update_status(state="done", finished_at=time.time())
         return summary
@@ -173,32 +186,19 @@ def checkpoint_epoch(run: Run, pass_idx: int) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
 
 
-def save_features(run: Run, cfg: AuditConfig, images, mean, std, n_out: int, batch: int = 512) -> None:
-    """Penultimate-layer features of every sample under the last pass's final model -> ``features.npy`` (float16).
+def evaluate_final_model(run: Run, cfg: AuditConfig, ds: IndexedDataset, sets, tpass: np.ndarray, mean, std,
+                         n_out: int) -> None:
+    """Features of the final model (``features.npy``) and DDU densities / OoD report (``ood/``).
 
-    Used for the nearest-neighbour view of a sample (and by feature-density scores).
+    A density fit that fails (degenerate features) is recorded in ``ood/report.json`` without failing the audit.
     """
-    import io
+    from .ood import GDAError
+    from .ood_eval import evaluate
 
-    import torch
-
-    from .models import build_model
-    from .runs import atomic_write_bytes
-
-    last = cfg.passes - 1
-    model = build_model(cfg.model, images.shape[1], n_out).to(images.device)
-    state = torch.load(run.path / "checkpoints" / f"pass{last}.pt", map_location=images.device, weights_only=True)
-    model.load_state_dict(state["model"])
-    model.eval()
-    chunks = []
-    with torch.inference_mode():
-        for s in range(0, images.shape[0], batch):
-            x = (images[s : s + batch].float().div_(255.0) - mean) / std
-            chunks.append(model.features(x).float().cpu())
-    feats = torch.cat(chunks).numpy().astype(np.float16)
-    buf = io.BytesIO()
-    np.save(buf, feats)
-    atomic_write_bytes(run.path / "features.npy", buf.getvalue())
+    try:
+        evaluate(run, cfg, ds.images, ds.labels, tpass != cfg.passes - 1, sets, mean, std, n_out, ds.n_classes)
+    except GDAError as exc:
+        atomic_write_json(run.path / "ood" / "report.json", {"error": str(exc)})
 
 
 def _finalize_partial(run: Run) -> None:
@@ -212,6 +212,12 @@ def _finalize_partial(run: Run) -> None:
 def finalize(run: Run, partial: bool = False) -> dict:
     """Write ``scores.parquet`` and ``summary.json`` from the captured dynamics; returns the summary."""
     table, info = compute_scores(run)
+    from .ood_eval import load_report, load_results
+
+    ood_results = load_results(run)
+    if "train_log_density" in ood_results and len(ood_results["train_log_density"]) == len(table):
+        table["ood_density"] = -ood_results["train_log_density"]  # higher = less like the training data
+        table["entropy"] = ood_results["train_entropy"]
     previous = run.scores()
     if previous is not None and len(previous) == len(table):  # keep scores computed on demand (engine.extra_scores)
         for name, spec in REGISTRY.items():
@@ -238,6 +244,12 @@ def finalize(run: Run, partial: bool = False) -> dict:
         summary["n_label_errors"] = int(is_error.sum())
         summary.update(detection_metrics(table["flagged"].to_numpy(), table["aum"].to_numpy(), is_error))
         summary["n_label_errors_scored"] = int((is_error & scored).sum())
+    report = load_report(run) or {}
+    if report.get("ood"):
+        summary["ood"] = report["ood"]
+    if report.get("calibration"):
+        cal = report["calibration"]
+        summary["calibration"] = {k: cal[k] for k in ("temperature", "ece_before", "ece_after", "accuracy")}
     hist = st.get("history") or []
     if hist:
         summary["final_train_accuracy"] = hist[-1]["accuracy"]

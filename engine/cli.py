@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto: two-component mixture on AUM, capped by the threshold rule; threshold: Pleiss et al.")
     a.add_argument("--aum-start", type=int, default=d.aum_start, help="first epoch of the AUM window (0-based)")
     a.add_argument("--aum-end", type=int, default=None, help="epoch after the AUM window (default: all)")
+    a.add_argument("--holdout-classes", default=None, help="class indices to leave out of training as an OoD set, e.g. 8,9")
+    a.add_argument("--ood", default=None, metavar="FOLDER", help="another image folder to evaluate as out-of-distribution")
+    a.add_argument("--corruptions", default=None, help="OoD sets made from held-out ID images: noise,blur,invert")
+    a.add_argument("--eval-fraction", type=float, default=None,
+                   help="ID samples held out for OoD / calibration (default 0.2 when an OoD set is asked for, else 0)")
     a.add_argument("--el2n-epoch", type=int, default=None, help="epoch (0-based) of the EL2N score (default 10%% in)")
     a.add_argument("--out", default=None, help="runs folder (default ./runs or $DIFFICULTY_AUDIT_RUNS)")
     a.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue an interrupted run from its last finished epoch")
@@ -112,13 +117,24 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str | None, flag: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"{flag} takes comma-separated class indices like 8,9, got {text!r}") from exc
+
+
 def _config_from_args(args: argparse.Namespace) -> AuditConfig:
     return AuditConfig(
         dataset=args.dataset, noise=args.noise, noise_kind=args.noise_kind, image_size=args.image_size,
         model=args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         device=args.device, threshold_samples=not args.no_threshold_samples, threshold_runs=args.threshold_runs,
         threshold_percentile=args.threshold_percentile, cutoff=args.cutoff, aum_start=args.aum_start,
-        aum_end=args.aum_end, el2n_epoch=args.el2n_epoch,
+        aum_end=args.aum_end, el2n_epoch=args.el2n_epoch, ood_folder=args.ood, eval_fraction=args.eval_fraction,
+        holdout_classes=_int_list(args.holdout_classes, "--holdout-classes"),
+        corruptions=[c.strip() for c in args.corruptions.split(",")] if args.corruptions else None,
     )
 
 
@@ -127,7 +143,13 @@ def format_summary(summary: dict, run_path: Path) -> str:
              f"  (cut-off {summary['cutoff']:.3f}, {summary['cutoff_method']})"]
     if summary.get("n_unscored"):
         lines.append(f"unscored: {summary['n_unscored']} (threshold samples of a single threshold run)")
-    if "precision" in summary:
+    for name, o in (summary.get("ood") or {}).items():
+        lines.append(f"OoD '{name}': AUROC density {o['auroc_density']:.3f}, entropy {o['auroc_entropy']:.3f}, "
+                     f"max-softmax {o['auroc_max_softmax']:.3f}")
+    if summary.get("calibration"):
+        c = summary["calibration"]
+        lines.append(f"calibration (held-out ID): ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f} at T={c['temperature']:.2f}")
+    if "precision" in summary and summary.get("n_label_errors"):
         lines.append(
             f"known label errors: {summary['n_label_errors']}   precision {summary['precision']:.3f}  "
             f"recall {summary['recall']:.3f}  F1 {summary['f1']:.3f}  AUROC {summary['auroc']:.3f}"

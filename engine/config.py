@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 MODELS = ("cnn", "resnet18")
 
 CUTOFFS = ("auto", "threshold")
+CORRUPTIONS = ("noise", "blur", "invert")
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,10 @@ class AuditConfig:
     aum_start: int = 1
     aum_end: int | None = None
     el2n_epoch: int | None = None
+    holdout_classes: list[int] | None = None  # trained without; their images become an OoD set
+    ood_folder: str | None = None  # another image folder as an OoD set
+    corruptions: list[str] | None = None  # noise, blur, invert of the held-out ID images as OoD sets
+    eval_fraction: float | None = None  # ID samples held out of training for OoD / calibration (auto: 0.2 if any OoD set)
 
     def validate(self) -> AuditConfig:
         """Raise ``ConfigError`` on a value that cannot work; returns self."""
@@ -60,9 +65,21 @@ class AuditConfig:
             raise ConfigError(f"AUM epoch window {self.aum_start}..{self.aum_end} is empty")
         if self.aum_start >= self.epochs:
             self.aum_start = 0  # a 1-epoch run still gets an AUM
+        bad = set(self.corruptions or []) - set(CORRUPTIONS)
+        if bad:
+            raise ConfigError(f"unknown corruption(s) {sorted(bad)}; choose from {', '.join(CORRUPTIONS)}")
+        if self.eval_fraction is not None and not 0 <= self.eval_fraction < 0.9:
+            raise ConfigError(f"eval fraction must be in [0, 0.9), got {self.eval_fraction}")
         if self.image_size is not None and not 4 <= self.image_size <= 512:
             raise ConfigError(f"image size must be in [4, 512], got {self.image_size}")
         return self
+
+    @property
+    def eval_share(self) -> float:
+        """Fraction of ID samples held out: as configured, else 0.2 when any OoD set is asked for, else 0."""
+        if self.eval_fraction is not None:
+            return self.eval_fraction
+        return 0.2 if (self.holdout_classes or self.ood_folder or self.corruptions) else 0.0
 
     @property
     def passes(self) -> int:

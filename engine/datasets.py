@@ -49,6 +49,14 @@ class IndexedDataset:
     def n_classes(self) -> int:
         return len(self.classes)
 
+    def subset(self, mask: np.ndarray) -> IndexedDataset:
+        """The samples where ``mask`` is true (same classes, same ids)."""
+        return IndexedDataset(
+            name=self.name, sample_ids=self.sample_ids[mask], sources=self.sources[mask], labels=self.labels[mask],
+            classes=list(self.classes), images=self.images[mask], root=self.root,
+            true_labels=None if self.true_labels is None else self.true_labels[mask], info=dict(self.info),
+        )
+
 
 def inject_noise(labels: np.ndarray, rate: float, kind: str, n_classes: int, seed: int) -> np.ndarray:
     """Flip a seeded fraction of labels; returns the noisy labels (the input is left untouched).

@@ -34,10 +34,10 @@ def _cfg(run: Run) -> AuditConfig:
 
 
 def _dataset(run: Run):
-    from .datasets import load_dataset
+    from .audit import load_run_dataset
 
     cfg = _cfg(run)
-    ds = load_dataset(cfg.dataset, cfg.noise, cfg.noise_kind, cfg.seed, cfg.image_size)
+    ds, _ = load_run_dataset(cfg)
     if not (ds.sample_ids.astype(str) == run.samples(["sample_id"])["sample_id"].to_numpy()).all():
         raise ScoreError(f"the dataset {cfg.dataset} changed since the run was made; audit it again")
     return cfg, ds

@@ -1,0 +1,119 @@
+"""DDU math against references and hand-computed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+
+from engine import ood
+
+
+def _blobs(seed=0, n=400, d=4):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    z = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.5 + y[:, None] * 3.0
+    return z, y
+
+
+def test_gda_matches_scipy_densities():
+    z, y = _blobs()
+    g = ood.fit_gda(z, y)
+    assert g.jitter == 0.0
+    ref = np.stack([multivariate_normal(z[y == k].mean(0), np.cov(z[y == k], rowvar=False, bias=True)).logpdf(z)
+                    for k in range(3)], axis=1)
+    np.testing.assert_allclose(g.class_log_likelihoods(z), ref, rtol=1e-9, atol=1e-9)
+    priors = np.log(np.bincount(y) / len(y))
+    np.testing.assert_allclose(g.log_density(z), logsumexp(ref + priors, axis=1), rtol=1e-9)
+
+
+def test_gda_class_means_match_sklearn_lda():
+    from sklearn.discriminant_analysis import QuadraticDiscriminantAnalysis
+
+    z, y = _blobs(1)
+    qda = QuadraticDiscriminantAnalysis(store_covariance=True).fit(z, y)
+    np.testing.assert_allclose(ood.fit_gda(z, y).means, qda.means_)
+
+
+def test_singular_covariance_gets_the_smallest_working_jitter():
+    z, y = _blobs(2)
+    z = np.c_[z, z[:, 0]]  # a duplicated feature: every covariance is singular
+    g = ood.fit_gda(z, y)
+    assert g.jitter > 0
+    smaller = [j for j in ood.JITTERS if j < g.jitter]
+    covs = [np.cov(z[y == k], rowvar=False, bias=True) for k in range(3)]
+    for j in smaller:  # none of the smaller rungs works
+        with pytest.raises(np.linalg.LinAlgError):
+            for c in covs:
+                np.linalg.cholesky(c + j * np.eye(z.shape[1]))
+    assert np.isfinite(g.log_density(z)).all()
+
+
+def test_ece_by_hand():
+    # two bins used: conf 0.9 (2 samples, 1 right) and conf 0.6 (2 samples, 2 right)
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])
+    labels = np.array([0, 1, 0, 1])
+    value, diagram = ood.ece(probs, labels)
+    assert value == pytest.approx(0.5 * abs(0.5 - 0.9) + 0.5 * abs(1.0 - 0.6))
+    assert sum(diagram["count"]) == 4 and len(diagram["edges"]) == 16
+
+
+def test_temperature_scaling_lowers_nll_on_held_out_data():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 4000)
+    logits = rng.normal(size=(4000, 5)) + 2.0 * np.eye(5)[y]
+    logits *= 4.0  # over-confident
+    val, test = slice(0, 2000), slice(2000, None)
+    t = ood.fit_temperature(logits[val], y[val])
+    assert t > 1.5
+    assert ood.nll(logits[test], y[test], t) < ood.nll(logits[test], y[test], 1.0)
+    assert ood.ece(ood.softmax(logits[test], t), y[test])[0] < ood.ece(ood.softmax(logits[test]), y[test])[0]
+
+
+def test_entropy_auroc_and_risk_coverage_by_hand():
+    assert ood.entropy(np.array([[0.5, 0.5], [1.0, 0.0]])).tolist() == pytest.approx([np.log(2), 0.0])
+    assert ood.auroc_auprc(np.array([0.1, 0.2]), np.array([0.8, 0.9])) == (1.0, 1.0)
+    cov, risk, aurc = ood.risk_coverage(np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 0, 1, 1]))
+    assert cov.tolist() == [0.25, 0.5, 0.75, 1.0] and risk.tolist() == pytest.approx([0, 0.5, 1 / 3, 0.25])
+    assert aurc == pytest.approx(np.mean([0, 0.5, 1 / 3, 0.25]))
+
+
+def test_small_classes_are_projected_before_fitting():
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(3), 20)
+    z = rng.normal(size=(60, 50)) + y[:, None]  # 20 samples per class in 50 dimensions
+    g = ood.fit_gda(z, y)
+    assert g.components.shape == (10, 50) and g.jitter == 0.0
+    assert np.isfinite(g.log_density(z)).all()
+    assert ood.fit_gda(z, y, max_dim=50).components is None
+
+
+def test_audit_with_held_out_classes_and_corruptions(tmp_path, monkeypatch):
+    """The documented OoD audit end to end: summary.json gets one entry per OoD set; scores get density and entropy."""
+    import json
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from engine import audit
+    from engine.config import AuditConfig
+
+    cfg = AuditConfig(holdout_classes=[8, 9], corruptions=["invert"], epochs=8, noise=0.1)
+    run, ds = audit.prepare(cfg, tmp_path)
+    assert set(ds.classes) == {str(c) for c in range(8)} and len(ds) < 0.8 * 0.85 * 1797
+    summary = audit.execute(run, ds)
+    assert set(summary["ood"]) == {"held-out classes 8,9", "corrupted: invert"}
+    for entry in summary["ood"].values():
+        assert set(entry) == {f"{m}_{s}" for m in ("auroc", "auprc") for s in ("density", "entropy", "max_softmax")}
+    assert summary["ood"]["held-out classes 8,9"]["auroc_density"] > 0.8
+    assert json.loads((run.path / "summary.json").read_text())["calibration"]["temperature"] > 0
+    scores = run.scores()
+    assert np.isfinite(scores["ood_density"]).all() and (scores["entropy"] >= 0).all()
+    monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(tmp_path))
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60)
+    at.run()
+    at.switch_page("app_pages/ood.py").run()
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) == 4  # densities, scatter, reliability, risk-coverage
+    assert len(at.get("image")) == 12
