@@ -92,9 +92,7 @@ def test_first_audit_journey(server, page):
     slider.focus()
     for _ in range(40):
         page.keyboard.press("ArrowRight")
-    page.wait_for_timeout(1500)
-    flagged_after = page.get_by_test_id("stMetric").filter(has_text="Flagged").inner_text()
-    assert flagged_after != flagged_before
+    expect(page.get_by_test_id("stMetric").filter(has_text="Flagged")).not_to_have_text(flagged_before, timeout=20_000)
     page.screenshot(path=ARTIFACTS / "04-aum-cutoff-moved.png", full_page=True)
 
     page.get_by_role("link", name="Data map").click()
