@@ -210,9 +210,13 @@ def new_run_id(dataset: str) -> str:
 def create_run(root: str | os.PathLike, config: dict, samples: pd.DataFrame, classes: list[str]) -> Run:
     """Create a new run directory with its config, sample table and a ``pending`` status."""
     root_p = Path(root)
-    root_p.mkdir(parents=True, exist_ok=True)
     path = root_p / new_run_id(config.get("dataset", "data"))
-    path.mkdir()
+    try:
+        root_p.mkdir(parents=True, exist_ok=True)
+        path.mkdir()
+    except OSError as exc:
+        raise RunError(f"cannot create a run in {root_p}: {exc.strerror or exc}. Choose a writable runs folder "
+                       f"(--out, or ${RUNS_ENV}).") from exc
     atomic_write_json(path / "classes.json", list(classes))
     atomic_write_parquet(path / "samples.parquet", samples)
     atomic_write_json(

@@ -157,3 +157,47 @@ def test_checkpoints_load_with_weights_only(small_run):
 
     state = torch.load(small_run.path / "checkpoints" / "pass0.pt", weights_only=True)
     assert set(state) == {"model", "optimizer", "epoch"}
+
+
+def test_unwritable_runs_folder_is_a_clear_error(tmp_path):
+    """A runs folder the OS refuses to write: mode 555 for a normal user; as root (which ignores modes), /sys."""
+    if os.geteuid() == 0:
+        target = Path("/sys/difficulty-audit-runs")  # sysfs refuses new directories even to root (EPERM)
+    else:
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+        target = tmp_path / "ro" / "runs"
+    r = subprocess.run([sys.executable, "-m", "engine", "audit", "--epochs", "1", "--out", str(target), "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "cannot create a run in" in r.stderr and "writable runs folder" in r.stderr and "Traceback" not in r.stderr
+    assert not target.exists()
+
+
+def test_write_failure_mid_training_marks_the_run_failed(tmp_path):
+    """A file-size limit makes the first checkpoint write fail for real (EFBIG, as a full disk would fail it)."""
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (250_000, 250_000))\n"
+        "from engine.cli import main\n"
+        f"sys.exit(main(['audit', '--epochs', '3', '--out', {str(tmp_path)!r}, '--quiet']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode != 0
+    (run,) = list_runs(tmp_path)
+    st = run.status()
+    assert st["state"] == "failed" and "File too large" in st["error"]
+    assert run.samples()["sample_id"].size == 1797  # what was written before the fault is intact
+    assert run.config()["epochs"] == 3
+    assert not list(run.path.rglob("*.tmp"))  # no half-written file left behind
+
+
+def test_csv_ids_with_separators_and_unicode_join_exactly(tmp_path):
+    from engine.predefined import join_to_run, parse_csv, validate
+
+    ids = np.array(["a/b.png", "..\\\\c.png", "日本/猫.jpg", "=1+1", "x,y"], dtype=object)
+    data = ("sample_id,s\n" + "".join(f'"{i}",{k}\n' for k, i in enumerate(ids))).encode("utf-8")
+    joined = join_to_run(validate(parse_csv(data).frame, "sample_id", ["s"]), ids)
+    assert joined.n_matched == 5 and joined.values["s"].tolist() == [0, 1, 2, 3, 4]
