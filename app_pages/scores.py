@@ -74,6 +74,11 @@ with st.expander("Import predefined scores from a CSV", expanded=run is None):
             label_col = st.selectbox("Label column (optional)", label_opts,
                                      index=label_opts.index(label_guess) if label_guess in label_opts else 0, key=f"predef_label_{file_key}")
             label_col = None if label_col == "(none)" else label_col
+            g1, g2 = st.columns(2)
+            path_opts = ["(none)"] + [c for c in df.columns if c not in cols]
+            path_col = g1.selectbox("Image path column (optional, for a gallery)", path_opts, key=f"predef_pathcol_{file_key}",
+                                    index=path_opts.index(id_col) if id_col in path_opts else 0)
+            image_root = g2.text_input("Folder the image paths are relative to", key=f"predef_root_{file_key}")
         try:
             clean = validate(df, None if id_col == NO_ID else id_col, cols, harder)
             if run is not None:
@@ -96,8 +101,12 @@ with st.expander("Import predefined scores from a CSV", expanded=run is None):
                     raise PredefinedError("without a run the file needs an id column")
                 if label_col:
                     clean["label"] = df[label_col].str.strip().to_numpy()
-                st.session_state["csv_only"] = {"name": source, "frame": clean,
-                                                "sha": hashlib.sha256(data).hexdigest()[:12]}
+                if path_col != "(none)" and image_root.strip():
+                    if not Path(image_root.strip()).expanduser().is_dir():
+                        raise PredefinedError(f"image folder {image_root.strip()!r} not found")
+                    clean["path"] = df[path_col].str.strip().to_numpy()
+                st.session_state["csv_only"] = {"name": source, "frame": clean, "sha": file_key,
+                                                "root": str(Path(image_root.strip()).expanduser()) if "path" in clean else None}
                 st.success(f"Loaded {len(clean):,} samples with scores {', '.join(cols)} (no run needed).")
         except PredefinedError as exc:
             st.error(f"Cannot import: {exc}")
@@ -124,7 +133,7 @@ elif "csv_only" in st.session_state:
     f = only["frame"]
     st.info(f"No run selected: showing the scores of **{only['name']}** alone.")
     for c in f.columns:
-        if c not in ("sample_id", "label"):
+        if c not in ("sample_id", "label", "path"):
             frames[c] = f[c].to_numpy(dtype=np.float64)
     ids = f["sample_id"].to_numpy()
     labels = f["label"].to_numpy() if "label" in f else None
@@ -184,6 +193,21 @@ if run is None:  # CSV alone: distributions and the ranked table
     st.subheader("Ranked (hardest first)")
     ranked = pd.DataFrame({"sample_id": ids, **({"label": labels} if labels is not None else {}), **frames})
     st.dataframe(ranked.sort_values(pick, ascending=False).head(1000), hide_index=True, width="stretch")
+    only = st.session_state["csv_only"]
+    if only.get("root"):
+        from engine.images import ImageError, read_under_root, thumbnail_png
+
+        st.subheader(f"Hardest by {pick}: images")
+        top = np.argsort(-np.nan_to_num(table[pick].to_numpy(), nan=-np.inf), kind="stable")[:18]
+        paths = only["frame"]["path"].to_numpy()
+        row = st.columns(6)
+        for n, i in enumerate(top):
+            col = row[n % 6]
+            try:
+                col.image(thumbnail_png(read_under_root(only["root"], paths[i]), 96),
+                          caption=f"{ids[i]} · {table[pick].iat[i]:.3g}")
+            except ImageError as exc:
+                col.caption(f"{ids[i]}: {exc}")
 
 st.subheader("Correlation between scores")
 c1, c2 = st.columns([3, 1])

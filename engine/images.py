@@ -49,28 +49,39 @@ class SampleImages:
             return _torchvision_images(self.spec)[i]
         if self.root is None:
             raise ImageError("this run records no dataset root")
-        path = (self.root / self.sources[i]).resolve()
-        if not path.is_relative_to(self.root):
-            raise ImageError(f"{self.sources[i]} is outside the dataset root {self.root}; not served")
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy())
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
-            raise ImageError(f"cannot read {path}: {exc}") from exc
+        return read_under_root(self.root, self.sources[i])
 
     def png(self, i: int, size: int = 96) -> bytes:
         """PNG thumbnail, upscaled without smoothing when the image is small (8x8 digits stay crisp)."""
         return self._png(int(i), int(size))
 
     def _make_png(self, i: int, size: int) -> bytes:
-        from PIL import Image
+        return thumbnail_png(self.image(i), size)
 
-        im = Image.fromarray(np.squeeze(self.image(i)))
-        scale = size / max(im.size)
-        im = im.resize((max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))),
-                       Image.NEAREST if scale >= 2 else Image.BILINEAR)
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        return buf.getvalue()
+
+def read_under_root(root: str | Path, relative: str) -> np.ndarray:
+    """Pixels of ``root / relative``, refused (``ImageError``) unless the file resolves inside ``root``."""
+    from PIL import Image, UnidentifiedImageError
+
+    base = Path(root).resolve()
+    path = (base / relative).resolve()
+    if not path.is_relative_to(base):
+        raise ImageError(f"{relative} is outside the dataset root {base}; not served")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy())
+    except (FileNotFoundError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot read {path}: {exc}") from exc
+
+
+def thumbnail_png(pixels: np.ndarray, size: int = 96) -> bytes:
+    """PNG thumbnail, upscaled without smoothing when the image is small (8x8 digits stay crisp)."""
+    from PIL import Image
+
+    im = Image.fromarray(np.squeeze(pixels))
+    scale = size / max(im.size)
+    im = im.resize((max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))),
+                   Image.NEAREST if scale >= 2 else Image.BILINEAR)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()

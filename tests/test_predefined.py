@@ -156,3 +156,16 @@ def test_csv_alone_without_a_run(monkeypatch, tmp_path):
     assert any("no run needed" in s.value for s in at.success)
     assert len(at.get("plotly_chart")) == 4  # histogram, heatmap, pair scatter, top-k overlap
     assert len(at.dataframe[0].value) == 1000
+
+
+def test_csv_alone_with_image_paths_shows_a_gallery(monkeypatch, tmp_path):
+    root = ROOT / "sample_data" / "digits_folder"
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))[:30]
+    csv_path = tmp_path / "scores.csv"
+    pd.DataFrame({"sample_id": files, "score": np.arange(30.0)}).to_csv(csv_path, index=False)
+    at = _scores_page(monkeypatch, tmp_path / "no-runs")
+    at.text_input(key="predef_path").set_value(str(csv_path)).run()
+    key = next(w.key for w in at.text_input if w.key and w.key.startswith("predef_root_"))
+    at.text_input(key=key).set_value(str(root)).run()
+    assert not at.exception, at.exception
+    assert len(at.get("image")) == 18  # the 18 highest scores, read from under the chosen folder only
