@@ -150,11 +150,14 @@ def execute(
             targets = ds.labels.copy()
             targets[tpass == p] = n_real
             writer = DynamicsWriter(run, p, cfg.epochs, len(ds), resume=start > 0) if main else None
+            sat_out: dict = {}
             train_pass(
                 cfg, images, mean, std, torch.from_numpy(targets).to(device), n_out, n_real, p, writer,
                 checkpoint=run.path / "checkpoints" / f"pass{p}.pt", start_epoch=start,
-                on_epoch=record, cancel=cancel,
+                on_epoch=record, cancel=cancel, sat_out=sat_out,
             )
+            if "targets" in sat_out and main:
+                save_sat_disagreement(run, p, sat_out["targets"], ds.labels, tpass)
         summary = {}
         if main:
             evaluate_final_model(run, cfg, ds, sets, tpass, mean, std, n_out)
@@ -174,6 +177,21 @@ def execute(
             error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20),
         )
         raise
+
+
+def save_sat_disagreement(run: Run, pass_idx: int, targets: np.ndarray, labels: np.ndarray, tpass: np.ndarray) -> None:
+    """Self-adaptive training's mislabel score ``1 - t[given label]`` from a pass's final soft targets
+    (NaN for that pass's threshold samples), kept in ``sat.npy`` as ``(passes, samples)``."""
+    import io
+
+    from .runs import atomic_write_bytes
+
+    path = run.path / "sat.npy"
+    table = np.load(path) if path.is_file() else np.full((run.n_passes(), len(labels)), np.nan)
+    table[pass_idx] = np.where(tpass == pass_idx, np.nan, 1.0 - targets[np.arange(len(labels)), labels])
+    buf = io.BytesIO()
+    np.save(buf, table)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def checkpoint_epoch(run: Run, pass_idx: int) -> int:
@@ -218,6 +236,9 @@ def finalize(run: Run, partial: bool = False) -> dict:
     if "train_log_density" in ood_results and len(ood_results["train_log_density"]) == len(table):
         table["ood_density"] = -ood_results["train_log_density"]  # higher = less like the training data
         table["entropy"] = ood_results["train_entropy"]
+    if (run.path / "sat.npy").is_file():
+        with np.errstate(invalid="ignore"):
+            table["sat_disagreement"] = np.nanmean(np.load(run.path / "sat.npy"), axis=0)
     previous = run.scores()
     if previous is not None and len(previous) == len(table):  # keep scores computed on demand (engine.extra_scores)
         for name, spec in REGISTRY.items():

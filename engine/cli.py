@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto: two-component mixture on AUM, capped by the threshold rule; threshold: Pleiss et al.")
     a.add_argument("--aum-start", type=int, default=d.aum_start, help="first epoch of the AUM window (0-based)")
     a.add_argument("--aum-end", type=int, default=None, help="epoch after the AUM window (default: all)")
+    a.add_argument("--spectral-norm", type=float, default=None, metavar="COEFF",
+                   help="soft spectral normalisation of every layer with this coefficient (DDU), e.g. 3")
+    a.add_argument("--sat", choices=["paper", "incerto"], default=None,
+                   help="self-adaptive training: paper (Huang et al. 2020, per-sample targets) or incerto (batch targets)")
+    a.add_argument("--sat-warmup", type=int, default=d.sat_warmup)
     a.add_argument("--holdout-classes", default=None, help="class indices to leave out of training as an OoD set, e.g. 8,9")
     a.add_argument("--ood", default=None, metavar="FOLDER", help="another image folder to evaluate as out-of-distribution")
     a.add_argument("--corruptions", default=None, help="OoD sets made from held-out ID images: noise,blur,invert")
@@ -132,7 +137,8 @@ def _config_from_args(args: argparse.Namespace) -> AuditConfig:
         model=args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         device=args.device, threshold_samples=not args.no_threshold_samples, threshold_runs=args.threshold_runs,
         threshold_percentile=args.threshold_percentile, cutoff=args.cutoff, aum_start=args.aum_start,
-        aum_end=args.aum_end, el2n_epoch=args.el2n_epoch, ood_folder=args.ood, eval_fraction=args.eval_fraction,
+        aum_end=args.aum_end, el2n_epoch=args.el2n_epoch, spectral_norm=args.spectral_norm, sat=args.sat,
+        sat_warmup=args.sat_warmup, ood_folder=args.ood, eval_fraction=args.eval_fraction,
         holdout_classes=_int_list(args.holdout_classes, "--holdout-classes"),
         corruptions=[c.strip() for c in args.corruptions.split(",")] if args.corruptions else None,
     )

@@ -36,6 +36,12 @@ class AuditConfig:
     aum_start: int = 1
     aum_end: int | None = None
     el2n_epoch: int | None = None
+    spectral_norm: float | None = None  # soft spectral normalisation coefficient (DDU), e.g. 3.0
+    sat: str | None = None  # self-adaptive training: "paper" (Huang et al. 2020) or "incerto"
+    sat_warmup: int = 5  # epochs of plain cross-entropy before self-adaptive targets
+    sat_momentum: float = 0.9  # paper form: t <- m t + (1 - m) softmax
+    sat_alpha_start: float = 0.0  # incerto form: alpha ramped linearly from start to end after warm-up
+    sat_alpha_end: float = 0.9
     holdout_classes: list[int] | None = None  # trained without; their images become an OoD set
     ood_folder: str | None = None  # another image folder as an OoD set
     corruptions: list[str] | None = None  # noise, blur, invert of the held-out ID images as OoD sets
@@ -65,6 +71,10 @@ class AuditConfig:
             raise ConfigError(f"AUM epoch window {self.aum_start}..{self.aum_end} is empty")
         if self.aum_start >= self.epochs:
             self.aum_start = 0  # a 1-epoch run still gets an AUM
+        if self.sat not in (None, "paper", "incerto"):
+            raise ConfigError(f"sat must be 'paper' or 'incerto', got {self.sat!r}")
+        if self.spectral_norm is not None and not self.spectral_norm > 0:
+            raise ConfigError(f"spectral norm coefficient must be positive, got {self.spectral_norm}")
         bad = set(self.corruptions or []) - set(CORRUPTIONS)
         if bad:
             raise ConfigError(f"unknown corruption(s) {sorted(bad)}; choose from {', '.join(CORRUPTIONS)}")

@@ -105,7 +105,7 @@ def _probe_features(run: Run, progress: Progress | None = None):
     device = pick_device(cfg.device)
     n_out = ds.n_classes + 1 if cfg.threshold_samples else ds.n_classes
     images, mean, std = to_tensor_images(ds.images, device)
-    model = build_model(cfg.model, images.shape[1], n_out).to(device)
+    model = build_model(cfg.model, images.shape[1], n_out, cfg.spectral_norm).to(device)
     state = torch.load(run.path / "checkpoints" / f"pass{cfg.passes - 1}.pt", map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
     model.eval()

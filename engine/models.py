@@ -62,13 +62,51 @@ class SmallResNet18(nn.Module):
         return self.head(self.features(x))
 
 
-def build_model(name: str, in_channels: int, n_classes: int) -> nn.Module:
-    """Model by name: ``cnn`` (default) or ``resnet18``."""
+class SoftSpectralNorm(nn.Module):
+    """Parametrization ``W -> W / max(1, sigma(W) / coeff)`` (DDU's soft spectral normalisation, Mukhoti et al.
+    2021, after Miyato et al. 2018): caps the layer's Lipschitz constant at ``coeff`` without shrinking layers
+    already below it. ``sigma`` is estimated by power iteration (one step per training forward) on the weight
+    flattened to a matrix, the usual approximation for convolutions."""
+
+    def __init__(self, weight: torch.Tensor, coeff: float):
+        super().__init__()
+        self.coeff = coeff
+        rows = weight.shape[0]
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("u", nn.functional.normalize(torch.randn(rows, generator=g), dim=0).to(weight.device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.flatten(1)
+        u = self.u
+        if self.training:
+            with torch.no_grad():
+                v = nn.functional.normalize(w.t() @ u, dim=0)
+                u = nn.functional.normalize(w @ v, dim=0)
+                self.u.copy_(u)
+        v = nn.functional.normalize(w.t() @ u, dim=0)
+        sigma = torch.dot(u, w @ v)
+        return weight / torch.clamp(sigma / self.coeff, min=1.0)
+
+
+def apply_spectral_norm(model: nn.Module, coeff: float) -> nn.Module:
+    """Soft spectral normalisation with coefficient ``coeff`` on every convolution and linear layer."""
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            parametrize.register_parametrization(module, "weight", SoftSpectralNorm(module.weight, coeff))
+    return model
+
+
+def build_model(name: str, in_channels: int, n_classes: int, spectral_norm: float | None = None) -> nn.Module:
+    """Model by name: ``cnn`` (default) or ``resnet18``; ``spectral_norm=c`` adds soft spectral normalisation."""
     if name == "cnn":
-        return SmallCNN(in_channels, n_classes)
-    if name == "resnet18":
-        return SmallResNet18(in_channels, n_classes)
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        model = SmallCNN(in_channels, n_classes)
+    elif name == "resnet18":
+        model = SmallResNet18(in_channels, n_classes)
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return apply_spectral_norm(model, spectral_norm) if spectral_norm else model
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -104,7 +104,7 @@ def final_outputs(run: Run, cfg: AuditConfig, images: np.ndarray, mean, std, n_o
     from .models import build_model
 
     device = mean.device
-    model = build_model(cfg.model, images.shape[-1], n_out).to(device)
+    model = build_model(cfg.model, images.shape[-1], n_out, cfg.spectral_norm).to(device)
     state = torch.load(run.path / "checkpoints" / f"pass{cfg.passes - 1}.pt", map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
     model.eval()

@@ -45,6 +45,8 @@ REGISTRY: dict[str, ScoreSpec] = {
                   True, "free"),
         ScoreSpec("entropy", "softmax entropy of the final model", "Mukhoti et al. 2021", "high = ambiguous", False,
                   "free"),
+        ScoreSpec("sat_disagreement", "1 - self-adaptive target of the given label", "Huang et al. 2020",
+                  "high = mislabeled", False, "free"),
         ScoreSpec("cv_loss", "held-out cross-entropy, k-fold", "aucurriculum CVLoss", "high = hard", False, "extra"),
         ScoreSpec("self_confidence", "1 - held-out p(given label)", "cleanlab rank (Northcutt et al. 2021)",
                   "high = clean", True, "extra"),

@@ -73,9 +73,13 @@ def epoch_generator(seed: int, pass_idx: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + pass_idx * 10_007 + epoch)
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int) -> None:
+def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int,
+                    sat_targets: torch.Tensor | None = None) -> None:
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch}, buf)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch}
+    if sat_targets is not None:
+        state["sat_targets"] = sat_targets.cpu()
+    torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -94,11 +98,19 @@ def train_pass(
     on_epoch: Callable[[EpochResult], None] | None = None,
     cancel: threading.Event | None = None,
     capture: bool = True,
+    sat_out: dict | None = None,
 ) -> torch.nn.Module:
     """Train one model for ``cfg.epochs`` epochs from ``start_epoch``, capturing dynamics into ``writer``.
 
     ``images`` uint8 NCHW and ``targets`` live on the training device. Raises ``Cancelled`` at
     the first batch after ``cancel`` is set; the epoch in progress is then discarded.
+
+    Self-adaptive training (``cfg.sat``) after ``cfg.sat_warmup`` epochs of cross-entropy:
+    ``paper`` (Huang et al. 2020): per-sample targets ``t <- m t + (1 - m) softmax(z)``, loss
+    ``sum_i w_i CE(t_i, z_i) / sum_i w_i`` with ``w_i = max_k t_ik``; the final targets go to
+    ``sat_out["targets"]``. ``incerto`` (incerto's SelfAdaptiveTraining): targets
+    ``(1 - a) onehot + a softmax(z)`` of the batch, ``a`` ramped linearly from ``sat_alpha_start`` to
+    ``sat_alpha_end`` over the epochs after warm-up, no per-sample memory.
     """
     from .distributed import shard, world
 
@@ -106,7 +118,7 @@ def train_pass(
     n = images.shape[0]
     rank, size = world()
     torch.manual_seed(cfg.seed * 7919 + pass_idx)
-    model = build_model(cfg.model, images.shape[1], n_outputs).to(device)
+    model = build_model(cfg.model, images.shape[1], n_outputs, cfg.spectral_norm).to(device)
     use_cuda = device.type == "cuda"
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
@@ -116,8 +128,13 @@ def train_pass(
 
         net = DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sat_targets = F.one_hot(targets, n_outputs).float() if cfg.sat == "paper" else None
+    if cfg.sat == "paper" and size > 1:
+        raise ValueError("self-adaptive training (paper form) keeps per-sample targets: run it in one process")
     if start_epoch > 0 and checkpoint is not None:
         state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if sat_targets is not None:
+            sat_targets = state["sat_targets"].to(device)
         if int(state["epoch"]) != start_epoch - 1:
             raise RuntimeError(f"checkpoint {checkpoint} holds epoch {state['epoch']}, not {start_epoch - 1}: cannot resume")
         model.load_state_dict(state["model"])
@@ -150,7 +167,7 @@ def train_pass(
             y = targets[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
                 logits = net(x)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = _loss(cfg, logits.float(), y, idx, epoch, sat_targets, n_outputs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -178,7 +195,7 @@ def train_pass(
         if writer is not None:
             writer.write_epoch(epoch, {k: v.astype(DYNAMICS[k], copy=False) for k, v in host.items()})
         if checkpoint is not None and rank == 0:
-            save_checkpoint(checkpoint, model, opt, epoch)
+            save_checkpoint(checkpoint, model, opt, epoch, sat_targets)
         if on_epoch is not None:
             r = real.cpu().numpy()
             on_epoch(
@@ -190,4 +207,30 @@ def train_pass(
                     seconds=time.perf_counter() - t0,
                 )
             )
+    if sat_out is not None and sat_targets is not None:
+        sat_out["targets"] = sat_targets.cpu().numpy()
     return model
+
+
+def sat_alpha(cfg: AuditConfig, epoch: int) -> float:
+    """incerto form: alpha ramped linearly from ``sat_alpha_start`` (first epoch after warm-up) to ``sat_alpha_end`` (last)."""
+    span = max(1, cfg.epochs - cfg.sat_warmup - 1)
+    frac = min(1.0, max(0.0, (epoch - cfg.sat_warmup) / span))
+    return cfg.sat_alpha_start + (cfg.sat_alpha_end - cfg.sat_alpha_start) * frac
+
+
+def _loss(cfg: AuditConfig, logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int,
+          sat_targets: torch.Tensor | None, n_outputs: int) -> torch.Tensor:
+    """Cross-entropy, or a self-adaptive training loss after warm-up (see ``train_pass``)."""
+    if cfg.sat is None or epoch < cfg.sat_warmup:
+        return F.cross_entropy(logits, y)
+    probs = torch.softmax(logits.detach(), dim=1)
+    logp = torch.log_softmax(logits, dim=1)
+    if cfg.sat == "paper":
+        t = cfg.sat_momentum * sat_targets[idx] + (1 - cfg.sat_momentum) * probs
+        sat_targets[idx] = t
+        w = t.max(dim=1).values
+        return (w * -(t * logp).sum(dim=1)).sum() / w.sum()
+    a = sat_alpha(cfg, epoch)
+    t = (1 - a) * F.one_hot(y, n_outputs).float() + a * probs
+    return -(t * logp).sum(dim=1).mean()

@@ -117,3 +117,63 @@ def test_audit_with_held_out_classes_and_corruptions(tmp_path, monkeypatch):
     assert not at.exception, at.exception
     assert len(at.get("plotly_chart")) == 4  # densities, scatter, reliability, risk-coverage
     assert len(at.get("image")) == 12
+
+
+def test_soft_spectral_norm_caps_only_layers_above_the_coefficient():
+    import torch
+
+    from engine.models import apply_spectral_norm
+
+    torch.manual_seed(0)
+    big, small = torch.nn.Linear(20, 20), torch.nn.Linear(20, 20)
+    with torch.no_grad():
+        big.weight.mul_(50)
+        small.weight.mul_(0.01)
+    before_small = torch.linalg.matrix_norm(small.weight, ord=2).item()
+    net = apply_spectral_norm(torch.nn.Sequential(big, small), coeff=3.0)
+    net.train()
+    for _ in range(50):  # power iteration converges over training forwards
+        net(torch.randn(4, 20))
+    assert torch.linalg.matrix_norm(big.weight, ord=2).item() == pytest.approx(3.0, rel=0.02)
+    assert torch.linalg.matrix_norm(small.weight, ord=2).item() == pytest.approx(before_small, rel=1e-6)
+
+
+def test_self_adaptive_losses_by_hand():
+    import torch
+
+    from engine.config import AuditConfig
+    from engine.training import _loss, sat_alpha
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 0])
+    cfg = AuditConfig(sat="paper", sat_warmup=1, sat_momentum=0.9, epochs=10)
+    t = torch.nn.functional.one_hot(y, 2).float()
+    assert _loss(cfg, logits, y, torch.tensor([0, 1]), 0, t, 2).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, y).item())  # warm-up: plain cross-entropy
+    loss = _loss(cfg, logits, y, torch.tensor([0, 1]), 1, t, 2)
+    p = torch.softmax(logits, 1)
+    expect_t = 0.9 * torch.nn.functional.one_hot(y, 2).float() + 0.1 * p
+    assert torch.allclose(t, expect_t)  # the per-sample targets moved towards the prediction
+    w = expect_t.max(1).values
+    per = -(expect_t * torch.log_softmax(logits, 1)).sum(1)
+    assert loss.item() == pytest.approx(((w * per).sum() / w.sum()).item())
+    inc = AuditConfig(sat="incerto", sat_warmup=2, sat_alpha_start=0.1, sat_alpha_end=0.9, epochs=10)
+    assert [round(sat_alpha(inc, e), 3) for e in (2, 6, 9)] == [0.1, 0.557, 0.9]
+
+
+def test_audits_with_self_adaptive_training(tmp_path):
+    from engine import audit
+    from engine.config import AuditConfig
+
+    for form in ("paper", "incerto"):
+        run, ds = audit.prepare(AuditConfig(noise=0.2, epochs=6, sat=form, sat_warmup=2), tmp_path)
+        summary = audit.execute(run, ds)
+        assert summary["auroc"] > 0.9
+        scores = run.scores()
+        assert ("sat_disagreement" in scores) == (form == "paper")
+    err = (run.samples()["label"] != run.samples()["true_label"]).to_numpy()
+    from engine.runs import list_runs
+
+    (paper_run,) = [r for r in list_runs(tmp_path) if r.config()["sat"] == "paper"]
+    paper = paper_run.scores()["sat_disagreement"]
+    assert paper[err].mean() > paper[~err].mean()
