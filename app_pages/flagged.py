@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import load_scores, natural_aum, require_run, stamp
+from app_pages.common import image_grid, load_scores, natural_aum, require_run, stamp
 from engine.export import export_filename, export_frame, to_csv_bytes
 from engine.images import ImageError, SampleImages
 from engine.reviews import ReviewStore
@@ -201,12 +201,7 @@ if len(page_idx):
                 continue
             nn = nearest_neighbours(feats, np.flatnonzero(labels == cls), i, k=6)
             st.caption(f"{title} (**{classes[cls]}**), by penultimate-layer features")
-            row = st.columns(6)
-            for col, j in zip(row, nn, strict=False):
-                try:
-                    col.image(images.png(int(j), 96), caption=f"{ids[j]} · AUM {aum[j]:.1f}")
-                except ImageError:
-                    col.caption(ids[j])
+            image_grid(images, nn, [f"{ids[j]} · AUM {aum[j]:.1f}" for j in nn])
 
 # ---- export ------------------------------------------------------------------------------------
 st.subheader("Export")
