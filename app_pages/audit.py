@@ -6,7 +6,7 @@ import time
 
 import streamlit as st
 
-from app_pages.common import current_run, fmt_seconds, job_manager
+from app_pages.common import current_run, detection_row, fmt_seconds, job_manager
 from engine.config import MODELS, AuditConfig
 from engine.datasets import DatasetError
 from engine.runs import runs_root
@@ -153,11 +153,7 @@ if state in ("interrupted", "cancelled", "failed"):
 summary = run.summary()
 if state == "done" and summary:
     st.success(f"Done: {summary['n_flagged']} of {summary['n_samples']} samples flagged as likely mislabeled.")
-    if "precision" in summary:
-        c = st.columns(4)
-        c[0].metric("Precision", f"{summary['precision']:.3f}")
-        c[1].metric("Recall", f"{summary['recall']:.3f}")
-        c[2].metric("F1", f"{summary['f1']:.3f}")
-        c[3].metric("AUROC", f"{summary['auroc']:.3f}")
+    if "precision" in summary and summary.get("n_label_errors"):
+        detection_row(summary)
         st.caption(f"Against the {summary['n_label_errors']} labels that were flipped on purpose.")
     st.page_link("app_pages/aum.py", label="See the AUM distribution and the cut-off", icon="📉")

@@ -6,7 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import load_scores, natural_aum, require_run, stamp
+from app_pages.common import detection_row, load_scores, natural_aum, require_run, stamp
 from engine.metrics import flag_metrics, ranking_auroc
 from engine.views import (
     common_edges,
@@ -79,13 +79,9 @@ flagged = flags_at(aum, cut)
 c3.metric("Flagged", f"{int(flagged.sum()):,} of {len(aum):,}")
 c3.caption(f"{flagged.mean():.1%} of the samples")
 errors = label_errors(samples)
-if errors is not None:
+if errors is not None and errors.any():
     m = flag_metrics(flagged, errors) | {"auroc": auroc(key, scores["aum"].to_numpy(), errors)}
-    k = st.columns(4)
-    k[0].metric("Precision", f"{m['precision']:.3f}")
-    k[1].metric("Recall", f"{m['recall']:.3f}")
-    k[2].metric("F1", f"{m['f1']:.3f}")
-    k[3].metric("AUROC", f"{m['auroc']:.3f}")
+    detection_row(m)
     st.caption(f"Against the {int(errors.sum())} labels known to be wrong (flipped on purpose), at this cut-off.")
 
 # ---- histogram ---------------------------------------------------------------

@@ -131,3 +131,11 @@ def image_grid(images, indices, captions: list[str], cols: int = 6, size: int = 
                 col.image(images.png(int(i), size), caption=cap)
             except ImageError as exc:
                 col.caption(f"{cap}: no image ({exc})")
+
+
+def detection_row(m: dict) -> None:
+    """Precision, recall, F1 and AUROC against the known label errors, as four metrics in a row."""
+    cols = st.columns(4)
+    for col, (label, key) in zip(cols, [("Precision", "precision"), ("Recall", "recall"), ("F1", "f1"),
+                                        ("AUROC", "auroc")], strict=True):
+        col.metric(label, f"{m[key]:.3f}")
