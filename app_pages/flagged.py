@@ -161,17 +161,26 @@ else:
     st.dataframe(table.head(10_000), hide_index=True, width="stretch")
 
 # ---- bulk -----------------------------------------------------------------------------------
+
+
+def bulk_rows(indices: np.ndarray, decision: str) -> tuple[list[str], list[str | None]]:
+    """Sample ids and new labels for a bulk decision (relabel = to each sample's suggested label, when it has one)."""
+    if decision != "mislabeled":
+        return [ids[i] for i in indices], [None] * len(indices)
+    keep = [i for i in indices if suggested[i] >= 0]
+    return [ids[i] for i in keep], [classes[suggested[i]] for i in keep]
+
+
 if len(page_idx):
-    b = st.columns([2, 3])
-    bulk = b[0].selectbox("Mark every sample on this page as", list(DECISION_LABELS), key="bulk",
+    b = st.columns([2, 2, 2])
+    bulk = b[0].selectbox("Mark several samples as", list(DECISION_LABELS), key="bulk",
                           format_func=lambda d: DECISION_LABELS[d] + (" (to its suggested label)" if d == "mislabeled" else ""))
-    page_ids = [ids[i] for i in page_idx]
-    page_new = [classes[suggested[i]] if bulk == "mislabeled" and suggested[i] >= 0 else None for i in page_idx]
-    if bulk == "mislabeled":
-        page_ids = [s for s, n in zip(page_ids, page_new, strict=True) if n]
-        page_new = [n for n in page_new if n]
-    b[1].button(f"Apply to the {len(page_ids)} samples on this page", key="bulk-apply",
-                on_click=decide, args=(page_ids, bulk, page_new))
+    on_page = bulk_rows(page_idx, bulk)
+    b[1].button(f"Apply to the {len(on_page[0])} samples on this page", key="bulk-apply",
+                on_click=decide, args=(*on_page[:1], bulk, on_page[1]))
+    matching = bulk_rows(sel, bulk)
+    b[2].button(f"Apply to all {len(matching[0]):,} matching the filters", key="bulk-apply-all",
+                on_click=decide, args=(matching[0], bulk, matching[1]))
 
 # ---- one sample, closer ----------------------------------------------------------------------
 st.subheader("Look closer")

@@ -133,3 +133,21 @@ def test_cleaned_manifest_reaudit_flags_fewer(tmp_path):
     assert second["n_samples"] == first["n_samples"] == 300
     assert second["n_flagged"] < first["n_flagged"]
     assert (pd.read_csv(data / "cleaned.csv")["sample_id"] == sorted(ds.sample_ids)).all()
+
+
+def test_bulk_decision_on_the_filtered_selection(monkeypatch, small_run, tmp_path):
+    shutil.copytree(small_run.path, tmp_path / "runs" / small_run.id)  # its own copy: decisions stay local
+    from engine.runs import Run
+
+    run = Run(tmp_path / "runs" / small_run.id)
+    for f in run.path.glob("reviews.sqlite*"):  # start without the other tests' decisions
+        f.unlink()
+    at = _flagged_page(monkeypatch, run)
+    at.selectbox(key="flt_flagged").set_value("all").run()
+    at.multiselect(key="flt_given").set_value(["5"]).run()
+    at.selectbox(key="bulk").set_value("unsure").run()
+    at.button(key="bulk-apply-all").click().run()
+    assert not at.exception, at.exception
+    current = ReviewStore(run.path).current()
+    fives = set(run.samples().query("label == 5")["sample_id"])
+    assert set(current.query("decision == 'unsure'")["sample_id"]) == fives
