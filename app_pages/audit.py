@@ -107,6 +107,10 @@ active = run.status().get("state") in ("running", "pending")
 def progress() -> None:
     status = run.status()
     state = status.get("state")
+    seen = f"seen-state-{run.id}"
+    if st.session_state.setdefault(seen, state) != state:  # queued -> running: refresh the sidebar too
+        st.session_state[seen] = state
+        st.rerun()
     epochs, passes = int(status.get("epochs") or run.config()["epochs"]), int(status.get("passes") or 1)
     done = sum(status.get("epochs_done") or [])
     total = epochs * passes

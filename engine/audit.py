@@ -163,6 +163,7 @@ def execute(
             evaluate_final_model(run, cfg, ds, sets, tpass, mean, std, n_out)
             summary = finalize(run)
             run.update_status(state="done", finished_at=time.time())
+        _wait_for_all_ranks()  # torchrun: no rank tears down the process group while rank 0 still writes
         return summary
     except Cancelled:
         if main:
@@ -217,6 +218,13 @@ def evaluate_final_model(run: Run, cfg: AuditConfig, ds: IndexedDataset, sets, t
         evaluate(run, cfg, ds.images, ds.labels, tpass != cfg.passes - 1, sets, mean, std, n_out, ds.n_classes)
     except GDAError as exc:
         atomic_write_json(run.path / "ood" / "report.json", {"error": str(exc)})
+
+
+def _wait_for_all_ranks() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _finalize_partial(run: Run) -> None:
