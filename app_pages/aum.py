@@ -6,7 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import detection_row, load_scores, natural_aum, require_run, stamp
+from app_pages.common import detection_row, natural_aum, require_run, require_scores, stamp
 from engine.metrics import flag_metrics, ranking_auroc
 from engine.views import (
     common_edges,
@@ -21,11 +21,7 @@ from engine.views import (
 
 st.title("📉 Area Under the Margin")
 run = require_run("The AUM page")
-loaded = load_scores(run)
-if loaded is None:
-    st.info("No finished epoch yet. The histogram appears after the first epoch; watch progress on the Audit page.")
-    st.stop()
-scores, info, samples, classes = loaded
+scores, info, samples, classes = require_scores(run, "the histogram")
 state = run.status().get("state")
 if state != "done":
     st.warning(f"This run is **{state}**: what you see comes from the epochs finished so far.")

@@ -105,6 +105,15 @@ def load_scores(run: Run) -> tuple[pd.DataFrame, dict, pd.DataFrame, list[str]] 
         return None
 
 
+def require_scores(run: Run, what: str) -> tuple[pd.DataFrame, dict, pd.DataFrame, list[str]]:
+    """``load_scores``, or a note that ``what`` appears after the first epoch (and stop the page)."""
+    loaded = load_scores(run)
+    if loaded is None:
+        st.info(f"No finished epoch yet: {what} appears after the first epoch. Watch progress on the Audit page.")
+        st.stop()
+    return loaded
+
+
 def natural_aum(scores: pd.DataFrame) -> np.ndarray:
     """AUM in the paper's units (the scores table stores -AUM so that higher = more suspicious)."""
     return -scores["aum"].to_numpy(dtype=np.float64)

@@ -6,18 +6,14 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import load_scores, require_run
+from app_pages.common import require_run, require_scores
 from engine.views import subsample
 
 MAX_POINTS = 50_000
 
 st.title("🗺️ Data map")
 run = require_run("The data map")
-loaded = load_scores(run)
-if loaded is None:
-    st.info("No finished epoch yet; the map appears after the first epoch.")
-    st.stop()
-scores, info, samples, classes = loaded
+scores, info, samples, classes = require_scores(run, "the map")
 st.markdown(
     "Each point is a sample: **confidence** = mean probability of its given label over epochs, **variability** = "
     "its standard deviation, colour = fraction of epochs predicted right. Easy samples sit top-left, ambiguous "

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import image_grid, load_scores, natural_aum, require_run, stamp
+from app_pages.common import image_grid, natural_aum, require_run, require_scores, stamp
 from engine.export import export_filename, export_frame, to_csv_bytes
 from engine.images import ImageError, SampleImages
 from engine.reviews import ReviewStore
@@ -20,11 +20,7 @@ DECISION_LABELS = {"mislabeled": "🔁 relabel", "correct": "✅ correct", "remo
 
 st.title("🏷️ Flagged samples")
 run = require_run("The flagged samples page")
-loaded = load_scores(run)
-if loaded is None:
-    st.info("No finished epoch yet; flagged samples appear after the first epoch.")
-    st.stop()
-scores, info, samples, classes = loaded
+scores, info, samples, classes = require_scores(run, "the flagged list")
 key = stamp(run)
 state = run.status().get("state")
 if state != "done":

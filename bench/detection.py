@@ -20,33 +20,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import machine  # noqa: E402
 from engine import audit  # noqa: E402
 from engine.config import AuditConfig  # noqa: E402
 from engine.datasets import load_dataset  # noqa: E402
+from engine.extra_scores import out_of_sample_probs  # noqa: E402
 from engine.metrics import detection_metrics  # noqa: E402
 from engine.scores import compute_scores  # noqa: E402
-from engine.training import to_tensor_images, train_pass  # noqa: E402
-
-
-def out_of_sample_probs(cfg: AuditConfig, folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    ds = load_dataset(cfg.dataset, cfg.noise, cfg.noise_kind, cfg.seed)
-    probs = np.zeros((len(ds), ds.n_classes))
-    rng = np.random.default_rng(cfg.seed)
-    fold_of = rng.permutation(len(ds)) % folds
-    for f in range(folds):
-        tr, te = fold_of != f, fold_of == f
-        images, mean, std = to_tensor_images(ds.images[tr], torch.device("cpu"))
-        model = train_pass(cfg, images, mean, std, torch.from_numpy(ds.labels[tr]), ds.n_classes, ds.n_classes, f,
-                           writer=None, capture=False)
-        model.eval()
-        x = torch.from_numpy(ds.images[te].transpose(0, 3, 1, 2).copy()).float().div(255)
-        with torch.no_grad():
-            probs[te] = torch.softmax(model((x - mean) / std), 1).numpy()
-    return probs, ds.labels
 
 
 def main() -> None:
@@ -74,8 +56,9 @@ def main() -> None:
             (run.path / "config.json").write_text(json.dumps(cfg_paper))
             table, _ = compute_scores(run)
             paper = detection_metrics(table["flagged"].to_numpy(), table["aum"].to_numpy(), errors)
-            probs, labels = out_of_sample_probs(AuditConfig(noise=noise, noise_kind=kind, epochs=args.epochs,
-                                                            threshold_samples=False))
+            oos_cfg = AuditConfig(noise=noise, noise_kind=kind, epochs=args.epochs, threshold_samples=False)
+            oos_ds = load_dataset(oos_cfg.dataset, noise, kind, oos_cfg.seed)
+            probs, labels = out_of_sample_probs(oos_cfg, oos_ds, folds=5), oos_ds.labels
             issues = find_label_issues(labels, probs)
             cl = detection_metrics(issues, 1 - probs[np.arange(len(labels)), labels], errors)
             rows.append((f"{noise:.0%} {kind}", s, paper, cl))

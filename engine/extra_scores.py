@@ -50,14 +50,20 @@ def random_score(n: int, seed: int = 0) -> np.ndarray:
 
 def cross_validated_probs(run: Run, folds: int = 3, progress: Progress | None = None,
                           cancel: threading.Event | None = None) -> np.ndarray:
-    """Out-of-sample softmax probabilities: k models, each trained on k-1 folds with the run's recipe
-    (no threshold samples), predicting the held-out fold. Returns ``(N, classes)``."""
+    """Out-of-sample softmax probabilities of a run's samples (see ``out_of_sample_probs``)."""
+    cfg, ds = _dataset(run)
+    return out_of_sample_probs(cfg, ds, folds, progress, cancel)
+
+
+def out_of_sample_probs(cfg: AuditConfig, ds, folds: int = 3, progress: Progress | None = None,
+                        cancel: threading.Event | None = None) -> np.ndarray:
+    """k models, each trained on k-1 folds with the recipe of ``cfg`` (no threshold samples, no capture),
+    predicting the held-out fold. Returns ``(N, classes)`` softmax probabilities."""
     import torch
 
     from .models import pick_device
     from .training import to_tensor_images, train_pass
 
-    cfg, ds = _dataset(run)
     if folds < 2:
         raise ScoreError(f"cross-validation needs at least 2 folds, got {folds}")
     device = pick_device(cfg.device)
@@ -98,17 +104,14 @@ def _probe_features(run: Run, progress: Progress | None = None):
     """
     import torch
 
-    from .models import SmallCNN, build_model, pick_device
-    from .training import to_tensor_images
+    from .models import SmallCNN, pick_device
+    from .training import load_final_model, to_tensor_images
 
     cfg, ds = _dataset(run)
     device = pick_device(cfg.device)
     n_out = ds.n_classes + 1 if cfg.threshold_samples else ds.n_classes
     images, mean, std = to_tensor_images(ds.images, device)
-    model = build_model(cfg.model, images.shape[1], n_out, cfg.spectral_norm).to(device)
-    state = torch.load(run.path / "checkpoints" / f"pass{cfg.passes - 1}.pt", map_location=device, weights_only=True)
-    model.load_state_dict(state["model"])
-    model.eval()
+    model = load_final_model(run.path / "checkpoints", cfg, images.shape[1], n_out, device)
     if isinstance(model, SmallCNN):
         blocks = [m for m in model.body if isinstance(m, torch.nn.ReLU)]
     else:

@@ -19,7 +19,6 @@ from .runs import Run, owner_fields
 
 if TYPE_CHECKING:  # the training stack (torch) loads with the first audit, not with the dashboard
     from .datasets import IndexedDataset
-    from .training import EpochResult
 
 
 @dataclass
@@ -34,7 +33,6 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.time)
     started_at: float | None = None
-    last: EpochResult | None = None
     done: bool = False
     error: str | None = None
 
@@ -120,11 +118,8 @@ class JobManager:
                 continue
             ds, job.dataset = job.dataset, None
 
-            def on_epoch(r: EpochResult, job=job) -> None:
-                job.last = r
-
             try:
-                execute(job.run, ds, on_epoch=on_epoch, cancel=job.cancel, resume=job.resume)
+                execute(job.run, ds, cancel=job.cancel, resume=job.resume)
             except Cancelled:
                 pass
             except BaseException as exc:  # the run's status.json records it as failed

@@ -101,13 +101,10 @@ def final_outputs(run: Run, cfg: AuditConfig, images: np.ndarray, mean, std, n_o
     """Penultimate features and real-class logits of the last pass's final model on uint8 NHWC ``images``."""
     import torch
 
-    from .models import build_model
+    from .training import load_final_model
 
     device = mean.device
-    model = build_model(cfg.model, images.shape[-1], n_out, cfg.spectral_norm).to(device)
-    state = torch.load(run.path / "checkpoints" / f"pass{cfg.passes - 1}.pt", map_location=device, weights_only=True)
-    model.load_state_dict(state["model"])
-    model.eval()
+    model = load_final_model(run.path / "checkpoints", cfg, images.shape[-1], n_out, device)
     feats, logits = [], []
     with torch.inference_mode():
         for s in range(0, len(images), batch):

@@ -83,6 +83,15 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     atomic_write_bytes(path, buf.getvalue())
 
 
+def load_final_model(checkpoint_dir: Path, cfg: AuditConfig, in_channels: int, n_outputs: int,
+                     device: torch.device) -> torch.nn.Module:
+    """The last pass's model after its last finished epoch, in eval mode (checkpoint loaded with weights_only)."""
+    model = build_model(cfg.model, in_channels, n_outputs, cfg.spectral_norm).to(device)
+    state = torch.load(Path(checkpoint_dir) / f"pass{cfg.passes - 1}.pt", map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
 def train_pass(
     cfg: AuditConfig,
     images: torch.Tensor,
