@@ -22,8 +22,9 @@ from bench._common import machine  # noqa: E402
 from engine.config import AuditConfig  # noqa: E402
 from engine.datasets import load_dataset  # noqa: E402
 from engine.models import pick_device  # noqa: E402
+from engine.pipeline import make_source  # noqa: E402
 from engine.runs import DynamicsWriter, create_run  # noqa: E402
-from engine.training import to_tensor_images, train_pass  # noqa: E402
+from engine.training import train_pass  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     cfg = AuditConfig(dataset=args.dataset, epochs=args.epochs, model=args.model, device=args.device)
     ds = load_dataset(cfg.dataset)
     device = pick_device(cfg.device)
-    images, mean, std = to_tensor_images(ds.images, device)
+    source = make_source(ds.images, device, "memory")
     targets = torch.from_numpy(ds.labels).to(device)
     n = len(ds)
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,7 +50,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            train_pass(cfg, images, mean, std, targets, ds.n_classes, ds.n_classes, 0, writer, capture=capture)
+            train_pass(cfg, source, targets, ds.n_classes, ds.n_classes, 0, writer, capture=capture)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             return (time.perf_counter() - t0) / cfg.epochs

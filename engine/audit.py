@@ -21,9 +21,10 @@ from .config import AuditConfig, ConfigError
 from .datasets import IndexedDataset, load_dataset
 from .metrics import detection_metrics
 from .models import pick_device
+from .pipeline import make_source
 from .runs import DynamicsWriter, Run, atomic_write_json, atomic_write_parquet, create_run, owner_fields
 from .scores import REGISTRY, compute_scores
-from .training import Cancelled, EpochResult, to_tensor_images, train_pass
+from .training import Cancelled, EpochResult, train_pass
 
 
 def threshold_assignment(n: int, n_classes: int, passes: int, seed: int) -> np.ndarray:
@@ -53,10 +54,14 @@ def check_dataset(ds: IndexedDataset, cfg: AuditConfig) -> None:
 
 
 def load_run_dataset(cfg: AuditConfig):
-    """The audit's training set and its OoD evaluation sets (``ood_eval.split``): the one way to load a run's data."""
+    """The audit's training set and its OoD evaluation sets (``ood_eval.split``): the one way to load a run's data.
+
+    Image files are checked by header and decoded on demand (``FileImages``); ``engine.pipeline``
+    decides whether they are then decoded once into memory or streamed.
+    """
     from .ood_eval import split
 
-    return split(load_dataset(cfg.dataset, cfg.noise, cfg.noise_kind, cfg.seed, cfg.image_size), cfg)
+    return split(load_dataset(cfg.dataset, cfg.noise, cfg.noise_kind, cfg.seed, cfg.image_size, lazy=True), cfg)
 
 
 def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None) -> tuple[Run, IndexedDataset]:
@@ -129,7 +134,7 @@ def execute(
         pass_idx=0, error=None, started_at=started, **owner_fields(),
     )
     device = pick_device(cfg.device)
-    images, mean, std = to_tensor_images(ds.images, device)
+    source = None
     n_real = ds.n_classes
     n_out = n_real + 1 if cfg.threshold_samples else n_real
     tpass = samples["threshold_pass"].to_numpy()
@@ -143,6 +148,7 @@ def execute(
             on_epoch(r)
 
     try:
+        source = make_source(ds.images, device, cfg.loader, cfg.workers, seed=cfg.seed)
         for p in range(passes):
             start = epochs_done[p]
             if start >= cfg.epochs:
@@ -152,7 +158,7 @@ def execute(
             writer = DynamicsWriter(run, p, cfg.epochs, len(ds), resume=start > 0) if main else None
             sat_out: dict = {}
             train_pass(
-                cfg, images, mean, std, torch.from_numpy(targets).to(device), n_out, n_real, p, writer,
+                cfg, source, torch.from_numpy(targets).to(device), n_out, n_real, p, writer,
                 checkpoint=run.path / "checkpoints" / f"pass{p}.pt", start_epoch=start,
                 on_epoch=record, cancel=cancel, sat_out=sat_out,
             )
@@ -160,7 +166,7 @@ def execute(
                 save_sat_disagreement(run, p, sat_out["targets"], ds.labels, tpass)
         summary = {}
         if main:
-            evaluate_final_model(run, cfg, ds, sets, tpass, mean, std, n_out)
+            evaluate_final_model(run, cfg, ds, sets, tpass, source, n_out)
             summary = finalize(run)
             run.update_status(state="done", finished_at=time.time())
         _wait_for_all_ranks()  # torchrun: no rank tears down the process group while rank 0 still writes
@@ -178,6 +184,9 @@ def execute(
             error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20),
         )
         raise
+    finally:
+        if source is not None:
+            source.close()
 
 
 def save_sat_disagreement(run: Run, pass_idx: int, targets: np.ndarray, labels: np.ndarray, tpass: np.ndarray) -> None:
@@ -205,7 +214,7 @@ def checkpoint_epoch(run: Run, pass_idx: int) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
 
 
-def evaluate_final_model(run: Run, cfg: AuditConfig, ds: IndexedDataset, sets, tpass: np.ndarray, mean, std,
+def evaluate_final_model(run: Run, cfg: AuditConfig, ds: IndexedDataset, sets, tpass: np.ndarray, source,
                          n_out: int) -> None:
     """Features of the final model (``features.npy``) and DDU densities / OoD report (``ood/``).
 
@@ -215,7 +224,7 @@ def evaluate_final_model(run: Run, cfg: AuditConfig, ds: IndexedDataset, sets, t
     from .ood_eval import evaluate
 
     try:
-        evaluate(run, cfg, ds.images, ds.labels, tpass != cfg.passes - 1, sets, mean, std, n_out, ds.n_classes)
+        evaluate(run, cfg, source, ds.labels, tpass != cfg.passes - 1, sets, n_out, ds.n_classes)
     except GDAError as exc:
         atomic_write_json(run.path / "ood" / "report.json", {"error": str(exc)})
 

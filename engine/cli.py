@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import CUTOFFS, MODELS, AuditConfig, ConfigError
+from .config import CUTOFFS, LOADERS, MODELS, AuditConfig, ConfigError
 from .datasets import DatasetError
 from .extra_scores import ScoreError
 from .runs import RunError, open_run, runs_root
@@ -29,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, default=d.batch_size)
     a.add_argument("--seed", type=int, default=d.seed)
     a.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N | mps")
+    a.add_argument("--loader", choices=LOADERS, default=d.loader,
+                   help="input pipeline: memory (decode once, keep on the device), stream (DataLoader with worker "
+                        "processes and pinned memory, for data larger than memory), auto (stream above 4 GiB decoded)")
+    a.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes decoding image files when streaming (default: spare cores, max 8)")
     a.add_argument("--no-threshold-samples", action="store_true", help="train without threshold samples")
     a.add_argument("--threshold-runs", type=int, default=d.threshold_runs,
                    help="passes with disjoint threshold sets (2 gives every sample an AUM)")
@@ -135,7 +140,8 @@ def _config_from_args(args: argparse.Namespace) -> AuditConfig:
     return AuditConfig(
         dataset=args.dataset, noise=args.noise, noise_kind=args.noise_kind, image_size=args.image_size,
         model=args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-        device=args.device, threshold_samples=not args.no_threshold_samples, threshold_runs=args.threshold_runs,
+        device=args.device, loader=args.loader, workers=args.workers,
+        threshold_samples=not args.no_threshold_samples, threshold_runs=args.threshold_runs,
         threshold_percentile=args.threshold_percentile, cutoff=args.cutoff, aum_start=args.aum_start,
         aum_end=args.aum_end, el2n_epoch=args.el2n_epoch, spectral_norm=args.spectral_norm, sat=args.sat,
         sat_warmup=args.sat_warmup, ood_folder=args.ood, eval_fraction=args.eval_fraction,

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 MODELS = ("cnn", "resnet18")
 
 CUTOFFS = ("auto", "threshold")
+LOADERS = ("auto", "memory", "stream")
 CORRUPTIONS = ("noise", "blur", "invert")
 
 
@@ -29,6 +30,8 @@ class AuditConfig:
     augment: bool = True
     seed: int = 0
     device: str = "auto"
+    loader: str = "auto"  # input pipeline: memory (whole dataset on the device), stream (DataLoader), auto (by size)
+    workers: int | None = None  # DataLoader decoding processes when streaming image files (auto: spare cores, max 8)
     threshold_samples: bool = True
     threshold_runs: int = 2
     threshold_percentile: float = 99.0
@@ -71,6 +74,10 @@ class AuditConfig:
             raise ConfigError(f"AUM epoch window {self.aum_start}..{self.aum_end} is empty")
         if self.aum_start >= self.epochs:
             self.aum_start = 0  # a 1-epoch run still gets an AUM
+        if self.loader not in LOADERS:
+            raise ConfigError(f"loader must be one of {', '.join(LOADERS)}, got {self.loader!r}")
+        if self.workers is not None and not 0 <= self.workers <= 64:
+            raise ConfigError(f"workers must be in [0, 64], got {self.workers}")
         if self.sat not in (None, "paper", "incerto"):
             raise ConfigError(f"sat must be 'paper' or 'incerto', got {self.sat!r}")
         if self.spectral_norm is not None and not self.spectral_norm > 0:

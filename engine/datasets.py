@@ -18,6 +18,7 @@ import numpy as np
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 ASYMMETRIC_DIGITS = {2: 7, 3: 8, 5: 6, 6: 5, 7: 1}
 MAX_IMAGE_PIXELS = 64_000_000
+GREY_MODES = ("L", "1", "I", "I;16", "F")
 
 
 class DatasetError(ValueError):
@@ -26,9 +27,9 @@ class DatasetError(ValueError):
 
 @dataclass
 class IndexedDataset:
-    """A classification dataset held in memory.
+    """A classification dataset: labels and ids in memory, images in memory or read from disk on demand.
 
-    ``images`` is uint8 ``(N, H, W, C)``; ``labels`` the given labels (possibly noisy);
+    ``images`` is uint8 ``(N, H, W, C)``: an array, or a ``FileImages`` for a ``lazy`` load; ``labels`` the given labels (possibly noisy);
     ``true_labels`` the clean labels when known (injected noise), else ``None``.
     """
 
@@ -37,7 +38,7 @@ class IndexedDataset:
     sources: np.ndarray  # object array of str: a file path relative to root, or "name[i]"
     labels: np.ndarray  # int64
     classes: list[str]
-    images: np.ndarray  # uint8 (N, H, W, C)
+    images: np.ndarray | FileImages  # uint8 (N, H, W, C), in memory or decoded on demand
     root: str | None = None
     true_labels: np.ndarray | None = None
     info: dict = field(default_factory=dict)
@@ -53,7 +54,7 @@ class IndexedDataset:
         """The samples where ``mask`` is true (same classes, same ids)."""
         return IndexedDataset(
             name=self.name, sample_ids=self.sample_ids[mask], sources=self.sources[mask], labels=self.labels[mask],
-            classes=list(self.classes), images=self.images[mask], root=self.root,
+            classes=list(self.classes), images=take(self.images, mask), root=self.root,
             true_labels=None if self.true_labels is None else self.true_labels[mask], info=dict(self.info),
         )
 
@@ -133,29 +134,132 @@ def _read_image(path: Path, where: str):
     return img
 
 
-def _stack_images(paths: list[Path], wheres: list[str], image_size: int | None) -> np.ndarray:
-    """Decode, convert to a common mode (L if all are grey, else RGB) and size, stack to uint8 NHWC."""
+def _convert(im, mode: str, size: int) -> np.ndarray:
+    """A PIL image converted to ``mode`` (L or RGB) and resized (bilinear) to ``size`` x ``size``, as uint8 HWC."""
     from PIL import Image
 
-    imgs = [_read_image(p, w) for p, w in zip(paths, wheres, strict=True)]
-    grey = all(im.mode in ("L", "1", "I", "I;16", "F") for im in imgs)
-    mode = "L" if grey else "RGB"
-    sizes = {im.size for im in imgs}
-    if image_size is None:  # keep a common square size, else resize to 32x32
+    im = im.convert(mode)
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    arr = np.asarray(im, dtype=np.uint8)
+    return arr[..., None] if mode == "L" else arr
+
+
+def _decode(path: Path, where: str, mode: str, size: int) -> np.ndarray:
+    """One image file decoded as ``_convert`` does."""
+    return _convert(_read_image(path, where), mode, size)
+
+
+def _common_format(modes: list[str], sizes: set[tuple[int, int]], image_size: int | None) -> tuple[str, int]:
+    """Common mode (L if all are grey, else RGB) and square side (``image_size``, else the common square size, else 32)."""
+    grey = all(m in GREY_MODES for m in modes)
+    if image_size is None:
         (w, h), = sizes if len(sizes) == 1 else {(32, 32)}
         image_size = w if w == h else 32
-    out = np.empty((len(imgs), image_size, image_size, 1 if grey else 3), dtype=np.uint8)
+    return ("L" if grey else "RGB"), image_size
+
+
+def _stack_images(paths: list[Path], wheres: list[str], image_size: int | None) -> np.ndarray:
+    """Decode, convert to a common mode and size, stack to uint8 NHWC."""
+    imgs = [_read_image(p, w) for p, w in zip(paths, wheres, strict=True)]
+    mode, size = _common_format([im.mode for im in imgs], {im.size for im in imgs}, image_size)
+    out = np.empty((len(imgs), size, size, 1 if mode == "L" else 3), dtype=np.uint8)
     for i, im in enumerate(imgs):
-        im = im.convert(mode)
-        if im.size != (image_size, image_size):
-            im = im.resize((image_size, image_size), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8)
-        out[i] = arr[..., None] if grey else arr
+        out[i] = _convert(im, mode, size)
     return out
 
 
-def load_folder(root: str | os.PathLike, image_size: int | None = None) -> IndexedDataset:
-    """An image folder laid out as ``root/<class>/<file>``; sample_id = path relative to root."""
+def _headers(paths: list[Path], wheres: list[str]) -> tuple[list[str], set[tuple[int, int]]]:
+    """Modes and sizes from the image headers only (no pixel decoding); unreadable files are reported here."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    modes, sizes = [], set()
+    for path, where in zip(paths, wheres, strict=True):
+        if not path.is_file():
+            raise DatasetError(f"{where}: image file not found: {path}")
+        if path.stat().st_size == 0:
+            raise DatasetError(f"{where}: image file is empty (0 bytes): {path}. Remove it or replace it.")
+        try:
+            with Image.open(path) as im:
+                modes.append(im.mode)
+                sizes.add(im.size)
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
+            raise DatasetError(f"{where}: cannot read image {path}: {exc}. Remove it or replace it.") from exc
+    return modes, sizes
+
+
+class FileImages:
+    """Images on disk behaving like a read-only uint8 ``(N, H, W, C)`` array, decoded on demand.
+
+    Indexing with an int returns one ``(H, W, C)`` image; with a slice, index array or boolean mask
+    it decodes those images into a new array. ``select`` returns a lazy subset instead. Used for
+    datasets too large to hold decoded in memory: the training loop reads them through a
+    ``DataLoader`` whose worker processes do the decoding (``engine.pipeline``). A file that turns
+    out to be corrupt only when decoded raises ``DatasetError`` naming it.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, paths: list[str] | np.ndarray, wheres: list[str] | np.ndarray, mode: str, size: int):
+        self.paths = np.asarray(paths, dtype=object)
+        self.wheres = np.asarray(wheres, dtype=object)
+        self.mode, self.size = mode, int(size)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), self.size, self.size, 1 if self.mode == "L" else 3)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the decoded images would take in memory."""
+        return int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _indices(self, key) -> np.ndarray:
+        return np.arange(len(self.paths))[key]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return _decode(Path(self.paths[key]), self.wheres[key], self.mode, self.size)
+        idx = np.atleast_1d(self._indices(key))
+        out = np.empty((len(idx), *self.shape[1:]), dtype=np.uint8)
+        for j, i in enumerate(idx):
+            out[j] = _decode(Path(self.paths[i]), self.wheres[i], self.mode, self.size)
+        return out
+
+    def select(self, key) -> FileImages:
+        """A lazy subset (nothing decoded)."""
+        idx = self._indices(key)
+        return FileImages(self.paths[idx], self.wheres[idx], self.mode, self.size)
+
+    def load(self) -> np.ndarray:
+        """Every image decoded into one array."""
+        return self[:]
+
+
+def take(images, key):
+    """``images[key]`` that stays lazy for ``FileImages`` (use it for subsets, not for pixels)."""
+    return images.select(key) if isinstance(images, FileImages) else images[key]
+
+
+def _image_array(paths: list[Path], wheres: list[str], image_size: int | None, lazy: bool):
+    """Decoded uint8 NHWC images, or, when ``lazy``, a ``FileImages`` after checking every file's header."""
+    if not lazy:
+        return _stack_images(paths, wheres, image_size)
+    modes, sizes = _headers(paths, wheres)
+    mode, size = _common_format(modes, sizes, image_size)
+    return FileImages([str(p) for p in paths], wheres, mode, size)
+
+
+def load_folder(root: str | os.PathLike, image_size: int | None = None, lazy: bool = False) -> IndexedDataset:
+    """An image folder laid out as ``root/<class>/<file>``; sample_id = path relative to root.
+
+    ``lazy``: check the headers only and decode on demand (``FileImages``).
+    """
     root_p = Path(root).expanduser()
     if not root_p.exists():
         raise DatasetError(f"dataset folder not found: {root_p}. Give an existing folder laid out as root/<class>/<image>.")
@@ -180,7 +284,7 @@ def load_folder(root: str | os.PathLike, image_size: int | None = None) -> Index
             paths.append(f)
             labels.append(ci)
     rel = [p.relative_to(root_p).as_posix() for p in paths]
-    images = _stack_images(paths, [f"{r}" for r in rel], image_size)
+    images = _image_array(paths, list(rel), image_size, lazy)
     return IndexedDataset(
         name=root_p.name,
         sample_ids=np.array(rel, dtype=object),
@@ -192,8 +296,8 @@ def load_folder(root: str | os.PathLike, image_size: int | None = None) -> Index
     )
 
 
-def load_manifest(csv_path: str | os.PathLike, image_size: int | None = None) -> IndexedDataset:
-    """A CSV manifest with header ``path,label[,sample_id]``; paths relative to the CSV's folder."""
+def load_manifest(csv_path: str | os.PathLike, image_size: int | None = None, lazy: bool = False) -> IndexedDataset:
+    """A CSV manifest with header ``path,label[,sample_id]``; paths relative to the CSV's folder (``lazy`` as ``load_folder``)."""
     csv_p = Path(csv_path).expanduser()
     if not csv_p.is_file():
         raise DatasetError(f"manifest not found: {csv_p}. Give a CSV with columns path,label[,sample_id].")
@@ -235,7 +339,7 @@ def load_manifest(csv_path: str | os.PathLike, image_size: int | None = None) ->
     if len(classes) < 2:
         raise DatasetError(f"{csv_p}: only one class ({classes[0]!r}); an audit needs at least 2 classes.")
     index = {c: k for k, c in enumerate(classes)}
-    images = _stack_images(paths, wheres, image_size)
+    images = _image_array(paths, wheres, image_size, lazy)
     return IndexedDataset(
         name=csv_p.stem,
         sample_ids=np.array(ids, dtype=object),
@@ -299,11 +403,13 @@ def load_dataset(
     noise_kind: str = "symmetric",
     seed: int = 0,
     image_size: int | None = None,
+    lazy: bool = False,
 ) -> IndexedDataset:
     """One way to read a dataset: ``digits``, a folder path, a ``.csv`` manifest or ``torchvision:NAME:ROOT``.
 
     ``noise`` flips labels of any source (true labels are then recorded); for ``digits`` it is the
-    way to get a benchmark with known errors.
+    way to get a benchmark with known errors. ``lazy``: image files (folder, manifest) are checked
+    by header and decoded on demand instead of all at once; array sources load as usual.
     """
     if spec == "digits":
         ds = load_digits_dataset(noise, noise_kind, seed)
@@ -314,9 +420,9 @@ def load_dataset(
             raise DatasetError(f"--dataset {spec!r}: expected torchvision:NAME:ROOT, e.g. torchvision:CIFAR10:./data")
         ds = load_torchvision(parts[1], parts[2])
     elif spec.lower().endswith(".csv"):
-        ds = load_manifest(spec, image_size)
+        ds = load_manifest(spec, image_size, lazy)
     else:
-        ds = load_folder(spec, image_size)
+        ds = load_folder(spec, image_size, lazy)
     if noise > 0:
         if noise_kind == "asymmetric":
             raise DatasetError("--noise-kind asymmetric is defined for digits only (2->7, 3->8, 5<->6, 7->1).")

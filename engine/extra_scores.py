@@ -61,8 +61,10 @@ def out_of_sample_probs(cfg: AuditConfig, ds, folds: int = 3, progress: Progress
     predicting the held-out fold. Returns ``(N, classes)`` softmax probabilities."""
     import torch
 
+    from .datasets import take
     from .models import pick_device
-    from .training import to_tensor_images, train_pass
+    from .pipeline import make_source, sequential
+    from .training import train_pass
 
     if folds < 2:
         raise ScoreError(f"cross-validation needs at least 2 folds, got {folds}")
@@ -73,14 +75,14 @@ def out_of_sample_probs(cfg: AuditConfig, ds, folds: int = 3, progress: Progress
         if progress:
             progress(f / folds, f"fold {f + 1} of {folds}: training on {int((fold_of != f).sum())} samples")
         tr, te = fold_of != f, fold_of == f
-        images, mean, std = to_tensor_images(ds.images[tr], device)
-        model = train_pass(cfg, images, mean, std, torch.from_numpy(ds.labels[tr]).to(device), ds.n_classes,
-                           ds.n_classes, 100 + f, writer=None, capture=False, cancel=cancel)
+        with make_source(take(ds.images, tr), device, cfg.loader, cfg.workers, seed=cfg.seed) as train:
+            model = train_pass(cfg, train, torch.from_numpy(ds.labels[tr]).to(device), ds.n_classes,
+                               ds.n_classes, 100 + f, writer=None, capture=False, cancel=cancel)
+            stats = (train.mean, train.std)
         model.eval()
-        held, _, _ = to_tensor_images(ds.images[te], device)
-        with torch.inference_mode():
-            out = [torch.softmax(model((held[s : s + 1024].float() / 255 - mean) / std).float(), 1).cpu()
-                   for s in range(0, held.shape[0], 1024)]
+        with make_source(take(ds.images, te), device, cfg.loader, cfg.workers, stats=stats) as held, torch.inference_mode():
+            out = [torch.softmax(model((x.float() / 255 - held.mean) / held.std).float(), 1).cpu()
+                   for _, x in sequential(held, 1024)]
         probs[te] = torch.cat(out).numpy()
     return probs
 
@@ -105,28 +107,30 @@ def _probe_features(run: Run, progress: Progress | None = None):
     import torch
 
     from .models import SmallCNN, pick_device
-    from .training import load_final_model, to_tensor_images
+    from .pipeline import make_source, sequential
+    from .training import load_final_model
 
     cfg, ds = _dataset(run)
     device = pick_device(cfg.device)
     n_out = ds.n_classes + 1 if cfg.threshold_samples else ds.n_classes
-    images, mean, std = to_tensor_images(ds.images, device)
-    model = load_final_model(run.path / "checkpoints", cfg, images.shape[1], n_out, device)
-    if isinstance(model, SmallCNN):
-        blocks = [m for m in model.body if isinstance(m, torch.nn.ReLU)]
-    else:
-        blocks = [model.net.layer1, model.net.layer2, model.net.layer3, model.net.layer4]
-    captured: list[list[torch.Tensor]] = [[] for _ in blocks]
-    hooks = [b.register_forward_hook(lambda m, i, o, k=k: captured[k].append(o.float().mean(dim=(2, 3)).cpu()))
-             for k, b in enumerate(blocks)]
-    logits = []
-    with torch.inference_mode():
-        for s in range(0, images.shape[0], 512):
-            logits.append(model((images[s : s + 512].float() / 255 - mean) / std).float().cpu())
-    for h in hooks:
-        h.remove()
+    with make_source(ds.images, device, cfg.loader, cfg.workers, seed=cfg.seed) as source:
+        model = load_final_model(run.path / "checkpoints", cfg, source.channels, n_out, device)
+        if isinstance(model, SmallCNN):
+            blocks = [m for m in model.body if isinstance(m, torch.nn.ReLU)]
+        else:
+            blocks = [model.net.layer1, model.net.layer2, model.net.layer3, model.net.layer4]
+        captured: list[list[torch.Tensor]] = [[] for _ in blocks]
+        hooks = [b.register_forward_hook(lambda m, i, o, k=k: captured[k].append(o.float().mean(dim=(2, 3)).cpu()))
+                 for k, b in enumerate(blocks)]
+        logits, pixels = [], []
+        with torch.inference_mode():
+            for _, x in sequential(source, 512):
+                pixels.append(x.reshape(len(x), -1).float().cpu() / 255.0)
+                logits.append(model((x.float() / 255 - source.mean) / source.std).float().cpu())
+        for h in hooks:
+            h.remove()
     out = torch.cat(logits)
-    probes = [ds.images.reshape(len(ds), -1).astype(np.float32) / 255.0]
+    probes = [torch.cat(pixels).numpy()]
     probes += [torch.cat(c).numpy() for c in captured]
     probes.append(out[:, : ds.n_classes].numpy())
     prediction = out[:, : ds.n_classes].argmax(1).numpy()
@@ -234,15 +238,20 @@ def _torchvision_embeddings(run: Run, teacher: str) -> np.ndarray:
         if hasattr(net, attr):
             setattr(net, attr, torch.nn.Identity())
     net.eval()
-    _, ds = _dataset(run)
-    x = torch.from_numpy(ds.images.transpose(0, 3, 1, 2).copy()).float() / 255
-    if x.shape[1] == 1:
-        x = x.repeat(1, 3, 1, 1)
-    x = torch.nn.functional.interpolate(x, size=max(32, x.shape[-1]), mode="bilinear")
+    from .pipeline import StreamImages, sequential
+
+    cfg, ds = _dataset(run)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    with torch.inference_mode():
-        return torch.cat([net((x[s : s + 256] - mean) / std) for s in range(0, len(x), 256)]).numpy()
+    out = []
+    with StreamImages(ds.images, torch.device("cpu"), cfg.workers, stats=(mean, std)) as source, torch.inference_mode():
+        for _, x in sequential(source, 256):
+            x = x.float() / 255
+            if x.shape[1] == 1:
+                x = x.repeat(1, 3, 1, 1)
+            x = torch.nn.functional.interpolate(x, size=max(32, x.shape[-1]), mode="bilinear")
+            out.append(net((x - mean) / std))
+    return torch.cat(out).numpy()
 
 
 def compute(run: Run, names: list[str], folds: int = 3, k: int = 30, teacher: str = "self",

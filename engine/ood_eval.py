@@ -19,15 +19,15 @@ import numpy as np
 
 from . import ood
 from .config import AuditConfig, ConfigError
-from .datasets import IndexedDataset, load_folder
+from .datasets import FileImages, IndexedDataset, load_folder, take
 from .runs import Run, atomic_write_bytes, atomic_write_json
 
 
 @dataclass
 class EvalSets:
-    id_images: np.ndarray | None = None  # held-out in-distribution images (uint8 NHWC)
+    id_images: np.ndarray | FileImages | None = None  # held-out in-distribution images (uint8 NHWC)
     id_labels: np.ndarray | None = None  # their labels (true labels when known)
-    ood: dict[str, np.ndarray] = field(default_factory=dict)  # name -> uint8 NHWC images
+    ood: dict[str, np.ndarray | FileImages | Corrupted] = field(default_factory=dict)  # name -> uint8 NHWC images
 
 
 def _match_shape(images: np.ndarray, like: np.ndarray) -> np.ndarray:
@@ -56,6 +56,24 @@ def corrupt(images: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
+class Corrupted:
+    """``corrupt`` applied on demand to images read on demand (a uint8 NHWC array-like, for ``FileImages``).
+
+    Noise is seeded per image (``seed``, index), so it does not depend on how the set is batched.
+    """
+
+    def __init__(self, base: FileImages, kind: str, seed: int):
+        self.base, self.kind, self.seed = base, kind, seed
+        self.shape, self.nbytes = base.shape, base.nbytes
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key) -> np.ndarray:
+        idx = np.atleast_1d(np.arange(len(self.base))[key])
+        return np.stack([corrupt(self.base[int(i) : int(i) + 1], self.kind, self.seed * 1_000_003 + int(i))[0] for i in idx])
+
+
 def split(ds: IndexedDataset, cfg: AuditConfig) -> tuple[IndexedDataset, EvalSets]:
     """Training set and evaluation sets for ``cfg`` (holdout classes, ID eval split, OoD folder, corruptions)."""
     sets = EvalSets()
@@ -66,7 +84,7 @@ def split(ds: IndexedDataset, cfg: AuditConfig) -> tuple[IndexedDataset, EvalSet
                               "leaving at least 2 classes to train on")
         basis = ds.true_labels if ds.true_labels is not None else ds.labels
         out = np.isin(basis, cfg.holdout_classes)
-        sets.ood["held-out classes " + ",".join(ds.classes[c] for c in cfg.holdout_classes)] = ds.images[out]
+        sets.ood["held-out classes " + ",".join(ds.classes[c] for c in cfg.holdout_classes)] = take(ds.images, out)
         keep = ~out & ~np.isin(ds.labels, cfg.holdout_classes)  # a kept digit labelled as a held-out class: dropped
         kept_classes = [k for k in range(ds.n_classes) if k not in cfg.holdout_classes]
         remap = np.full(ds.n_classes, -1)
@@ -86,43 +104,53 @@ def split(ds: IndexedDataset, cfg: AuditConfig) -> tuple[IndexedDataset, EvalSet
             members = np.flatnonzero(ds.labels == k)
             held[rng.choice(members, int(round(share * members.size)), replace=False)] = True
         truth = ds.true_labels if ds.true_labels is not None else ds.labels
-        sets.id_images, sets.id_labels = ds.images[held], truth[held]
+        sets.id_images, sets.id_labels = take(ds.images, held), truth[held]
         ds = ds.subset(~held)
         for kind in cfg.corruptions or []:
-            sets.ood[f"corrupted: {kind}"] = corrupt(sets.id_images, kind, cfg.seed)
+            lazy = isinstance(sets.id_images, FileImages)
+            sets.ood[f"corrupted: {kind}"] = (Corrupted(sets.id_images, kind, cfg.seed) if lazy
+                                              else corrupt(sets.id_images, kind, cfg.seed))
     if cfg.ood_folder:
         other = load_folder(cfg.ood_folder, image_size=ds.images.shape[1])
         sets.ood[f"folder {other.name}"] = _match_shape(other.images, ds.images)
     return ds, sets
 
 
-def final_outputs(run: Run, cfg: AuditConfig, images: np.ndarray, mean, std, n_out: int, n_real: int,
+def final_outputs(run: Run, cfg: AuditConfig, source, n_out: int, n_real: int,
                   batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Penultimate features and real-class logits of the last pass's final model on uint8 NHWC ``images``."""
+    """Penultimate features and real-class logits of the last pass's final model on an image ``source``."""
     import torch
 
+    from .pipeline import sequential
     from .training import load_final_model
 
-    device = mean.device
-    model = load_final_model(run.path / "checkpoints", cfg, images.shape[-1], n_out, device)
+    model = load_final_model(run.path / "checkpoints", cfg, source.channels, n_out, source.device)
     feats, logits = [], []
     with torch.inference_mode():
-        for s in range(0, len(images), batch):
-            x = torch.from_numpy(np.ascontiguousarray(images[s : s + batch].transpose(0, 3, 1, 2))).to(device)
-            f = model.features((x.float() / 255.0 - mean) / std)
+        for _, x in sequential(source, batch):
+            f = model.features((x.float() / 255.0 - source.mean) / source.std)
             feats.append(f.float().cpu())
             logits.append(model.head(f).float().cpu()[:, :n_real])
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
-def evaluate(run: Run, cfg: AuditConfig, train_images: np.ndarray, train_labels: np.ndarray, fit_mask: np.ndarray,
-             sets: EvalSets, mean, std, n_out: int, n_real: int) -> dict:
+def _outputs_on(run: Run, cfg: AuditConfig, images, train_source, n_out: int, n_real: int):
+    """``final_outputs`` on another image set, normalised with the training set's statistics."""
+    from .pipeline import make_source
+
+    with make_source(images, train_source.device, cfg.loader, cfg.workers,
+                     stats=(train_source.mean, train_source.std)) as src:
+        return final_outputs(run, cfg, src, n_out, n_real)
+
+
+def evaluate(run: Run, cfg: AuditConfig, train_source, train_labels: np.ndarray, fit_mask: np.ndarray,
+             sets: EvalSets, n_out: int, n_real: int) -> dict:
     """DDU on the final model. Writes ``features.npy``, ``ood/results.npz``, ``ood/report.json``; returns the report.
 
     The Gaussians are fitted on the training samples in ``fit_mask`` (threshold samples of the last
     pass are left out: they were trained towards the fake class).
     """
-    feats, logits = final_outputs(run, cfg, train_images, mean, std, n_out, n_real)
+    feats, logits = final_outputs(run, cfg, train_source, n_out, n_real)
     buf = io.BytesIO()
     np.save(buf, feats.astype(np.float16))
     atomic_write_bytes(run.path / "features.npy", buf.getvalue())
@@ -132,7 +160,7 @@ def evaluate(run: Run, cfg: AuditConfig, train_images: np.ndarray, train_labels:
     report: dict = {"jitter": gda.jitter, "sets": {}}
     named = {}
     if sets.id_images is not None and len(sets.id_images):
-        f_id, l_id = final_outputs(run, cfg, sets.id_images, mean, std, n_out, n_real)
+        f_id, l_id = _outputs_on(run, cfg, sets.id_images, train_source, n_out, n_real)
         named["ID test"] = (f_id, l_id)
         p_id = ood.softmax(l_id)
         half = len(l_id) // 2
@@ -151,7 +179,7 @@ def evaluate(run: Run, cfg: AuditConfig, train_images: np.ndarray, train_labels:
         step = max(1, len(cov) // 200)
         report["risk_coverage"] = {"coverage": cov[::step].tolist(), "risk": risk[::step].tolist(), "aurc": aurc}
     for name, images in sets.ood.items():
-        named[name] = final_outputs(run, cfg, images, mean, std, n_out, n_real)
+        named[name] = _outputs_on(run, cfg, images, train_source, n_out, n_real)
     for i, (name, (f, lg)) in enumerate(named.items()):
         p = ood.softmax(lg)
         results[f"set{i}_log_density"] = gda.log_density(f)

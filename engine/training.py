@@ -21,7 +21,10 @@ import torch.nn.functional as F
 from .config import AuditConfig
 from .dynamics import batch_capture
 from .models import build_model
+from .pipeline import DeviceImages, StreamImages
 from .runs import DYNAMICS, DynamicsWriter, atomic_write_bytes
+
+ImageSource = DeviceImages | StreamImages
 
 
 class Cancelled(Exception):
@@ -35,15 +38,6 @@ class EpochResult:
     loss: float
     accuracy: float
     seconds: float
-
-
-def to_tensor_images(images: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """uint8 NHWC -> uint8 NCHW tensor on ``device``, plus per-channel mean and std in [0, 1] units."""
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    xf = x.float().div_(255.0)
-    mean = xf.mean(dim=(0, 2, 3))
-    std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return x.to(device), mean.view(1, -1, 1, 1).to(device), std.view(1, -1, 1, 1).to(device)
 
 
 def batch_slices(n: int, batch_size: int) -> list[slice]:
@@ -94,9 +88,7 @@ def load_final_model(checkpoint_dir: Path, cfg: AuditConfig, in_channels: int, n
 
 def train_pass(
     cfg: AuditConfig,
-    images: torch.Tensor,
-    mean: torch.Tensor,
-    std: torch.Tensor,
+    source: ImageSource,
     targets: torch.Tensor,
     n_outputs: int,
     n_real: int,
@@ -111,8 +103,9 @@ def train_pass(
 ) -> torch.nn.Module:
     """Train one model for ``cfg.epochs`` epochs from ``start_epoch``, capturing dynamics into ``writer``.
 
-    ``images`` uint8 NCHW and ``targets`` live on the training device. Raises ``Cancelled`` at
-    the first batch after ``cancel`` is set; the epoch in progress is then discarded.
+    ``source`` (``engine.pipeline``) yields the uint8 NCHW batches on the training device, where
+    ``targets`` live too. Raises ``Cancelled`` at the first batch after ``cancel`` is set; the epoch
+    in progress is then discarded.
 
     Self-adaptive training (``cfg.sat``) after ``cfg.sat_warmup`` epochs of cross-entropy:
     ``paper`` (Huang et al. 2020): per-sample targets ``t <- m t + (1 - m) softmax(z)``, loss
@@ -123,11 +116,10 @@ def train_pass(
     """
     from .distributed import shard, world
 
-    device = images.device
-    n = images.shape[0]
+    device, n, mean, std = source.device, source.n, source.mean, source.std
     rank, size = world()
     torch.manual_seed(cfg.seed * 7919 + pass_idx)
-    model = build_model(cfg.model, images.shape[1], n_outputs, cfg.spectral_norm).to(device)
+    model = build_model(cfg.model, source.channels, n_outputs, cfg.spectral_norm).to(device)
     use_cuda = device.type == "cuda"
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
@@ -154,7 +146,7 @@ def train_pass(
     ibuf = torch.zeros((len(int_names), n), dtype=torch.int64, device=device)
     count = torch.zeros(n, dtype=torch.int32, device=device) if size > 1 else None
     real = targets < n_real
-    max_shift = max(1, images.shape[-1] // 8) if cfg.augment else 0
+    max_shift = max(1, source.side // 8) if cfg.augment else 0
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -165,12 +157,14 @@ def train_pass(
             mine, keep = shard(perm.numpy(), rank, size)
             perm, keep_all = torch.from_numpy(mine), torch.from_numpy(keep).to(device)
             fbuf.zero_(), ibuf.zero_(), count.zero_()
+        slices = batch_slices(len(perm), cfg.batch_size)
+        batches = source.batches(perm.numpy(), slices)
         perm = perm.to(device)
-        for sl in batch_slices(len(perm), cfg.batch_size):
+        for sl, xb in zip(slices, batches, strict=True):
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
             idx = perm[sl]
-            x = random_shift((images[idx].float().div_(255.0) - mean) / std, max_shift, gen)
+            x = random_shift((xb.float().div_(255.0) - mean) / std, max_shift, gen)
             if use_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = targets[idx]

@@ -1,0 +1,221 @@
+"""The input pipeline: how training and the final model's passes get batches of images.
+
+Two sources give the same uint8 NCHW batches for the same order of sample indices:
+
+- ``DeviceImages`` holds the whole dataset as one uint8 tensor on the training device; a batch is a
+  gather on the device and nothing crosses the host-device bus during training. Best while the
+  decoded data is small (digits, CIFAR-sized arrays): ``--loader memory``.
+- ``StreamImages`` reads batches from the host through a ``torch.utils.data.DataLoader``: from an
+  array, a memory map, or image files (``datasets.FileImages``) decoded by worker processes while the
+  model trains on the previous batches; pinned memory and non-blocking copies on CUDA. For data
+  that does not fit in memory: ``--loader stream``.
+
+``--loader auto`` (the default) streams when the decoded images would take more than
+``IN_MEMORY_LIMIT`` bytes, else decodes everything once (in parallel worker processes) and keeps it
+in memory. Channel statistics are exact integer sums, so both sources normalise identically and
+train to the same model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .config import LOADERS
+from .datasets import DatasetError
+
+IN_MEMORY_LIMIT = 4 * 1024**3  # decoded bytes above which ``auto`` streams
+STATS_SAMPLES = 4096  # images behind the normalisation statistics of a streamed dataset
+
+
+def is_lazy(images) -> bool:
+    """Whether ``images`` are decoded on demand (``FileImages`` or a view of them) rather than an array in memory."""
+    return not isinstance(images, np.ndarray)
+
+
+def default_workers(images) -> int:
+    """Decoding worker processes: one per spare core (at most 8) for image files, none for arrays."""
+    if not is_lazy(images):
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def choose_loader(requested: str, images) -> str:
+    """``memory`` or ``stream`` for ``--loader requested`` (``auto``: by the decoded size, see ``IN_MEMORY_LIMIT``)."""
+    if requested not in LOADERS:
+        raise ValueError(f"loader must be one of {', '.join(LOADERS)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "stream" if images.nbytes > IN_MEMORY_LIMIT else "memory"
+
+
+def channel_stats(batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (unbiased) std in [0, 1] units over uint8 NCHW batches.
+
+    Exact: integer sums of values and squares, so the result does not depend on the batching.
+    """
+    total = squares = None
+    count = 0
+    for x in batches:
+        v = x.to(torch.int64)
+        s, q = v.sum(dim=(0, 2, 3)).cpu(), (v * v).sum(dim=(0, 2, 3)).cpu()
+        total, squares = (s, q) if total is None else (total + s, squares + q)
+        count += v.shape[0] * v.shape[2] * v.shape[3]
+    mean = total.double() / count
+    var = (squares.double() / count - mean * mean) * count / max(1, count - 1)
+    std = (var.clamp_min(0).sqrt() / 255.0).clamp_min(1e-3)
+    return (mean / 255.0).float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1)
+
+
+def fixed_slices(n: int, size: int) -> list[slice]:
+    return [slice(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+class DeviceImages:
+    """The whole dataset as a uint8 NCHW tensor on ``device``."""
+
+    def __init__(self, images: np.ndarray, device: torch.device, stats: tuple | None = None):
+        self.data = torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2))).to(device)
+        self.device = device
+        self.n, self.channels, self.side = self.data.shape[0], self.data.shape[1], self.data.shape[-1]
+        if stats is None:
+            stats = channel_stats(self.data[sl] for sl in fixed_slices(self.n, 4096))
+        self.mean, self.std = (t.to(device) for t in stats)
+
+    def batches(self, order: np.ndarray, slices: list[slice]) -> Iterator[torch.Tensor]:
+        """uint8 NCHW batches ``images[order[sl]]`` for each slice, on the device."""
+        order_d = torch.as_tensor(np.asarray(order), dtype=torch.int64).to(self.device)
+        for sl in slices:
+            yield self.data[order_d[sl]]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _IndexBatches(torch.utils.data.Dataset):
+    """``dataset[index_array]`` -> one uint8 NHWC batch (decoded in the worker for ``FileImages``)."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.images[np.asarray(idx)]))
+
+
+class _Order(torch.utils.data.Sampler):
+    """The batches of the current pass over the data; replaced before each pass (workers persist)."""
+
+    def __init__(self):
+        self.batches: list[np.ndarray] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _worker_error(exc: Exception) -> Exception:
+    """A worker's ``DatasetError`` with its own message (the DataLoader wraps it in a traceback dump)."""
+    if isinstance(exc, DatasetError):
+        m = re.search(r"DatasetError: (.*)\s*$", str(exc))
+        return DatasetError(m.group(1).strip() if m else str(exc))
+    return exc
+
+
+class StreamImages:
+    """Batches read from host ``images`` (array, memmap or ``FileImages``) by a ``DataLoader``.
+
+    ``workers`` processes decode ahead of the training loop (``forkserver``: safe inside the
+    dashboard's threads); batches are pinned and copied without blocking on CUDA.
+    """
+
+    def __init__(self, images, device: torch.device, workers: int | None = None, stats: tuple | None = None,
+                 seed: int = 0):
+        self.images, self.device = images, device
+        self.n, h, _, c = images.shape
+        self.channels, self.side = c, h
+        self.workers = default_workers(images) if workers is None else int(workers)
+        self._order = _Order()
+        cuda = device.type == "cuda"
+        kw = {}
+        if self.workers > 0:
+            import multiprocessing
+
+            kw = dict(persistent_workers=True, prefetch_factor=4,
+                      multiprocessing_context=multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn"))
+        self.loader = torch.utils.data.DataLoader(
+            _IndexBatches(images), sampler=self._order, batch_size=None, num_workers=self.workers, pin_memory=cuda, **kw
+        )
+        if stats is None:
+            k = min(self.n, STATS_SAMPLES)
+            pick = np.arange(self.n) if k == self.n else np.sort(np.random.default_rng(seed).choice(self.n, k, replace=False))
+            stats = channel_stats(self.batches(pick, fixed_slices(k, 256)))
+        self.mean, self.std = (t.to(device) for t in stats)
+
+    def batches(self, order: np.ndarray, slices: list[slice]) -> Iterator[torch.Tensor]:
+        """uint8 NCHW batches ``images[order[sl]]`` for each slice, on the device."""
+        order = np.asarray(order)
+        self._order.batches = [order[sl] for sl in slices]
+        cuda = self.device.type == "cuda"
+        it = iter(self.loader)
+        while True:
+            try:
+                x = next(it)
+            except StopIteration:
+                return
+            except Exception as exc:
+                raise _worker_error(exc) from None
+            x = x.to(self.device, non_blocking=cuda).permute(0, 3, 1, 2)  # NHWC on the device = channels-last NCHW
+            yield x if cuda else x.contiguous()
+
+    def close(self) -> None:
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.loader._iterator = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def materialize(images, workers: int | None = None) -> np.ndarray:
+    """Every image decoded into one uint8 NHWC array (``FileImages`` in parallel worker processes)."""
+    if not is_lazy(images):
+        return images
+    out = np.empty(images.shape, dtype=np.uint8)
+    with StreamImages(images, torch.device("cpu"), workers, stats=(torch.zeros(1), torch.ones(1))) as src:
+        slices = fixed_slices(len(images), 256)
+        for sl, x in zip(slices, src.batches(np.arange(len(images)), slices), strict=True):
+            out[sl] = x.permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def make_source(images, device: torch.device, loader: str = "auto", workers: int | None = None,
+                stats: tuple | None = None, seed: int = 0) -> DeviceImages | StreamImages:
+    """The image source for ``--loader`` (see the module docstring); ``stats`` reuses a training set's normalisation."""
+    if choose_loader(loader, images) == "stream":
+        return StreamImages(images, device, workers, stats, seed)
+    return DeviceImages(materialize(images, workers), device, stats)
+
+
+def sequential(source, batch: int = 512) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(slice, batch)`` over the source in dataset order, for inference passes."""
+    slices = fixed_slices(source.n, batch)
+    yield from zip(slices, source.batches(np.arange(source.n), slices), strict=True)
