@@ -7,7 +7,7 @@ import time
 import streamlit as st
 
 from app_pages.common import current_run, detection_row, fmt_seconds, job_manager
-from engine.config import MODELS, AuditConfig
+from engine.config import LOADERS, MODELS, AuditConfig
 from engine.datasets import DatasetError
 from engine.runs import runs_root
 from engine.uploads import extract_image_zip
@@ -51,6 +51,13 @@ with st.form("start"):
                                    help="2 runs with disjoint threshold sets give every sample an AUM")
         cutoff = e4.selectbox("Cut-off", ["auto", "threshold"], help="auto: mixture on AUM capped by the "
                               "threshold-sample rule; threshold: the paper's 99th percentile rule")
+        f1, f2, _, _ = st.columns(4)
+        loader = f1.selectbox("Input pipeline", LOADERS, index=LOADERS.index(defaults.loader),
+                              help="memory: decode once and keep every image on the training device; stream: read "
+                                   "batches from disk with DataLoader worker processes (data larger than memory); "
+                                   "auto: stream above 4 GiB of decoded images")
+        workers = f2.number_input("Decoding workers", 0, 64, value=None, placeholder="auto",
+                                  help="DataLoader worker processes for image files (auto: spare cores, at most 8)")
     with st.expander("Out-of-distribution sets (optional)"):
         o1, o2, o3 = st.columns(3)
         holdout = o1.text_input("Hold out classes (indices, e.g. 8,9)", key="ood_holdout",
@@ -79,7 +86,8 @@ if submitted:
         cfg = AuditConfig(
             dataset=dataset, noise=float(noise), noise_kind=noise_kind, model=model, epochs=int(epochs), lr=float(lr),
             batch_size=int(batch), seed=int(seed), threshold_samples=bool(thr), threshold_runs=int(thr_runs),
-            cutoff=cutoff if thr else "auto", corruptions=corruptions or None, ood_folder=ood_folder.strip() or None,
+            cutoff=cutoff if thr else "auto", loader=loader, workers=None if workers is None else int(workers),
+            corruptions=corruptions or None, ood_folder=ood_folder.strip() or None,
             holdout_classes=[int(t) for t in holdout.replace(" ", "").split(",") if t] if holdout.strip() else None,
         )
         with st.spinner("Checking the dataset…"):
@@ -127,6 +135,10 @@ def progress() -> None:
         m[2].metric("Loss", f"{last['loss']:.3f}")
         m[3].metric("Train accuracy", f"{last['accuracy']:.1%}")
         m[4].metric("Elapsed · ETA", f"{fmt_seconds(elapsed)} · {fmt_seconds(eta)}")
+        pipe = status.get("input_pipeline")
+        if pipe:
+            way = "streamed from disk" if pipe["loader"] == "stream" else "held in memory"
+            st.caption(f"Images {way} on {pipe['device']}, {pipe['workers']} decoding worker(s).")
     if state == "pending":
         st.info("Queued: it starts when the audit before it ends.")
     if state in ("running", "pending"):

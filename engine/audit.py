@@ -149,6 +149,7 @@ def execute(
 
     try:
         source = make_source(ds.images, device, cfg.loader, cfg.workers, seed=cfg.seed)
+        status(input_pipeline={"loader": source.kind, "workers": source.workers, "device": str(device)})
         for p in range(passes):
             start = epochs_done[p]
             if start >= cfg.epochs:

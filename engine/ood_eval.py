@@ -70,6 +70,8 @@ class Corrupted:
         return len(self.base)
 
     def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self[np.array([key])][0]
         idx = np.atleast_1d(np.arange(len(self.base))[key])
         return np.stack([corrupt(self.base[int(i) : int(i) + 1], self.kind, self.seed * 1_000_003 + int(i))[0] for i in idx])
 

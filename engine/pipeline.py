@@ -29,6 +29,7 @@ from .config import LOADERS
 from .datasets import DatasetError
 
 IN_MEMORY_LIMIT = 4 * 1024**3  # decoded bytes above which ``auto`` streams
+SMALL_BYTES = 64 * 1024**2  # decoded bytes below which image files are decoded in the main process
 STATS_SAMPLES = 4096  # images behind the normalisation statistics of a streamed dataset
 
 
@@ -38,8 +39,9 @@ def is_lazy(images) -> bool:
 
 
 def default_workers(images) -> int:
-    """Decoding worker processes: one per spare core (at most 8) for image files, none for arrays."""
-    if not is_lazy(images):
+    """Decoding worker processes: one per spare core (at most 8) for image files; none for arrays, nor for
+    files under ``SMALL_BYTES`` decoded (starting a worker costs about a second, decoding them less)."""
+    if not is_lazy(images) or images.nbytes < SMALL_BYTES:
         return 0
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
@@ -77,6 +79,8 @@ def fixed_slices(n: int, size: int) -> list[slice]:
 
 class DeviceImages:
     """The whole dataset as a uint8 NCHW tensor on ``device``."""
+
+    kind, workers = "memory", 0
 
     def __init__(self, images: np.ndarray, device: torch.device, stats: tuple | None = None):
         self.data = torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2))).to(device)
@@ -142,6 +146,8 @@ class StreamImages:
     ``workers`` processes decode ahead of the training loop (``forkserver``: safe inside the
     dashboard's threads); batches are pinned and copied without blocking on CUDA.
     """
+
+    kind = "stream"
 
     def __init__(self, images, device: torch.device, workers: int | None = None, stats: tuple | None = None,
                  seed: int = 0):

@@ -1,0 +1,146 @@
+"""The input pipeline: image files decoded on demand, streamed by DataLoader workers, same training as in memory."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import audit, pipeline
+from engine.config import AuditConfig, ConfigError
+from engine.datasets import DatasetError, FileImages, load_dataset
+from engine.ood_eval import Corrupted
+from engine.runs import DYNAMICS
+from engine.training import Cancelled
+
+FOLDER = Path(__file__).resolve().parent.parent / "sample_data" / "digits_folder"
+
+
+def _copy_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "digits_folder"
+    shutil.copytree(FOLDER, root)
+    return root
+
+
+def test_lazy_folder_and_manifest_decode_exactly_like_eager(tmp_path):
+    eager, lazy = load_dataset(str(FOLDER)), load_dataset(str(FOLDER), lazy=True)
+    assert isinstance(lazy.images, FileImages) and lazy.images.shape == eager.images.shape
+    assert np.array_equal(lazy.images[:], eager.images)
+    assert np.array_equal(lazy.images[7], eager.images[7])
+    picked = np.array([299, 3, 150])
+    assert np.array_equal(lazy.images[picked], eager.images[picked])
+    sub = lazy.subset(lazy.labels == 4)  # stays lazy
+    assert isinstance(sub.images, FileImages) and np.array_equal(sub.images[:], eager.images[eager.labels == 4])
+    root = _copy_folder(tmp_path)  # a manifest over the same files, RGB-resized to 20 px
+    with open(root / "m.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        for sid, lab in zip(eager.sample_ids, eager.labels, strict=True):
+            w.writerow([sid, eager.classes[lab]])
+    a, b = load_dataset(str(root / "m.csv"), image_size=20), load_dataset(str(root / "m.csv"), image_size=20, lazy=True)
+    assert b.images.shape == (300, 20, 20, 1) and np.array_equal(b.images[:], a.images)
+
+
+def test_header_check_rejects_empty_and_non_image_files_before_training(tmp_path):
+    root = _copy_folder(tmp_path)
+    (root / "3" / "empty.png").write_bytes(b"")
+    with pytest.raises(DatasetError, match="empty.png.*empty"):
+        load_dataset(str(root), lazy=True)
+    (root / "3" / "empty.png").unlink()
+    (root / "5" / "notes.png").write_text("not an image")
+    with pytest.raises(DatasetError, match="notes.png"):
+        load_dataset(str(root), lazy=True)
+
+
+def test_channel_stats_are_exact_and_do_not_depend_on_batching():
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (500, 3, 9, 9), dtype=np.uint8))
+    mean, std = pipeline.channel_stats([x])
+    ref = x.double().div(255).permute(1, 0, 2, 3).reshape(3, -1)
+    assert torch.allclose(mean.flatten().double(), ref.mean(1), atol=1e-6)
+    assert torch.allclose(std.flatten().double(), ref.std(1), atol=1e-6)
+    m2, s2 = pipeline.channel_stats(x[s : s + 37] for s in range(0, 500, 37))
+    assert torch.equal(mean, m2) and torch.equal(std, s2)
+
+
+def test_auto_picks_stream_above_the_memory_limit(monkeypatch):
+    images = load_dataset(str(FOLDER), lazy=True).images
+    assert pipeline.choose_loader("auto", images) == "memory"
+    monkeypatch.setattr(pipeline, "IN_MEMORY_LIMIT", images.nbytes - 1)
+    assert pipeline.choose_loader("auto", images) == "stream"
+    assert pipeline.choose_loader("memory", images) == "memory"
+    with pytest.raises(ConfigError, match="loader must be one of"):
+        AuditConfig(loader="disk").validate()
+    with pytest.raises(ConfigError, match="workers"):
+        AuditConfig(workers=-1).validate()
+
+
+def test_streamed_audit_with_worker_processes_equals_the_in_memory_audit(tmp_path, monkeypatch):
+    """Same files, seed and batches: the DataLoader path (2 decoding processes) trains bit for bit like the tensor path."""
+    runs = {}
+    for name, limit in (("memory", pipeline.IN_MEMORY_LIMIT), ("stream", 0)):
+        monkeypatch.setattr(pipeline, "IN_MEMORY_LIMIT", limit)  # loader auto decides by size
+        cfg = AuditConfig(dataset=str(FOLDER), noise=0.0, epochs=3, workers=2, device="cpu")
+        run, ds = audit.prepare(cfg, tmp_path / name)
+        audit.execute(run, ds)
+        runs[name] = run
+    assert runs["memory"].status()["input_pipeline"]["loader"] == "memory"
+    assert runs["stream"].status()["input_pipeline"] == {"loader": "stream", "workers": 2, "device": "cpu"}
+    for p in range(2):
+        for k in DYNAMICS:
+            a, b = runs["memory"].dynamics(p, k), runs["stream"].dynamics(p, k)
+            assert a.shape == (3, 300) and np.array_equal(a, b), (p, k)
+    assert runs["memory"].scores()["aum"].equals(runs["stream"].scores()["aum"])
+    assert np.array_equal(np.load(runs["memory"].path / "features.npy"), np.load(runs["stream"].path / "features.npy"))
+
+
+def test_a_file_corrupt_past_its_header_fails_the_streamed_run_with_its_name(tmp_path):
+    root = _copy_folder(tmp_path)
+    bad = root / "6" / sorted(p.name for p in (root / "6").iterdir())[0]
+    bad.write_bytes(bad.read_bytes()[:60])  # header intact, pixel data cut
+    cfg = AuditConfig(dataset=str(root), noise=0.0, epochs=2, loader="stream", workers=1, device="cpu")
+    run, ds = audit.prepare(cfg, tmp_path / "runs")  # the header check passes
+    with pytest.raises(DatasetError) as err:
+        audit.execute(run, ds)
+    assert bad.name in str(err.value) and "Traceback" not in str(err.value)
+    assert run.status()["state"] == "failed" and bad.name in run.status()["error"]
+
+
+def test_cancel_while_streaming_keeps_finished_epochs(tmp_path):
+    cfg = AuditConfig(dataset=str(FOLDER), noise=0.0, epochs=6, loader="stream", workers=1, device="cpu")
+    run, ds = audit.prepare(cfg, tmp_path / "runs")
+    cancel = threading.Event()
+
+    def after(r):
+        if r.epoch == 1:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        audit.execute(run, ds, on_epoch=after, cancel=cancel)
+    st = run.status()
+    assert st["state"] == "cancelled" and st["epochs_done"][0] == 2
+    assert np.isfinite(run.dynamics(0, "margin")[:2]).all()
+
+
+def test_streamed_audit_with_corruption_sets_evaluates_them(tmp_path):
+    images = load_dataset(str(FOLDER), lazy=True).images.select(np.arange(12))
+    noisy = Corrupted(images, "noise", seed=4)  # per-image seeds: batching does not change the noise
+    assert np.array_equal(noisy[np.arange(12)], np.stack([noisy[i] for i in range(12)]))
+    assert not np.array_equal(noisy[0], images[0])
+    cfg = AuditConfig(dataset=str(FOLDER), noise=0.0, epochs=3, loader="stream", workers=1, device="cpu",
+                      corruptions=["noise", "invert"])
+    run, ds = audit.prepare(cfg, tmp_path / "runs")
+    held = 300 - len(ds)
+    assert 55 <= held <= 65  # 20% held out per class for the OoD comparison
+    audit.execute(run, ds)
+
+
+    report = json.loads((run.path / "ood" / "report.json").read_text())
+    assert {"ID test", "corrupted: noise", "corrupted: invert"} <= set(report["sets"])
+    assert report["sets"]["ID test"]["n"] == report["sets"]["corrupted: noise"]["n"] == held
+    assert 0.0 <= report["ood"]["corrupted: noise"]["auroc_density"] <= 1.0
