@@ -73,6 +73,11 @@ def channel_stats(batches) -> tuple[torch.Tensor, torch.Tensor]:
     return (mean / 255.0).float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1)
 
 
+def stats_batch(shape: tuple) -> int:
+    """Images per chunk of ``channel_stats``: about 16 MB of uint8 (128 MB once widened to int64)."""
+    return max(1, min(4096, 2**24 // int(np.prod(shape[1:]))))
+
+
 def fixed_slices(n: int, size: int) -> list[slice]:
     return [slice(s, min(n, s + size)) for s in range(0, n, size)]
 
@@ -87,7 +92,7 @@ class DeviceImages:
         self.device = device
         self.n, self.channels, self.side = self.data.shape[0], self.data.shape[1], self.data.shape[-1]
         if stats is None:
-            stats = channel_stats(self.data[sl] for sl in fixed_slices(self.n, 4096))
+            stats = channel_stats(self.data[sl] for sl in fixed_slices(self.n, stats_batch(self.data.shape)))
         self.mean, self.std = (t.to(device) for t in stats)
 
     def batches(self, order: np.ndarray, slices: list[slice]) -> Iterator[torch.Tensor]:
@@ -169,7 +174,7 @@ class StreamImages:
         if stats is None:
             k = min(self.n, STATS_SAMPLES)
             pick = np.arange(self.n) if k == self.n else np.sort(np.random.default_rng(seed).choice(self.n, k, replace=False))
-            stats = channel_stats(self.batches(pick, fixed_slices(k, 256)))
+            stats = channel_stats(self.batches(pick, fixed_slices(k, stats_batch(images.shape))))
         self.mean, self.std = (t.to(device) for t in stats)
 
     def batches(self, order: np.ndarray, slices: list[slice]) -> Iterator[torch.Tensor]:
