@@ -21,7 +21,7 @@ from .config import AuditConfig, ConfigError
 from .datasets import IndexedDataset, load_dataset
 from .metrics import detection_metrics
 from .models import pick_device
-from .pipeline import make_source
+from .pipeline import choose_loader, is_lazy, make_source, materialize
 from .runs import DynamicsWriter, Run, atomic_write_json, atomic_write_parquet, create_run, owner_fields
 from .scores import REGISTRY, compute_scores
 from .training import Cancelled, EpochResult, train_pass
@@ -71,6 +71,8 @@ def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None) -> tuple[Ru
     cfg.validate()
     ds, _ = load_run_dataset(cfg)
     check_dataset(ds, cfg)
+    if is_lazy(ds.images) and choose_loader(cfg.loader, ds.images) == "memory":
+        ds.images = materialize(ds.images, cfg.workers)  # a corrupt file stops here, before the run exists
     tpass = (
         threshold_assignment(len(ds), ds.n_classes, cfg.passes, cfg.seed)
         if cfg.threshold_samples

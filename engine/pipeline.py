@@ -83,23 +83,26 @@ def fixed_slices(n: int, size: int) -> list[slice]:
 
 
 class DeviceImages:
-    """The whole dataset as a uint8 NCHW tensor on ``device``."""
+    """The whole dataset as one uint8 tensor on ``device``, kept NHWC (no copy of a host array on CPU)."""
 
     kind, workers = "memory", 0
 
     def __init__(self, images: np.ndarray, device: torch.device, stats: tuple | None = None):
-        self.data = torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2))).to(device)
+        self.data = torch.from_numpy(np.ascontiguousarray(images)).to(device)  # NHWC
         self.device = device
-        self.n, self.channels, self.side = self.data.shape[0], self.data.shape[1], self.data.shape[-1]
+        self.n, self.side, _, self.channels = self.data.shape
         if stats is None:
-            stats = channel_stats(self.data[sl] for sl in fixed_slices(self.n, stats_batch(self.data.shape)))
+            chunks = fixed_slices(self.n, stats_batch(self.data.shape))
+            stats = channel_stats(self.data[sl].permute(0, 3, 1, 2) for sl in chunks)
         self.mean, self.std = (t.to(device) for t in stats)
 
     def batches(self, order: np.ndarray, slices: list[slice]) -> Iterator[torch.Tensor]:
-        """uint8 NCHW batches ``images[order[sl]]`` for each slice, on the device."""
+        """uint8 NCHW batches ``images[order[sl]]`` for each slice, on the device (channels-last on CUDA)."""
         order_d = torch.as_tensor(np.asarray(order), dtype=torch.int64).to(self.device)
+        cuda = self.device.type == "cuda"
         for sl in slices:
-            yield self.data[order_d[sl]]
+            x = self.data[order_d[sl]].permute(0, 3, 1, 2)
+            yield x if cuda else x.contiguous()
 
     def close(self) -> None:
         pass

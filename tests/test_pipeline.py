@@ -103,6 +103,9 @@ def test_a_file_corrupt_past_its_header_fails_the_streamed_run_with_its_name(tmp
     root = _copy_folder(tmp_path)
     bad = root / "6" / sorted(p.name for p in (root / "6").iterdir())[0]
     bad.write_bytes(bad.read_bytes()[:60])  # header intact, pixel data cut
+    with pytest.raises(DatasetError, match=bad.name):  # held in memory: decoded before the run is created
+        audit.prepare(AuditConfig(dataset=str(root), loader="memory"), tmp_path / "runs")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
     cfg = AuditConfig(dataset=str(root), noise=0.0, epochs=2, loader="stream", workers=1, device="cpu")
     run, ds = audit.prepare(cfg, tmp_path / "runs")  # the header check passes
     with pytest.raises(DatasetError) as err:
