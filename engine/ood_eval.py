@@ -156,32 +156,43 @@ def evaluate(run: Run, cfg: AuditConfig, train_source, train_labels: np.ndarray,
     buf = io.BytesIO()
     np.save(buf, feats.astype(np.float16))
     atomic_write_bytes(run.path / "features.npy", buf.getvalue())
+    id_test = None
+    if sets.id_images is not None and len(sets.id_images):
+        id_test = (*_outputs_on(run, cfg, sets.id_images, train_source, n_out, n_real), sets.id_labels)
+    others = {name: _outputs_on(run, cfg, images, train_source, n_out, n_real) for name, images in sets.ood.items()}
+    return write_report(run, feats, logits, train_labels, fit_mask, n_real, id_test, others)
+
+
+def write_report(run: Run, feats: np.ndarray, logits: np.ndarray, train_labels: np.ndarray, fit_mask: np.ndarray,
+                 n_real: int, id_test: tuple | None, others: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
+    """DDU from the final model's outputs: Gaussians on ``feats[fit_mask]``, densities and entropies of the
+    training set, the ID test set ``(features, logits, labels)`` (calibration, risk-coverage) and each OoD
+    set ``name -> (features, logits)`` (AUROC / AUPRC against the ID test set). Writes ``ood/``."""
     gda = ood.fit_gda(feats[fit_mask], train_labels[fit_mask], n_real)
     results = {"train_log_density": gda.log_density(feats), "train_entropy": ood.entropy(ood.softmax(logits)),
                "train_max_softmax": ood.softmax(logits).max(axis=1)}
     report: dict = {"jitter": gda.jitter, "sets": {}}
     named = {}
-    if sets.id_images is not None and len(sets.id_images):
-        f_id, l_id = _outputs_on(run, cfg, sets.id_images, train_source, n_out, n_real)
+    if id_test is not None:
+        f_id, l_id, y_id = id_test
         named["ID test"] = (f_id, l_id)
         p_id = ood.softmax(l_id)
         half = len(l_id) // 2
-        t = ood.fit_temperature(l_id[:half], sets.id_labels[:half]) if half >= 10 else 1.0
+        t = ood.fit_temperature(l_id[:half], y_id[:half]) if half >= 10 else 1.0
         test = slice(half, None)
-        before, diag_before = ood.ece(p_id[test], sets.id_labels[test])
-        after, diag_after = ood.ece(ood.softmax(l_id[test], t), sets.id_labels[test])
-        cov, risk, aurc = ood.risk_coverage(p_id.max(axis=1), p_id.argmax(axis=1) == sets.id_labels)
+        before, diag_before = ood.ece(p_id[test], y_id[test])
+        after, diag_after = ood.ece(ood.softmax(l_id[test], t), y_id[test])
+        cov, risk, aurc = ood.risk_coverage(p_id.max(axis=1), p_id.argmax(axis=1) == y_id)
         report["calibration"] = {
             "temperature": t, "ece_before": before, "ece_after": after,
-            "nll_before": ood.nll(l_id[test], sets.id_labels[test]), "nll_after": ood.nll(l_id[test], sets.id_labels[test], t),
+            "nll_before": ood.nll(l_id[test], y_id[test]), "nll_after": ood.nll(l_id[test], y_id[test], t),
             "reliability_before": diag_before, "reliability_after": diag_after,
-            "accuracy": float((p_id.argmax(axis=1) == sets.id_labels).mean()), "n_validation": half,
+            "accuracy": float((p_id.argmax(axis=1) == y_id).mean()), "n_validation": half,
             "n_test": len(l_id) - half,
         }
         step = max(1, len(cov) // 200)
         report["risk_coverage"] = {"coverage": cov[::step].tolist(), "risk": risk[::step].tolist(), "aurc": aurc}
-    for name, images in sets.ood.items():
-        named[name] = _outputs_on(run, cfg, images, train_source, n_out, n_real)
+    named.update(others)
     for i, (name, (f, lg)) in enumerate(named.items()):
         p = ood.softmax(lg)
         results[f"set{i}_log_density"] = gda.log_density(f)
