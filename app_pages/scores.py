@@ -11,11 +11,12 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import current_run, job_manager, load_scores
+from app_pages.common import current_run, job_manager, load_scores, stamp
 from engine.correlations import METHODS, correlation_matrix, topk_jaccard
 from engine.extra_scores import EXTRA
 from engine.predefined import (
     MAX_BYTES,
+    PREDEFINED_FILE,
     PredefinedError,
     guess_columns,
     join_to_run,
@@ -126,8 +127,9 @@ if run is not None:
         flagged = scores["flagged"].to_numpy()
         labels = np.array(classes)[samples["label"].to_numpy()]
         ids = samples["sample_id"].to_numpy()
-    for c in load_from_run(run.path).columns:
-        frames[f"csv:{c}"] = load_from_run(run.path)[c].to_numpy(dtype=np.float64)
+    imported = load_from_run(run.path)
+    for c in imported.columns:
+        frames[f"csv:{c}"] = imported[c].to_numpy(dtype=np.float64)
 elif "csv_only" in st.session_state:
     only = st.session_state["csv_only"]
     f = only["frame"]
@@ -147,6 +149,24 @@ if not frames:
 
 table = pd.DataFrame(frames)
 names = list(table.columns)
+if run is not None:  # what the table is made of: the run's state and its imported scores
+    predefined = run.path / PREDEFINED_FILE
+    data_key = (stamp(run), predefined.stat().st_mtime_ns if predefined.is_file() else 0)
+else:
+    data_key = int(pd.util.hash_pandas_object(table, index=False).sum())
+
+
+@st.cache_data(max_entries=16, show_spinner="Correlating…")
+def cached_correlation(key: tuple, _table: pd.DataFrame, method: str) -> tuple[pd.DataFrame, int]:
+    """``correlation_matrix`` of ``_table``, cached under ``key`` (data, columns) so reruns reuse it."""
+    return correlation_matrix(_table, method)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def cached_jaccard(key: tuple, _table: pd.DataFrame, k: int) -> pd.DataFrame:
+    """``topk_jaccard`` of ``_table``, cached under ``key`` (data, columns)."""
+    return topk_jaccard(_table, k)
+
 
 if run is not None:
     with st.expander("Compute more scores (background job)"):
@@ -215,7 +235,7 @@ c1, c2 = st.columns([3, 1])
 chosen = c1.multiselect("Scores", names, default=names[:12], key=f"corr_scores_{hashlib.md5(str(names).encode()).hexdigest()[:8]}")
 method = c2.selectbox("Method", METHODS, key="corr_method", help="Spearman (rank) is the default, as aucurriculum")
 if len(chosen) >= 2:
-    corr, used = correlation_matrix(table[chosen], method)
+    corr, used = cached_correlation((data_key, tuple(chosen)), table[chosen], method)
     heat = px.imshow(corr, text_auto=".2f", zmin=-1, zmax=1, color_continuous_scale="RdBu", aspect="auto")
     heat.update_layout(height=120 + 45 * len(chosen), margin=dict(t=20))
     st.plotly_chart(heat, width="stretch", key="corr-heat")
@@ -245,7 +265,7 @@ if len(chosen) >= 2:
     st.markdown("**Agreement of the hardest samples** (Jaccard overlap of the top-k sets)")
     default_k = int(flagged.sum()) if flagged is not None and flagged.sum() else max(1, len(table) // 10)
     k = st.number_input("k", 1, len(table), min(default_k, len(table)), key="topk")
-    jac = topk_jaccard(table[chosen], int(k))
+    jac = cached_jaccard((data_key, tuple(chosen)), table[chosen], int(k))
     jh = px.imshow(jac, text_auto=".2f", zmin=0, zmax=1, color_continuous_scale="Blues", aspect="auto")
     jh.update_layout(height=120 + 45 * len(chosen), margin=dict(t=20))
     st.plotly_chart(jh, width="stretch", key="jaccard-heat")

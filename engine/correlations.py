@@ -27,19 +27,24 @@ def correlation_matrix(scores: pd.DataFrame, method: str = "spearman", seed: int
 
 
 def topk_jaccard(scores: pd.DataFrame, k: int) -> pd.DataFrame:
-    """Jaccard overlap |A & B| / |A | B| of the k highest-scoring (hardest) samples of each pair of scores."""
-    tops = {}
-    for c in scores.columns:
+    """Jaccard overlap |A & B| / |A | B| of the k highest-scoring (hardest) samples of each pair of scores.
+
+    The top-k sets are indicator columns ``T`` (NaN never in a top set unless fewer than k are finite);
+    all intersections at once are ``T' T``, unions ``|A| + |B| - |A & B|``.
+    """
+    cols = list(scores.columns)
+    n = len(scores)
+    kk = min(k, n)
+    top = np.zeros((n, len(cols)), dtype=np.float32)
+    for j, c in enumerate(cols):
         v = scores[c].to_numpy(dtype=np.float64)
         v = np.where(np.isfinite(v), v, -np.inf)
-        kk = min(k, len(v))
-        tops[c] = set(np.argpartition(-v, kk - 1)[:kk].tolist()) if kk else set()
-    cols = list(scores.columns)
-    m = np.ones((len(cols), len(cols)))
-    for i, a in enumerate(cols):
-        for j, b in enumerate(cols[:i]):
-            union = len(tops[a] | tops[b])
-            m[i, j] = m[j, i] = len(tops[a] & tops[b]) / union if union else 1.0
+        if kk:
+            top[np.argpartition(-v, kk - 1)[:kk], j] = 1.0
+    inter = (top.T @ top).astype(np.float64)
+    size = np.diag(inter)
+    union = size[:, None] + size[None, :] - inter
+    m = np.where(union > 0, inter / np.where(union > 0, union, 1), 1.0)
     return pd.DataFrame(m, index=cols, columns=cols)
 
 
