@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -140,6 +141,18 @@ class _Order(torch.utils.data.Sampler):
         return len(self.batches)
 
 
+def _start_method() -> str:
+    """``fork`` where the platform has it (PyTorch's default on Linux), else ``spawn``.
+
+    Not ``forkserver`` / ``spawn`` on Linux: both re-import the main module in every worker, and under
+    Streamlit the main module is the dashboard script (``app.py`` would run again in each worker). The
+    forked workers only decode images: no CUDA, no locks of the parent's other threads.
+    """
+    import multiprocessing
+
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin" else "spawn"
+
+
 def _worker_error(exc: Exception) -> Exception:
     """A worker's ``DatasetError`` with its own message (the DataLoader wraps it in a traceback dump)."""
     if isinstance(exc, DatasetError):
@@ -151,8 +164,8 @@ def _worker_error(exc: Exception) -> Exception:
 class StreamImages:
     """Batches read from host ``images`` (array, memmap or ``FileImages``) by a ``DataLoader``.
 
-    ``workers`` processes decode ahead of the training loop (``forkserver``: safe inside the
-    dashboard's threads); batches are pinned and copied without blocking on CUDA.
+    ``workers`` processes decode ahead of the training loop (started as ``_start_method`` says);
+    batches are pinned and copied without blocking on CUDA.
     """
 
     kind = "stream"
@@ -170,7 +183,7 @@ class StreamImages:
             import multiprocessing
 
             kw = dict(persistent_workers=True, prefetch_factor=4,
-                      multiprocessing_context=multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn"))
+                      multiprocessing_context=multiprocessing.get_context(_start_method()))
         self.loader = torch.utils.data.DataLoader(
             _IndexBatches(images), sampler=self._order, batch_size=None, num_workers=self.workers, pin_memory=cuda, **kw
         )

@@ -147,3 +147,27 @@ def test_streamed_audit_with_corruption_sets_evaluates_them(tmp_path):
     assert {"ID test", "corrupted: noise", "corrupted: invert"} <= set(report["sets"])
     assert report["sets"]["ID test"]["n"] == report["sets"]["corrupted: noise"]["n"] == held
     assert 0.0 <= report["ood"]["corrupted: noise"]["auroc_density"] <= 1.0
+
+
+def test_decoding_workers_do_not_rerun_the_main_script(tmp_path):
+    """Under Streamlit the main module is the unguarded dashboard script: workers must not import it again."""
+    marker = tmp_path / "imports.txt"
+    script = tmp_path / "app_like.py"
+    script.write_text(
+        "import multiprocessing, numpy as np, torch\n"
+        f"open({str(marker)!r}, 'a').write(multiprocessing.current_process().name + '\\n')\n"
+        "from engine.datasets import load_dataset\n"
+        "from engine.pipeline import StreamImages, sequential\n"
+        "if multiprocessing.current_process().name == 'MainProcess':\n"
+        f"    ds = load_dataset({str(FOLDER)!r}, lazy=True)\n"
+        "    with StreamImages(ds.images, torch.device('cpu'), workers=2) as src:\n"
+        "        n = sum(len(x) for _, x in sequential(src, 64))\n"
+        "    assert n == 300, n\n"
+    )
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert marker.read_text().split() == ["MainProcess"]
