@@ -114,8 +114,8 @@ def test_a_file_corrupt_past_its_header_fails_the_streamed_run_with_its_name(tmp
     assert run.status()["state"] == "failed" and bad.name in run.status()["error"]
 
 
-def test_cancel_while_streaming_keeps_finished_epochs(tmp_path):
-    cfg = AuditConfig(dataset=str(FOLDER), noise=0.0, epochs=6, loader="stream", workers=1, device="cpu")
+def test_cancel_while_streaming_then_resume_equals_an_uninterrupted_run(tmp_path):
+    cfg = AuditConfig(dataset=str(FOLDER), noise=0.0, epochs=4, loader="stream", workers=1, device="cpu")
     run, ds = audit.prepare(cfg, tmp_path / "runs")
     cancel = threading.Event()
 
@@ -128,6 +128,13 @@ def test_cancel_while_streaming_keeps_finished_epochs(tmp_path):
     st = run.status()
     assert st["state"] == "cancelled" and st["epochs_done"][0] == 2
     assert np.isfinite(run.dynamics(0, "margin")[:2]).all()
+    audit.execute(run, None, resume=True)  # re-reads the folder, streams again from epoch 2
+    whole, ds2 = audit.prepare(AuditConfig(dataset=str(FOLDER), noise=0.0, epochs=4, loader="memory", device="cpu"),
+                               tmp_path / "whole")
+    audit.execute(whole, ds2)
+    assert run.status()["state"] == "done"
+    for p in range(2):
+        assert np.array_equal(run.dynamics(p, "margin"), whole.dynamics(p, "margin"))
 
 
 def test_streamed_audit_with_corruption_sets_evaluates_them(tmp_path):
