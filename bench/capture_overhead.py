@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +17,12 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import machine  # noqa: E402
+from bench._common import machine, seconds_per_epoch  # noqa: E402
 from engine.config import AuditConfig  # noqa: E402
 from engine.datasets import load_dataset  # noqa: E402
 from engine.models import pick_device  # noqa: E402
 from engine.pipeline import make_source  # noqa: E402
-from engine.runs import DynamicsWriter, create_run  # noqa: E402
-from engine.training import train_pass  # noqa: E402
+from engine.runs import create_run  # noqa: E402
 
 
 def main() -> None:
@@ -46,14 +44,7 @@ def main() -> None:
         times = {"plain": [], "capture": []}
 
         def timed(capture: bool) -> float:
-            writer = DynamicsWriter(run, 0, cfg.epochs, n) if capture else None
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            train_pass(cfg, source, targets, ds.n_classes, ds.n_classes, 0, writer, capture=capture)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return (time.perf_counter() - t0) / cfg.epochs
+            return seconds_per_epoch(cfg, source, targets, ds.n_classes, run, capture)
 
         timed(False)  # warm-up
         for r in range(args.repeats):  # ABBA order: neither side always runs first

@@ -31,13 +31,12 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import machine  # noqa: E402
+from bench._common import machine, seconds_per_epoch  # noqa: E402
 from engine.config import AuditConfig  # noqa: E402
 from engine.datasets import load_dataset  # noqa: E402
 from engine.models import pick_device  # noqa: E402
 from engine.pipeline import make_source  # noqa: E402
-from engine.runs import DynamicsWriter, create_run  # noqa: E402
-from engine.training import train_pass  # noqa: E402
+from engine.runs import create_run  # noqa: E402
 
 
 def make_folder(root: Path, n: int, size: int, seed: int = 0) -> None:
@@ -130,14 +129,7 @@ def main() -> None:
                          pd.DataFrame({"sample_id": small.sample_ids.astype(str)}), small.classes)
 
         def epoch_rate(source, capture: bool) -> float:
-            writer = DynamicsWriter(run, 0, cfg.epochs, len(small)) if capture else None
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            train_pass(cfg, source, targets, small.n_classes, small.n_classes, 0, writer, capture=capture)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return len(small) * cfg.epochs / (time.perf_counter() - t)
+            return len(small) / seconds_per_epoch(cfg, source, targets, small.n_classes, run, capture)
 
         rows = []
         for loader, w in settings:

@@ -117,7 +117,9 @@ def _inside(root: Path, path: Path) -> bool:
         return False
 
 
-def _read_image(path: Path, where: str):
+def _read_image(path: Path, where: str, header_only: bool = False):
+    """The PIL image at ``path``, decoded; with ``header_only`` only its header is read (mode and size,
+    no pixels). An unreadable file raises ``DatasetError`` naming ``where``."""
     from PIL import Image, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
@@ -127,11 +129,12 @@ def _read_image(path: Path, where: str):
         raise DatasetError(f"{where}: image file is empty (0 bytes): {path}. Remove it or replace it.")
     try:
         with Image.open(path) as im:
+            if header_only:
+                return im  # mode and size stay readable once the file is closed
             im.load()
-            img = im.copy()
+            return im.copy()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
         raise DatasetError(f"{where}: cannot read image {path}: {exc}. Remove it or replace it.") from exc
-    return img
 
 
 def _convert(im, mode: str, size: int) -> np.ndarray:
@@ -171,21 +174,11 @@ def _stack_images(paths: list[Path], wheres: list[str], image_size: int | None) 
 
 def _headers(paths: list[Path], wheres: list[str]) -> tuple[list[str], set[tuple[int, int]]]:
     """Modes and sizes from the image headers only (no pixel decoding); unreadable files are reported here."""
-    from PIL import Image, UnidentifiedImageError
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     modes, sizes = [], set()
     for path, where in zip(paths, wheres, strict=True):
-        if not path.is_file():
-            raise DatasetError(f"{where}: image file not found: {path}")
-        if path.stat().st_size == 0:
-            raise DatasetError(f"{where}: image file is empty (0 bytes): {path}. Remove it or replace it.")
-        try:
-            with Image.open(path) as im:
-                modes.append(im.mode)
-                sizes.add(im.size)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
-            raise DatasetError(f"{where}: cannot read image {path}: {exc}. Remove it or replace it.") from exc
+        im = _read_image(path, where, header_only=True)
+        modes.append(im.mode)
+        sizes.add(im.size)
     return modes, sizes
 
 
