@@ -55,7 +55,7 @@ with st.form("start"):
         loader = f1.selectbox("Input pipeline", LOADERS, index=LOADERS.index(defaults.loader),
                               help="memory: decode once and keep every image on the training device; stream: read "
                                    "batches from disk with DataLoader worker processes (data larger than memory); "
-                                   "auto: stream above 4 GiB of decoded images")
+                                   "auto: stream above 4 GiB of decoded images, or a quarter of the GPU's free memory")
         workers = f2.number_input("Decoding workers", 0, 64, value=None, placeholder="auto",
                                   help="DataLoader worker processes for image files (auto: spare cores, at most 8)")
     with st.expander("Out-of-distribution sets (optional)"):

@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N | mps")
     a.add_argument("--loader", choices=LOADERS, default=d.loader,
                    help="input pipeline: memory (decode once, keep on the device), stream (DataLoader with worker "
-                        "processes and pinned memory, for data larger than memory), auto (stream above 4 GiB decoded)")
+                        "processes and pinned memory, for data larger than memory), auto (stream above 4 GiB "
+                        "decoded, or a quarter of free GPU memory)")
     a.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes decoding image files when streaming (default: spare cores, max 8)")
     a.add_argument("--no-threshold-samples", action="store_true", help="train without threshold samples")

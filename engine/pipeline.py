@@ -11,7 +11,7 @@ Two sources give the same uint8 NCHW batches for the same order of sample indice
   that does not fit in memory: ``--loader stream``.
 
 ``--loader auto`` (the default) streams when the decoded images would take more than
-``IN_MEMORY_LIMIT`` bytes, else decodes everything once (in parallel worker processes) and keeps it
+``IN_MEMORY_LIMIT`` bytes (on a GPU, more than a quarter of its free memory), else decodes everything once (in parallel worker processes) and keeps it
 in memory. Channel statistics are exact integer sums, so both sources normalise identically and
 train to the same model.
 """
@@ -47,13 +47,25 @@ def default_workers(images) -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def choose_loader(requested: str, images) -> str:
-    """``memory`` or ``stream`` for ``--loader requested`` (``auto``: by the decoded size, see ``IN_MEMORY_LIMIT``)."""
+def in_memory_limit(device: torch.device | None = None, free_bytes: int | None = None) -> int:
+    """Decoded bytes up to which ``auto`` keeps the dataset on ``device``: ``IN_MEMORY_LIMIT``, and on a
+    GPU at most a quarter of its free memory (``free_bytes``, queried when not given), leaving the rest
+    to the model, its activations and the optimiser."""
+    if device is None or device.type != "cuda":
+        return IN_MEMORY_LIMIT
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    return min(IN_MEMORY_LIMIT, free_bytes // 4)
+
+
+def choose_loader(requested: str, images, device: torch.device | None = None) -> str:
+    """``memory`` or ``stream`` for ``--loader requested`` (``auto``: by the decoded size against
+    ``in_memory_limit(device)``; without a device, against the host limit ``IN_MEMORY_LIMIT``)."""
     if requested not in LOADERS:
         raise ValueError(f"loader must be one of {', '.join(LOADERS)}, got {requested!r}")
     if requested != "auto":
         return requested
-    return "stream" if images.nbytes > IN_MEMORY_LIMIT else "memory"
+    return "stream" if images.nbytes > in_memory_limit(device) else "memory"
 
 
 def channel_stats(batches) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +249,7 @@ def materialize(images, workers: int | None = None) -> np.ndarray:
 def make_source(images, device: torch.device, loader: str = "auto", workers: int | None = None,
                 stats: tuple | None = None, seed: int = 0) -> DeviceImages | StreamImages:
     """The image source for ``--loader`` (see the module docstring); ``stats`` reuses a training set's normalisation."""
-    if choose_loader(loader, images) == "stream":
+    if choose_loader(loader, images, device) == "stream":
         return StreamImages(images, device, workers, stats, seed)
     return DeviceImages(materialize(images, workers), device, stats)
 

@@ -74,6 +74,12 @@ def test_auto_picks_stream_above_the_memory_limit(monkeypatch):
     monkeypatch.setattr(pipeline, "IN_MEMORY_LIMIT", images.nbytes - 1)
     assert pipeline.choose_loader("auto", images) == "stream"
     assert pipeline.choose_loader("memory", images) == "memory"
+    # on a GPU, auto keeps at most a quarter of its free memory for the data
+    gpu, limit = torch.device("cuda"), 4 * 1024**3
+    monkeypatch.setattr(pipeline, "IN_MEMORY_LIMIT", limit)
+    assert pipeline.in_memory_limit(gpu, free_bytes=80 * 1024**3) == limit
+    assert pipeline.in_memory_limit(gpu, free_bytes=8 * 1024**3) == 2 * 1024**3
+    assert pipeline.in_memory_limit(torch.device("cpu"), free_bytes=1) == limit
     with pytest.raises(ConfigError, match="loader must be one of"):
         AuditConfig(loader="disk").validate()
     with pytest.raises(ConfigError, match="workers"):
