@@ -9,7 +9,7 @@ import streamlit as st
 from app_pages.common import current_run, detection_row, fmt_seconds, job_manager
 from engine.config import LOADERS, MODELS, AuditConfig
 from engine.datasets import DatasetError
-from engine.runs import runs_root
+from engine.runs import resume_problem, runs_root
 from engine.uploads import extract_image_zip
 
 st.title("🚀 Audit")
@@ -162,7 +162,10 @@ if state == "failed":
 if state in ("interrupted", "cancelled", "failed"):
     if state == "interrupted":
         st.warning("This audit was interrupted (the server stopped while it trained). Finished epochs are kept.")
-    if st.button("Resume from the last finished epoch", key=f"resume-{run.id}"):
+    problem = resume_problem(run, 1)
+    if problem:
+        st.info(problem.replace("Continue with: ", "Continue it from a shell:\n\n    "))
+    elif st.button("Resume from the last finished epoch", key=f"resume-{run.id}"):
         jobs.resume(run)
         time.sleep(0.2)
         st.rerun()

@@ -21,8 +21,16 @@ from .config import AuditConfig, ConfigError
 from .datasets import IndexedDataset, load_dataset
 from .metrics import detection_metrics
 from .models import pick_device
-from .pipeline import choose_loader, is_lazy, make_source, materialize
-from .runs import DynamicsWriter, Run, atomic_write_json, atomic_write_parquet, create_run, owner_fields
+from .pipeline import choose_loader, is_lazy, make_source, materialize, normalization_stats
+from .runs import (
+    DynamicsWriter,
+    Run,
+    atomic_write_json,
+    atomic_write_parquet,
+    create_run,
+    owner_fields,
+    resume_problem,
+)
 from .scores import REGISTRY, compute_scores
 from .training import Cancelled, EpochResult, train_pass
 
@@ -71,8 +79,11 @@ def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None) -> tuple[Ru
     cfg.validate()
     ds, _ = load_run_dataset(cfg)
     check_dataset(ds, cfg)
-    if is_lazy(ds.images) and choose_loader(cfg.loader, ds.images) == "memory":
-        ds.images = materialize(ds.images, cfg.workers)  # a corrupt file stops here, before the run exists
+    if is_lazy(ds.images):  # a corrupt file found while decoding stops here, before the run exists
+        if choose_loader(cfg.loader, ds.images) == "memory":
+            ds.images = materialize(ds.images, cfg.workers)
+        else:
+            ds.stats = normalization_stats(ds.images, cfg.workers, cfg.seed)
     tpass = (
         threshold_assignment(len(ds), ds.n_classes, cfg.passes, cfg.seed)
         if cfg.threshold_samples
@@ -106,9 +117,12 @@ def execute(
     finished epochs stay on disk and, when at least one epoch finished, scores and summary are
     written from them (marked ``partial``).
     """
-    from .distributed import is_main
+    from .distributed import world
 
-    main = is_main()  # under torchrun, rank 0 alone writes the run directory
+    rank, world_size = world()
+    main = rank == 0  # under torchrun, rank 0 alone writes the run directory
+    if resume and (problem := resume_problem(run, world_size)):
+        raise ConfigError(problem)
     raw = run.config()
     cfg = AuditConfig.from_dict({k: v for k, v in raw.items() if k not in ("dataset_root", "dataset_info", "image_shape")})
     wants_sets = cfg.eval_share > 0 or cfg.ood_folder
@@ -133,7 +147,7 @@ def execute(
     status = run.update_status if main else (lambda **kw: None)
     status(
         state="running", passes=passes, epochs=cfg.epochs, epochs_done=epochs_done, history=history,
-        pass_idx=0, error=None, started_at=started, **owner_fields(),
+        pass_idx=0, error=None, started_at=started, world_size=world_size, **owner_fields(),
     )
     device = pick_device(cfg.device)
     source = None
@@ -150,7 +164,7 @@ def execute(
             on_epoch(r)
 
     try:
-        source = make_source(ds.images, device, cfg.loader, cfg.workers, seed=cfg.seed)
+        source = make_source(ds.images, device, cfg.loader, cfg.workers, stats=ds.stats, seed=cfg.seed)
         status(input_pipeline={"loader": source.kind, "workers": source.workers, "device": str(device)})
         for p in range(passes):
             start = epochs_done[p]
@@ -178,6 +192,11 @@ def execute(
         if main:
             _finalize_partial(run)
         status(state="cancelled", finished_at=time.time())
+        raise
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM in the CLI (a scheduler ending the job): resumable, not failed
+        if main:
+            _finalize_partial(run)
+        status(state="interrupted", finished_at=time.time())
         raise
     except BaseException as exc:
         if main:

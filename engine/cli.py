@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .config import CUTOFFS, LOADERS, MODELS, AuditConfig, ConfigError
 from .datasets import DatasetError
 from .extra_scores import ScoreError
-from .runs import RunError, open_run, runs_root
+from .runs import RunError, open_run, resume_command, resume_problem, runs_root
 from .training import Cancelled
 
 
@@ -34,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                         "processes and pinned memory, for data larger than memory), auto (stream above 4 GiB "
                         "decoded, or a quarter of free GPU memory)")
     a.add_argument("--workers", type=int, default=None,
-                   help="DataLoader worker processes decoding image files when streaming (default: spare cores, max 8)")
+                   help="processes decoding image files (the DataLoader's when streaming; the one-off decode for memory). "
+                        "Default: none below 64 MiB decoded, else one per spare core, at most 8")
     a.add_argument("--no-threshold-samples", action="store_true", help="train without threshold samples")
     a.add_argument("--threshold-runs", type=int, default=d.threshold_runs,
                    help="passes with disjoint threshold sets (2 gives every sample an AUM)")
@@ -178,7 +181,7 @@ def _audit(args: argparse.Namespace) -> int:
     from . import audit
 
     if args.resume:
-        from .distributed import init_from_env
+        from .distributed import init_from_env, world
 
         run = open_run(args.resume, args.out)
         init_from_env(run.config().get("device", "auto"))
@@ -189,6 +192,9 @@ def _audit(args: argparse.Namespace) -> int:
         if st.get("state") == "running":
             print(f"run {run.id} is still running in process {st.get('pid')}; not resuming it twice", file=sys.stderr)
             return 2
+        problem = resume_problem(run, world()[1])
+        if problem:
+            raise ConfigError(problem)
         ds = None
         cfg = run.config()
         total = cfg["epochs"] * (cfg["threshold_runs"] if cfg["threshold_samples"] else 1)
@@ -215,29 +221,46 @@ def _audit(args: argparse.Namespace) -> int:
             run = created
         total, initial = cfg_obj.epochs * cfg_obj.passes, 0
         args.quiet = args.quiet or not is_main()
-    bar = tqdm(total=total, initial=initial, unit="epoch", disable=args.quiet, desc=run.id)
+    from .distributed import is_main, world
+
+    passes = run.config()["threshold_runs"] if run.config()["threshold_samples"] else 1
+    bar = tqdm(total=total, initial=initial, unit="epoch", disable=args.quiet,
+               desc=f"{run.id} ({passes} pass(es) x {total // passes} epochs)")
 
     def on_epoch(r):
+        bar.set_postfix_str(f"pass {r.pass_idx + 1}/{passes} epoch {r.epoch + 1} loss {r.loss:.3f} acc {r.accuracy:.3f}",
+                            refresh=False)
         bar.update(1)
-        bar.set_postfix(pass_=r.pass_idx, loss=f"{r.loss:.3f}", acc=f"{r.accuracy:.3f}")
 
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
     try:
         summary = audit.execute(run, ds, on_epoch=on_epoch, resume=bool(args.resume))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         bar.close()
-        print(f"\ninterrupted; finished epochs are kept. Continue with: python -m engine audit --resume {run.path}",
-              file=sys.stderr)
-        return 130
+        if is_main():
+            why = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            print(f"{why}; finished epochs are kept. Continue with: {resume_command(run, world()[1])}",
+                  file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except Cancelled:
         bar.close()
         print(f"cancelled; finished epochs are kept in {run.path}", file=sys.stderr)
         return 1
-    bar.close()
-    from .distributed import is_main
-
+    finally:
+        bar.close()  # an error message starts on its own line, not after the bar
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if is_main():
         print(format_summary(summary, run.path))
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler ending the job, ``kill``): handled like Ctrl-C, so the run is marked interrupted."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -273,5 +296,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _ensemble(args)
         return _export(args)
     except (ConfigError, DatasetError, RunError, ScoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from .distributed import is_main
+
+        if is_main():  # under torchrun every rank raises the same error: say it once
+            print(f"error: {exc}", file=sys.stderr)
         return 2

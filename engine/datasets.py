@@ -42,6 +42,7 @@ class IndexedDataset:
     root: str | None = None
     true_labels: np.ndarray | None = None
     info: dict = field(default_factory=dict)
+    stats: tuple | None = None  # per-channel (mean, std) once measured (engine.pipeline.normalization_stats)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -134,7 +135,8 @@ def _read_image(path: Path, where: str, header_only: bool = False):
             im.load()
             return im.copy()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
-        raise DatasetError(f"{where}: cannot read image {path}: {exc}. Remove it or replace it.") from exc
+        reason = str(exc).replace(f" '{path}'", "").replace(str(path), "the file")  # PIL repeats the path
+        raise DatasetError(f"{where}: cannot read image {path}: {reason}. Remove it or replace it.") from exc
 
 
 def _convert(im, mode: str, size: int) -> np.ndarray:

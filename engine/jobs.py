@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .config import AuditConfig
-from .runs import Run, owner_fields
+from .config import AuditConfig, ConfigError
+from .runs import Run, owner_fields, resume_problem
 
 if TYPE_CHECKING:  # the training stack (torch) loads with the first audit, not with the dashboard
     from .datasets import IndexedDataset
@@ -60,7 +60,14 @@ class JobManager:
         return run
 
     def resume(self, run: Run) -> None:
-        """Continue an interrupted, cancelled or failed run from its last finished epoch."""
+        """Continue an interrupted, cancelled or failed run from its last finished epoch.
+
+        Raises ``ConfigError`` (leaving the run as it is) when the run trained under torchrun with more
+        processes than this one (``runs.resume_problem``).
+        """
+        problem = resume_problem(run, 1)
+        if problem:
+            raise ConfigError(problem)
         job = Job(run, resume=True)
         run.update_status(state="pending", error=None, **owner_fields())
         with self._lock:

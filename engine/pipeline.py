@@ -91,6 +91,14 @@ def stats_batch(shape: tuple) -> int:
     return max(1, min(4096, 2**24 // int(np.prod(shape[1:]))))
 
 
+def stats_sample(n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of the images a streamed source measures its normalisation on: all of them up to
+    ``STATS_SAMPLES``, else ``STATS_SAMPLES`` drawn with ``seed``."""
+    if n <= STATS_SAMPLES:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, STATS_SAMPLES, replace=False))
+
+
 def fixed_slices(n: int, size: int) -> list[slice]:
     return [slice(s, min(n, s + size)) for s in range(0, n, size)]
 
@@ -200,9 +208,8 @@ class StreamImages:
             _IndexBatches(images), sampler=self._order, batch_size=None, num_workers=self.workers, pin_memory=cuda, **kw
         )
         if stats is None:
-            k = min(self.n, STATS_SAMPLES)
-            pick = np.arange(self.n) if k == self.n else np.sort(np.random.default_rng(seed).choice(self.n, k, replace=False))
-            stats = channel_stats(self.batches(pick, fixed_slices(k, stats_batch(images.shape))))
+            pick = stats_sample(self.n, seed)
+            stats = channel_stats(self.batches(pick, fixed_slices(len(pick), stats_batch(images.shape))))
         self.mean, self.std = (t.to(device) for t in stats)
 
     def batches(self, order: np.ndarray, slices: list[slice]) -> Iterator[torch.Tensor]:
@@ -244,6 +251,13 @@ def materialize(images, workers: int | None = None) -> np.ndarray:
         for sl, x in zip(slices, src.batches(np.arange(len(images)), slices), strict=True):
             out[sl] = x.permute(0, 2, 3, 1).numpy()
     return out
+
+
+def normalization_stats(images, workers: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel (mean, std) a streamed source normalises with: exact over ``STATS_SAMPLES`` images
+    drawn with ``seed`` (all of them when fewer), read by ``workers`` decoding processes."""
+    with StreamImages(images, torch.device("cpu"), workers, seed=seed) as src:
+        return src.mean, src.std
 
 
 def make_source(images, device: torch.device, loader: str = "auto", workers: int | None = None,

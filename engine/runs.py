@@ -273,3 +273,27 @@ class DynamicsWriter:
         for name, arr in self.arrays.items():
             arr[epoch] = values[name]
             arr.flush()
+
+
+def resume_command(run: Run, world_size: int) -> str:
+    """The command that continues ``run`` with ``world_size`` processes."""
+    if world_size > 1:
+        return f"torchrun --nproc_per_node {world_size} -m engine audit --resume {run.path}"
+    return f"python -m engine audit --resume {run.path}"
+
+
+def resume_problem(run: Run, world_size: int) -> str | None:
+    """Why ``run`` cannot continue in ``world_size`` processes, or ``None`` when it can.
+
+    A run that finished epochs continues with as many processes as it trained with: the batch per
+    process, each rank's shard and the effective batch depend on that count, so another count would
+    train a different model than the uninterrupted run (and silently change its scores).
+    """
+    st = run.raw_status()
+    trained = st.get("world_size")
+    if trained is None or trained == world_size or not sum(st.get("epochs_done") or []):
+        return None
+    how = "under torchrun" if trained > 1 else "in one process"
+    return (f"run {run.id} trained {how} with {trained} process(es); continuing it with {world_size} would train a "
+            f"different model than the uninterrupted run. Continue with: {resume_command(run, trained)} "
+            "(or start a new audit)")

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from scipy.stats import spearmanr
 
 from engine import audit
-from engine.config import AuditConfig
+from engine.config import AuditConfig, ConfigError
 from engine.distributed import shard
 from engine.export import export_frame
-from engine.runs import DYNAMICS, list_runs
+from engine.jobs import JobManager
+from engine.runs import DYNAMICS, list_runs, resume_problem
 
 
 def test_shard_pads_like_distributed_sampler_and_captures_each_once():
@@ -37,6 +39,12 @@ def test_torchrun_two_processes_matches_single_process(tmp_path):
     assert r.stdout.count("samples: 1797") == 1  # rank 0 alone reports
     (ddp,) = list_runs(tmp_path / "ddp")
     assert ddp.status()["state"] == "done" and ddp.status()["epochs_done"] == [10, 10]
+    assert ddp.status()["world_size"] == 2 and resume_problem(ddp, 2) is None
+    # Continuing it in one process would train another model: refused, naming the command that works
+    assert f"torchrun --nproc_per_node 2 -m engine audit --resume {ddp.path}" in resume_problem(ddp, 1)
+    with pytest.raises(ConfigError, match="torchrun --nproc_per_node 2"):
+        JobManager(tmp_path).resume(ddp)
+    assert ddp.status()["state"] == "done"  # left as it was
     for p in range(2):  # 1,797 samples over 2 ranks: one padded repeat per epoch, never captured twice
         for name in DYNAMICS:
             arr = ddp.dynamics(p, name)

@@ -105,15 +105,24 @@ def test_streamed_audit_with_worker_processes_equals_the_in_memory_audit(tmp_pat
     assert np.array_equal(np.load(runs["memory"].path / "features.npy"), np.load(runs["stream"].path / "features.npy"))
 
 
-def test_a_file_corrupt_past_its_header_fails_the_streamed_run_with_its_name(tmp_path):
+def test_a_file_corrupt_past_its_header_fails_the_streamed_run_with_its_name(tmp_path, monkeypatch):
     root = _copy_folder(tmp_path)
-    bad = root / "6" / sorted(p.name for p in (root / "6").iterdir())[0]
+    files = sorted((root / "6").iterdir())
+    bad = files[0]
     bad.write_bytes(bad.read_bytes()[:60])  # header intact, pixel data cut
-    with pytest.raises(DatasetError, match=bad.name):  # held in memory: decoded before the run is created
-        audit.prepare(AuditConfig(dataset=str(root), loader="memory"), tmp_path / "runs")
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    for loader in ("memory", "stream"):  # decoded (memory) or read for the normalisation (stream) before the run exists
+        with pytest.raises(DatasetError, match=bad.name):
+            audit.prepare(AuditConfig(dataset=str(root), loader=loader, workers=1), tmp_path / "runs")
+        assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    # A file outside the normalisation sample is first read in training: the run fails naming it, epochs kept.
+    monkeypatch.setattr(pipeline, "STATS_SAMPLES", 16)
+    order = load_dataset(str(root), lazy=True).sources
+    outside = next(i for i in range(len(order)) if i not in set(pipeline.stats_sample(len(order))))
+    shutil.copy(files[1], bad)  # repair the first one, break one that the sample skips
+    bad = root / order[outside]
+    bad.write_bytes(bad.read_bytes()[:60])
     cfg = AuditConfig(dataset=str(root), noise=0.0, epochs=2, loader="stream", workers=1, device="cpu")
-    run, ds = audit.prepare(cfg, tmp_path / "runs")  # the header check passes
+    run, ds = audit.prepare(cfg, tmp_path / "runs")
     with pytest.raises(DatasetError) as err:
         audit.execute(run, ds)
     assert bad.name in str(err.value) and "Traceback" not in str(err.value)

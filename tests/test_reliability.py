@@ -59,6 +59,33 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     pd.testing.assert_frame_equal(run.scores(), full.scores())
 
 
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_marks_the_run_interrupted_and_says_how_to_resume(tmp_path, sig, code):
+    """Ctrl-C and a scheduler's SIGTERM stop a headless audit the same way: interrupted (not failed), partial
+    scores from the finished epochs, the resume command printed; --resume then finishes it."""
+    env = dict(os.environ, DIFFICULTY_AUDIT_RUNS=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "audit", "--epochs", "8", "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, run = time.time() + 120, None
+    while time.time() < deadline and run is None:
+        runs = list_runs(tmp_path)
+        if runs and sum(runs[0].raw_status().get("epochs_done") or [0]) >= 2:
+            run = runs[0]
+        time.sleep(0.05)
+    assert run is not None, "the audit never reached epoch 2"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    raw = run.raw_status()
+    assert raw["state"] == "interrupted" and not raw.get("error"), raw
+    assert f"Continue with: python -m engine audit --resume {run.path}" in err and "Traceback" not in err
+    assert run.summary()["partial"] and run.scores() is not None
+    r = subprocess.run([sys.executable, "-m", "engine", "audit", "--resume", str(run.path), "--quiet"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert run.status()["state"] == "done" and run.status()["epochs_done"] == [8, 8]
+
+
 def _zip(entries: dict[str, bytes], symlink: str | None = None) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
