@@ -161,7 +161,8 @@ if state == "failed":
         st.code(status.get("traceback") or "")
 if state in ("interrupted", "cancelled", "failed"):
     if state == "interrupted":
-        st.warning("This audit was interrupted (the server stopped while it trained). Finished epochs are kept.")
+        st.warning("This audit was interrupted (its process stopped while it trained: a server restart, Ctrl-C, "
+                   "a scheduler's SIGTERM or a crash). Finished epochs are kept.")
     problem = resume_problem(run, 1)
     if problem:
         st.info(problem.replace("Continue with: ", "Continue it from a shell:\n\n    "))
