@@ -1,0 +1,120 @@
+"""Time to open every dashboard page in a real browser for a run of N samples x E epochs, and the server's memory.
+
+``render_pages.py`` times each page's script on the server (AppTest, a fresh process per page). This
+script measures what a user waits for: one ``streamlit run app.py`` server (as ``make demo`` starts
+it) holding the same synthetic run (``render_pages.make_run``), and headless Chromium opening each
+page's URL in turn, twice (the first visit fills the server's caches, the second is a reload). A
+page counts as shown when its script has finished (``data-test-script-state`` = ``notRunning``),
+every Plotly chart has laid out and drawn its SVG and every image has loaded. After each page the server's
+resident memory (VmRSS) and peak (VmHWM) are read from ``/proc``: one process serves every page,
+so the caches of the pages visited so far add up.
+
+Usage: python bench/browser_pages.py [--samples 1000000] [--epochs 30]
+Needs Debian's chromium (``make chromium``, as root) and the playwright package (``.[test]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from render_pages import ROOT, make_run  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+PAGES = [("audit", ""), ("aum", "aum"), ("flagged", "flagged"), ("scores", "scores"), ("datamap", "datamap"),
+         ("ood", "ood")]
+SHOWN = """() => {
+  const app = document.querySelector('[data-testid="stApp"]');
+  if (!app || app.getAttribute('data-test-script-state') !== 'notRunning') return false;
+  if (document.querySelector('[data-testid="stSkeleton"]')) return false;
+  const plots = [...document.querySelectorAll('.js-plotly-plot')];
+  if (!plots.every(p => p._fullLayout && p.querySelector('svg.main-svg'))) return false;
+  return [...document.querySelectorAll('img')].every(i => i.complete);
+}"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _memory_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process in MB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def start_server(runs: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    streamlit = shutil.which("streamlit", path=str(Path(sys.executable).parent)) or "streamlit"
+    proc = subprocess.Popen(
+        [streamlit, "run", "app.py", "--server.headless", "true", "--server.port", str(port), "--server.address",
+         "127.0.0.1", "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=dict(os.environ, DIFFICULTY_AUDIT_RUNS=str(runs)), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                return proc, url
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit(f"streamlit did not answer on {url}")
+
+
+def main() -> None:
+    from playwright.sync_api import sync_playwright
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=1_000_000)
+    ap.add_argument("--epochs", type=int, default=30)
+    args = ap.parse_args()
+    if not Path(CHROMIUM).exists():
+        raise SystemExit(f"{CHROMIUM} not found: install Debian's chromium (make chromium, as root)")
+    with tempfile.TemporaryDirectory() as tmp:
+        run_id = make_run(Path(tmp), args.samples, args.epochs).name
+        proc, url = start_server(Path(tmp))
+        print(f"server pid {proc.pid}, memory at start: {_memory_mb(proc.pid)[0]:.0f} MB")
+        print("| visit | page | shown after (s) | charts, images | server RSS / peak (MB) | browser JS heap (MB) |\n"
+              "|---|---|---|---|---|---|")
+        try:
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=CHROMIUM,
+                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                for visit in ("first", "reload"):
+                    for name, path in PAGES:
+                        t0 = time.perf_counter()
+                        page.goto(f"{url}/{path}?run={run_id}")
+                        page.wait_for_function(SHOWN, timeout=120_000, polling=50)
+                        shown = time.perf_counter() - t0
+                        errors = page.locator('[data-testid="stException"]').count()
+                        charts = page.locator(".js-plotly-plot").count()
+                        images = page.locator("img").count()
+                        heap = page.evaluate("() => performance.memory ? performance.memory.usedJSHeapSize : 0") / 2**20
+                        rss, hwm = _memory_mb(proc.pid)
+                        flag = f" ({errors} EXCEPTION(S))" if errors else ""
+                        print(f"| {visit} | {name}{flag} | {shown:.2f} | {charts}, {images} | {rss:.0f} / {hwm:.0f} "
+                              f"| {heap:.0f} |", flush=True)
+                browser.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
