@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from engine.images import SampleImages
 from engine.jobs import JobManager
 from engine.runs import Run, RunError, list_runs, runs_root
 from engine.views import live_scores
@@ -60,6 +61,16 @@ def sidebar_run_picker() -> Run | None:
             st.markdown("\n".join(f"- `{r.id}` {state_badge(r)}" for r in runs))
         st.session_state["_current_run"] = run
         return run
+
+
+@st.cache_resource(max_entries=2)
+def _images(path: str) -> SampleImages:
+    return SampleImages(Run(path))
+
+
+def sample_images(run: Run) -> SampleImages:
+    """The run's images and thumbnails, one object per run shared by every page and session."""
+    return _images(str(run.path))
 
 
 def require_run(what: str) -> Run:

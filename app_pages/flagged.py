@@ -9,9 +9,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import image_grid, natural_aum, require_run, require_scores, stamp
+from app_pages.common import image_grid, natural_aum, require_run, require_scores, sample_images, stamp
 from engine.export import export_filename, export_frame, to_csv_bytes
-from engine.images import ImageError, SampleImages
+from engine.images import ImageError
 from engine.reviews import ReviewStore
 from engine.scores import REGISTRY
 from engine.views import first_kept_pass, nearest_neighbours
@@ -27,13 +27,6 @@ if state != "done":
     st.warning(f"This run is **{state}**: ranks and flags come from the epochs finished so far, and exports say so.")
 session = st.session_state.setdefault("review_session", uuid.uuid4().hex[:12])
 store = ReviewStore(run.path)
-
-
-@st.cache_resource(max_entries=4)
-def images_of(run_key: tuple) -> SampleImages:
-    from engine.runs import Run
-
-    return SampleImages(Run(run_key[0]))
 
 
 @st.cache_resource(max_entries=2)
@@ -122,7 +115,7 @@ def card_text(i: int) -> str:
     return "  \n".join(lines)
 
 
-images = images_of(key)
+images = sample_images(run)
 
 if view == "Cards":
     cols_per_row = 4

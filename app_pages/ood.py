@@ -7,8 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import image_grid, require_run, stamp
-from engine.images import SampleImages
+from app_pages.common import image_grid, load_scores, require_run, sample_images
 from engine.ood_eval import load_report, load_results
 from engine.views import common_edges, histogram, subsample
 
@@ -101,14 +100,8 @@ if cal:
 st.subheader("Lowest-density training samples")
 k = st.slider("How many", 6, 48, 12, 6, key="ood_k")
 low = np.argsort(dens, kind="stable")[:k]
-ids = run.samples(["sample_id"])["sample_id"].to_numpy()
+loaded = load_scores(run)  # the cached samples table (ids of a million samples are not read again on each rerun)
+ids = (loaded[2] if loaded else run.samples(["sample_id"]))["sample_id"].to_numpy()
 
 
-@st.cache_resource(max_entries=4)
-def images_of(key: tuple) -> SampleImages:
-    from engine.runs import Run
-
-    return SampleImages(Run(key[0]))
-
-
-image_grid(images_of(stamp(run)), low, [f"{ids[i]} · log q {dens[i]:.0f} · H {ent[i]:.2f}" for i in low])
+image_grid(sample_images(run), low, [f"{ids[i]} · log q {dens[i]:.0f} · H {ent[i]:.2f}" for i in low])

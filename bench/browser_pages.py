@@ -2,10 +2,11 @@
 
 ``render_pages.py`` times each page's script on the server (AppTest, a fresh process per page). This
 script measures what a user waits for: one ``streamlit run app.py`` server (as ``make demo`` starts
-it) holding the same synthetic run (``render_pages.make_run``), and headless Chromium opening each
-page's URL in turn, twice (the first visit fills the server's caches, the second is a reload). A
-page counts as shown when its script has finished (``data-test-script-state`` = ``notRunning``),
-every Plotly chart has laid out and drawn its SVG and every image has loaded. After each page the server's
+it) holding the same synthetic run (``render_pages.make_run``), and headless Chromium opening the
+app's URL, then every page by clicking its sidebar link (one browser session, as a user moves
+through the app), then every page again. A page counts as shown when its script has run and
+finished (``data-test-script-state`` went to ``running`` and back to ``notRunning``), every Plotly
+chart has laid out and drawn its SVG and every image has loaded. After each page the server's
 resident memory (VmRSS) and peak (VmHWM) are read from ``/proc``: one process serves every page,
 so the caches of the pages visited so far add up.
 
@@ -31,11 +32,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from render_pages import ROOT, make_run  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
-PAGES = [("audit", ""), ("aum", "aum"), ("flagged", "flagged"), ("scores", "scores"), ("datamap", "datamap"),
-         ("ood", "ood")]
+PAGES = ["audit", "aum", "flagged", "scores", "datamap", "ood"]  # app.py's st.Page entries, in sidebar order
+WATCH = """() => {  // records that a script run started after this point (page switches stay in one document)
+  window.__ran = false;
+  const app = document.querySelector('[data-testid="stApp"]');
+  new MutationObserver(() => {
+    if (app.getAttribute('data-test-script-state') === 'running') window.__ran = true;
+  }).observe(app, {attributes: true});
+}"""
+SCRIPT_DONE = """() => {
+  const app = document.querySelector('[data-testid="stApp"]');
+  return !!app && window.__ran && app.getAttribute('data-test-script-state') === 'notRunning';
+}"""
 SHOWN = """() => {
   const app = document.querySelector('[data-testid="stApp"]');
-  if (!app || app.getAttribute('data-test-script-state') !== 'notRunning') return false;
+  if (!app || !window.__ran || app.getAttribute('data-test-script-state') !== 'notRunning') return false;
   if (document.querySelector('[data-testid="stSkeleton"]')) return false;
   const plots = [...document.querySelectorAll('.js-plotly-plot')];
   if (!plots.every(p => p._fullLayout && p.querySelector('svg.main-svg'))) return false;
@@ -76,6 +87,25 @@ def start_server(runs: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"streamlit did not answer on {url}")
 
 
+def wait(page, t0: float) -> float:
+    """Wait until the page is shown; returns the seconds from ``t0`` until its script had finished."""
+    page.wait_for_function(SCRIPT_DONE, timeout=120_000, polling=20)
+    done = time.perf_counter() - t0
+    page.wait_for_function(SHOWN, timeout=120_000, polling=20)
+    return done
+
+
+def report(page, proc: subprocess.Popen, visit: str, name: str, done: float, shown: float) -> None:
+    errors = page.locator('[data-testid="stException"]').count()
+    charts = page.locator(".js-plotly-plot").count()
+    images = page.locator("img").count()
+    heap = page.evaluate("() => performance.memory ? performance.memory.usedJSHeapSize : 0") / 2**20
+    rss, hwm = _memory_mb(proc.pid)
+    flag = f" ({errors} EXCEPTION(S))" if errors else ""
+    print(f"| {visit} | {name}{flag} | {done:.2f} | {shown:.2f} | {charts}, {images} | {rss:.0f} / {hwm:.0f} | {heap:.0f} |",
+          flush=True)
+
+
 def main() -> None:
     from playwright.sync_api import sync_playwright
 
@@ -89,27 +119,26 @@ def main() -> None:
         run_id = make_run(Path(tmp), args.samples, args.epochs).name
         proc, url = start_server(Path(tmp))
         print(f"server pid {proc.pid}, memory at start: {_memory_mb(proc.pid)[0]:.0f} MB")
-        print("| visit | page | shown after (s) | charts, images | server RSS / peak (MB) | browser JS heap (MB) |\n"
-              "|---|---|---|---|---|---|")
+        print("| visit | page | script done (s) | shown (s) | charts, images | server RSS / peak (MB) | browser JS heap (MB) |\n"
+              "|---|---|---|---|---|---|---|")
         try:
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=CHROMIUM,
                                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                for visit in ("first", "reload"):
-                    for name, path in PAGES:
+                t0 = time.perf_counter()
+                page.goto(f"{url}/?run={run_id}")
+                page.wait_for_selector('[data-testid="stApp"][data-test-script-state="running"]', timeout=60_000)
+                page.evaluate("() => { window.__ran = true; }")
+                done = wait(page, t0)
+                report(page, proc, "open", "audit", done, time.perf_counter() - t0)
+                for visit in ("first", "again"):
+                    for name in PAGES[1:] if visit == "first" else PAGES:
+                        page.evaluate(WATCH)
                         t0 = time.perf_counter()
-                        page.goto(f"{url}/{path}?run={run_id}")
-                        page.wait_for_function(SHOWN, timeout=120_000, polling=50)
-                        shown = time.perf_counter() - t0
-                        errors = page.locator('[data-testid="stException"]').count()
-                        charts = page.locator(".js-plotly-plot").count()
-                        images = page.locator("img").count()
-                        heap = page.evaluate("() => performance.memory ? performance.memory.usedJSHeapSize : 0") / 2**20
-                        rss, hwm = _memory_mb(proc.pid)
-                        flag = f" ({errors} EXCEPTION(S))" if errors else ""
-                        print(f"| {visit} | {name}{flag} | {shown:.2f} | {charts}, {images} | {rss:.0f} / {hwm:.0f} "
-                              f"| {heap:.0f} |", flush=True)
+                        page.locator('[data-testid="stSidebarNav"] a').nth(PAGES.index(name)).click()
+                        done = wait(page, t0)
+                        report(page, proc, visit, name, done, time.perf_counter() - t0)
                 browser.close()
         finally:
             proc.terminate()

@@ -156,12 +156,13 @@ def test_images_are_served_only_from_the_dataset_root(tmp_path):
     data = _folder(tmp_path / "d", {"a": 4, "b": 4})
     run, ds = audit.prepare(AuditConfig(dataset=str(data), epochs=1, threshold_samples=False), tmp_path / "r")
     audit.execute(run, ds)
-    images = SampleImages(run)
-    assert images.png(0)[:4] == b"\x89PNG"
+    assert SampleImages(run).png(0)[:4] == b"\x89PNG"
     (tmp_path / "secret.png").write_bytes(_png())
-    images.sources[1] = "../secret.png"  # a tampered samples table must not reach outside the root
+    samples = run.samples()
+    samples.loc[1, "source"] = "../secret.png"  # a tampered samples table must not reach outside the root
+    samples.to_parquet(run.path / "samples.parquet")
     with pytest.raises(ImageError, match="outside the dataset root"):
-        images.image(1)
+        SampleImages(run).image(1)
 
 
 def test_run_ids_cannot_escape_the_runs_folder(tmp_path, monkeypatch):
