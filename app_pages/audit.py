@@ -165,7 +165,7 @@ if state in ("interrupted", "cancelled", "failed"):
                    "a scheduler's SIGTERM or a crash). Finished epochs are kept.")
     problem = resume_problem(run, 1)
     if problem:
-        st.info(problem.replace("Continue with: ", "Continue it from a shell:\n\n    "))
+        st.info(problem)
     elif st.button("Resume from the last finished epoch", key=f"resume-{run.id}"):
         jobs.resume(run)
         time.sleep(0.2)

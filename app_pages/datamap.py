@@ -29,10 +29,9 @@ if sel.size < idx.size:
     st.caption(f"Showing a random {sel.size:,} of {idx.size:,} samples (WebGL scatter; subsampled above {MAX_POINTS:,}).")
 ids = samples["sample_id"].to_numpy()
 labels = np.array(classes)[samples["label"].to_numpy()]
-f32 = np.float32  # half the bytes sent to the browser (plotly ships arrays as typed binary), ample for a plot
 fig = go.Figure(go.Scattergl(
-    x=variability[sel].astype(f32), y=confidence[sel].astype(f32), mode="markers",
-    marker=dict(color=correct[sel].astype(f32), colorscale="RdYlBu", cmin=0, cmax=1, size=5, opacity=0.7,
+    x=variability[sel], y=confidence[sel], mode="markers",
+    marker=dict(color=correct[sel], colorscale="RdYlBu", cmin=0, cmax=1, size=5, opacity=0.7,
                 colorbar=dict(title="correctness")),
     text=[f"{i} · label {lab}" for i, lab in zip(ids[sel], labels[sel], strict=True)],
     hovertemplate="%{text}<br>variability %{x:.3f}<br>confidence %{y:.3f}<extra></extra>",

@@ -179,10 +179,9 @@ def _audit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import audit
+    from .distributed import broadcast_object, init_from_env, is_main, world
 
     if args.resume:
-        from .distributed import init_from_env, world
-
         run = open_run(args.resume, args.out)
         init_from_env(run.config().get("device", "auto"))
         st = run.status()
@@ -192,16 +191,11 @@ def _audit(args: argparse.Namespace) -> int:
         if st.get("state") == "running":
             print(f"run {run.id} is still running in process {st.get('pid')}; not resuming it twice", file=sys.stderr)
             return 2
-        problem = resume_problem(run, world()[1])
+        problem = resume_problem(run, world()[1])  # audit.execute refuses it too; here before a progress bar shows
         if problem:
             raise ConfigError(problem)
         ds = None
-        cfg = run.config()
-        total = cfg["epochs"] * (cfg["threshold_runs"] if cfg["threshold_samples"] else 1)
-        initial = sum(run.raw_status().get("epochs_done") or [])
     else:
-        from .distributed import broadcast_object, init_from_env, is_main
-
         cfg_obj = _config_from_args(args)
         init_from_env(cfg_obj.device)
         created, error = None, None
@@ -219,13 +213,12 @@ def _audit(args: argparse.Namespace) -> int:
             run, ds = open_run(created_path), None
         else:
             run = created
-        total, initial = cfg_obj.epochs * cfg_obj.passes, 0
-        args.quiet = args.quiet or not is_main()
-    from .distributed import is_main, world
-
-    passes = run.config()["threshold_runs"] if run.config()["threshold_samples"] else 1
-    bar = tqdm(total=total, initial=initial, unit="epoch", disable=args.quiet,
-               desc=f"{run.id} ({passes} pass(es) x {total // passes} epochs)")
+    cfg = run.config()
+    passes = cfg["threshold_runs"] if cfg["threshold_samples"] else 1
+    total = cfg["epochs"] * passes
+    initial = sum(run.raw_status().get("epochs_done") or []) if args.resume else 0
+    bar = tqdm(total=total, initial=initial, unit="epoch", disable=args.quiet or not is_main(),
+               desc=f"{run.id} ({passes} pass(es) x {cfg['epochs']} epochs)")
 
     def on_epoch(r):
         bar.set_postfix_str(f"pass {r.pass_idx + 1}/{passes} epoch {r.epoch + 1} loss {r.loss:.3f} acc {r.accuracy:.3f}",

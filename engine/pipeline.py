@@ -11,8 +11,8 @@ Two sources give the same uint8 NCHW batches for the same order of sample indice
   that does not fit in memory: ``--loader stream``.
 
 ``--loader auto`` (the default) streams when the decoded images would take more than
-``IN_MEMORY_LIMIT`` bytes (on a GPU, more than a quarter of its free memory), else decodes everything once (in parallel worker processes) and keeps it
-in memory. Channel statistics are exact integer sums, so both sources normalise identically and
+``IN_MEMORY_LIMIT`` bytes (on a GPU, more than a quarter of its free memory), else decodes
+everything once (in parallel worker processes) and keeps it in memory. Channel statistics are exact integer sums, so both sources normalise identically and
 train to the same model.
 """
 

@@ -25,6 +25,17 @@ from engine.runs import RunError, list_runs, open_run
 from engine.uploads import extract_image_zip
 
 
+def _wait_for_epochs(root: Path, epochs: int, timeout: float = 120):
+    """The run a headless audit creates under ``root``, once it has finished ``epochs`` epochs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = list_runs(root)
+        if runs and sum(runs[0].raw_status().get("epochs_done") or [0]) >= epochs:
+            return runs[0]
+        time.sleep(0.05)
+    raise AssertionError(f"the audit never reached epoch {epochs}")
+
+
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     """SIGKILL a headless audit mid-training; the run reads as interrupted and --resume finishes it identically.
 
@@ -33,15 +44,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     env = dict(os.environ, DIFFICULTY_AUDIT_RUNS=str(tmp_path / "killed"))
     args = [sys.executable, "-m", "engine", "audit", "--noise", "0.1", "--epochs", "12", "--seed", "5", "--quiet"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    run = None
-    while time.time() < deadline:
-        runs = list_runs(tmp_path / "killed")
-        if runs and sum(runs[0].raw_status().get("epochs_done") or [0]) >= 4:
-            run = runs[0]
-            break
-        time.sleep(0.05)
-    assert run is not None, "the audit never reached epoch 4"
+    run = _wait_for_epochs(tmp_path / "killed", 4)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     st = run.status()
@@ -66,13 +69,7 @@ def test_ctrl_c_or_sigterm_marks_the_run_interrupted_and_says_how_to_resume(tmp_
     env = dict(os.environ, DIFFICULTY_AUDIT_RUNS=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-m", "engine", "audit", "--epochs", "8", "--quiet"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline, run = time.time() + 120, None
-    while time.time() < deadline and run is None:
-        runs = list_runs(tmp_path)
-        if runs and sum(runs[0].raw_status().get("epochs_done") or [0]) >= 2:
-            run = runs[0]
-        time.sleep(0.05)
-    assert run is not None, "the audit never reached epoch 2"
+    run = _wait_for_epochs(tmp_path, 2)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
