@@ -1,0 +1,336 @@
+"""A recorder for any PyTorch training loop: the same run directory our own ``audit`` writes.
+
+::
+
+    from engine import Recorder, threshold_targets
+
+    rec = Recorder("runs", sample_ids, labels, classes, epochs)
+    for epoch in range(epochs):
+        for x, y, idx in loader:            # y: the targets the loss uses; idx: positions in sample_ids
+            logits = model(x)
+            rec.update(idx, logits, y)      # on any device, no host sync per batch
+        rec.end_epoch()
+    run_dir = rec.finish()                  # scores, cut-off, summary.json: a normal run
+
+``update`` calls ``engine.dynamics.batch_capture`` (the function our training loop calls) and
+scatters the batch's values into per-sample buffers on the logits' device; ``end_epoch`` copies
+them to the host once and writes one row of the run's ``(epochs, samples)`` arrays through the
+run store (``engine.runs``); ``finish`` scores the run with ``engine.audit.finalize``, like an
+audit of ours.
+
+Threshold samples (Pleiss et al. 2020): train pass ``p`` on ``threshold_targets(labels,
+n_classes, p, seed)`` with ``n_classes + 1`` outputs and record it with
+``Recorder(..., pass_index=p)``. Two passes share one run directory: pass 0 creates it under
+``runs_dir`` and ``finish()`` returns it; pass 1 is recorded by giving that run directory as
+``runs_dir`` with ``pass_index=1``. Each ``finish()`` rescores the run from every pass recorded so
+far, so after pass 1 every sample has an AUM from the pass in which it kept its label.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .config import AuditConfig, ConfigError
+from .runs import (
+    DYNAMICS,
+    DynamicsWriter,
+    Run,
+    atomic_write_json,
+    atomic_write_parquet,
+    create_run,
+    owner_fields,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+FLOAT_NAMES = [k for k, dt in DYNAMICS.items() if np.issubdtype(dt, np.floating)]
+INT_NAMES = [k for k in DYNAMICS if k not in FLOAT_NAMES]
+
+
+def threshold_targets(labels: Any, n_classes: int, pass_index: int, seed: int = 0) -> Any:
+    """The targets of threshold pass ``pass_index``: ``labels`` with ``N // (c + 1)`` samples moved to class ``c``.
+
+    Pleiss et al. 2020: the moved samples ("threshold samples") are mislabeled by construction; the
+    99th percentile of their AUM is the cut-off below which a real sample is flagged. Train the
+    pass with ``n_classes + 1`` outputs. The sets of passes 0, 1, ... of one ``seed`` are disjoint
+    (slices of one seeded permutation, the same sets our own ``audit`` uses), so two passes give
+    every sample an AUM from a pass in which it kept its label.
+
+    ``labels`` may be a list, a numpy array or a torch tensor; the result has the same kind
+    (a tensor stays on its device).
+    """
+    from .audit import threshold_assignment
+
+    if pass_index < 0:
+        raise ConfigError(f"pass_index must be 0 or more, got {pass_index}")
+    is_tensor = type(labels).__module__.startswith("torch")
+    y = np.asarray(labels.detach().cpu() if is_tensor else labels, dtype=np.int64)
+    if y.ndim != 1:
+        raise ConfigError(f"labels must be one class index per sample, got shape {y.shape}")
+    if y.size and (y.min() < 0 or y.max() >= n_classes):
+        raise ConfigError(f"labels must be class indices in 0..{n_classes - 1}, got {y.min()}..{y.max()}")
+    moved = threshold_assignment(len(y), n_classes, pass_index + 1, seed) == pass_index
+    out = y.copy()
+    out[moved] = n_classes
+    if is_tensor:
+        import torch
+
+        return torch.as_tensor(out, device=labels.device)
+    return out
+
+
+def _label_indices(labels: Sequence, classes: list[str]) -> np.ndarray:
+    """Labels as class indices: ints are taken as indices, strings as class names."""
+    arr = np.asarray(labels.detach().cpu() if type(labels).__module__.startswith("torch") else labels)
+    if arr.ndim != 1:
+        raise ConfigError(f"labels must be one label per sample, got shape {arr.shape}")
+    if arr.dtype.kind in "iu":
+        y = arr.astype(np.int64)
+    else:
+        index = {c: i for i, c in enumerate(classes)}
+        unknown = sorted({str(v) for v in arr if str(v) not in index})
+        if unknown:
+            raise ConfigError(f"labels {unknown[:5]} are not among the classes {classes[:20]}; give class indices "
+                              "or names from `classes`")
+        y = np.array([index[str(v)] for v in arr], dtype=np.int64)
+    if y.size and (y.min() < 0 or y.max() >= len(classes)):
+        raise ConfigError(f"labels must be class indices in 0..{len(classes) - 1}, got {y.min()}..{y.max()}")
+    return y
+
+
+def new_samples_table(sample_ids: Sequence, labels: np.ndarray, sources: Sequence | None = None,
+                      true_labels: np.ndarray | None = None) -> pd.DataFrame:
+    """The ``samples.parquet`` table of a run recorded outside our training loop (no threshold samples yet)."""
+    ids = np.asarray([str(s) for s in sample_ids], dtype=object)
+    n = len(ids)
+    if n == 0:
+        raise ConfigError("no samples: sample_ids is empty")
+    if len(labels) != n:
+        raise ConfigError(f"{len(labels)} labels for {n} sample ids; give one label per sample")
+    _, first, counts = np.unique(ids.astype(str), return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = ids[np.sort(first[counts > 1])][:5].tolist()
+        raise ConfigError(f"sample ids must be unique; repeated: {dup}")
+    src = ids if sources is None else np.asarray([str(s) for s in sources], dtype=object)
+    if len(src) != n:
+        raise ConfigError(f"{len(src)} sources for {n} sample ids; give one source (path) per sample")
+    true = np.full(n, -1, dtype=np.int64) if true_labels is None else np.asarray(true_labels, dtype=np.int64)
+    if len(true) != n:
+        raise ConfigError(f"{len(true)} true labels for {n} sample ids")
+    return pd.DataFrame({"sample_id": ids.astype(str), "source": src.astype(str), "label": labels,
+                         "true_label": true, "threshold_pass": np.full(n, -1, dtype=np.int64),
+                         "is_threshold": np.zeros(n, dtype=bool)})
+
+
+def new_external_run(runs_dir: str | os.PathLike, samples: pd.DataFrame, classes: list[str], epochs: int,
+                     name: str, origin: str, images_root: str | os.PathLike | None = None, **options) -> Run:
+    """A run directory for dynamics produced outside our training loop (``Recorder``, ``import-logits``).
+
+    The config is an ``AuditConfig`` (so every reader of ``config.json`` finds its keys) with
+    ``model`` naming the origin; ``options`` are scoring options of ``AuditConfig`` (``cutoff``,
+    ``aum_start``, ``threshold_percentile``, ``seed``, ...).
+    """
+    cfg = AuditConfig(dataset=name, noise=0.0, model=origin, epochs=int(epochs), threshold_samples=False,
+                      threshold_runs=1, **options)
+    if cfg.epochs < 1:
+        raise ConfigError(f"epochs must be at least 1, got {epochs}")
+    if cfg.cutoff not in ("auto", "threshold"):
+        raise ConfigError(f"cutoff must be auto or threshold, got {cfg.cutoff!r}")
+    if cfg.aum_start >= cfg.epochs:
+        cfg.aum_start = 0
+    root = None
+    if images_root is not None:
+        root = Path(images_root).expanduser().resolve()
+        if not root.is_dir():
+            raise ConfigError(f"images root {images_root} is not a folder")
+    config = cfg.to_dict() | {"dataset_root": str(root) if root else None, "origin": origin}
+    return create_run(runs_dir, config, samples, classes)
+
+
+class Recorder:
+    """Captures per-sample training dynamics from a user's own PyTorch loop into a run directory.
+
+    Args:
+        runs_dir: the runs folder in which a new run is created, or (for ``pass_index`` > 0) the
+            run directory that ``finish()`` of pass 0 returned.
+        sample_ids: one id per sample; ``idx`` given to ``update`` are positions in this list.
+        labels: the given label of each sample (class indices, or names from ``classes``).
+        classes: class names, index = label.
+        epochs: epochs the loop will run (``end_epoch`` may be called at most this often).
+        sources: file path of each sample relative to ``images_root`` (default: the sample id).
+        images_root: folder the pages read images from (``sources`` are relative to it); none: no images.
+        pass_index: which threshold pass this loop is (0 for a loop without threshold samples).
+        true_labels: the clean labels when known (for example injected noise): precision / recall in the summary.
+        name: dataset name shown by the pages.
+        **options: scoring options of ``AuditConfig``: ``cutoff`` (auto | threshold), ``aum_start``,
+            ``aum_end``, ``threshold_percentile``, ``el2n_epoch``, ``seed``.
+    """
+
+    def __init__(self, runs_dir: str | os.PathLike, sample_ids: Sequence, labels: Sequence, classes: Sequence[str],
+                 epochs: int, sources: Sequence | None = None, images_root: str | os.PathLike | None = None, *,
+                 pass_index: int = 0, true_labels: Sequence | None = None, name: str = "own loop", **options):
+        self.classes = [str(c) for c in classes]
+        if len(self.classes) < 2:
+            raise ConfigError(f"an audit needs at least 2 classes, got {len(self.classes)}")
+        if pass_index < 0:
+            raise ConfigError(f"pass_index must be 0 or more, got {pass_index}")
+        self.labels = _label_indices(labels, self.classes)
+        self.pass_index = int(pass_index)
+        path = Path(runs_dir)
+        if (path / "config.json").is_file():  # a later pass of an existing run
+            self.run = Run(path)
+            self._check_same_samples(sample_ids, epochs)
+        else:
+            if pass_index > 0:
+                raise ConfigError(f"pass {pass_index} is recorded into the run of pass 0: give the run directory "
+                                  "that pass 0's finish() returned as runs_dir")
+            samples = new_samples_table(sample_ids, self.labels, sources, true_labels)
+            self.run = new_external_run(runs_dir, samples, self.classes, epochs, name, "own loop (Recorder)",
+                                        images_root, **options)
+        self.n = len(self.labels)
+        self.epochs = int(self.run.config()["epochs"])
+        st = self.run.raw_status()
+        passes = max(int(st.get("passes") or 1), self.pass_index + 1)
+        done = list(st.get("epochs_done") or []) + [0] * passes
+        done = done[:passes]
+        if done[self.pass_index]:
+            raise ConfigError(f"pass {self.pass_index} of run {self.run.id} is already recorded; use another pass_index")
+        history = [h for h in (st.get("history") or []) if h["pass"] != self.pass_index]
+        self.run.update_status(state="running", passes=passes, epochs=self.epochs, epochs_done=done, history=history,
+                               pass_idx=self.pass_index, error=None, started_at=time.time(), world_size=1,
+                               **owner_fields())
+        self.writer = DynamicsWriter(self.run, self.pass_index, self.epochs, self.n)
+        self.epoch = 0
+        self._targets_seen: np.ndarray | None = None  # each sample's target in this pass (checked every epoch)
+        self._fbuf = self._ibuf = self._tbuf = None
+        self._t0 = time.perf_counter()
+
+    def _check_same_samples(self, sample_ids: Sequence, epochs: int) -> None:
+        samples = self.run.samples(["sample_id", "label"])
+        ids = np.asarray([str(s) for s in sample_ids])
+        if len(ids) != len(samples) or not (ids == samples["sample_id"].to_numpy()).all():
+            raise ConfigError(f"run {self.run.id} holds other samples: a later pass must give the same sample_ids "
+                              "in the same order")
+        if not (self.labels == samples["label"].to_numpy()).all():
+            raise ConfigError(f"run {self.run.id} holds other labels: a later pass must give the same labels")
+        if int(epochs) != int(self.run.config()["epochs"]):
+            raise ConfigError(f"run {self.run.id} records {self.run.config()['epochs']} epochs per pass, not {epochs}")
+
+    def _buffers(self, device: torch.device) -> None:
+        import torch
+
+        self._fbuf = torch.full((len(FLOAT_NAMES), self.n), float("nan"), dtype=torch.float32, device=device)
+        self._ibuf = torch.full((len(INT_NAMES), self.n), -1, dtype=torch.int64, device=device)
+        self._tbuf = torch.full((self.n,), -1, dtype=torch.int64, device=device)
+
+    def update(self, idx: Any, logits: torch.Tensor, targets: Any) -> None:
+        """Capture one batch: ``idx`` are the samples' positions in ``sample_ids``, ``logits`` ``(B, C)`` the
+        training forward pass's outputs, ``targets`` ``(B,)`` the class indices the loss used.
+
+        ``C`` is the number of classes, or one more when the loop trains with threshold samples
+        (``threshold_targets``). Works on any device; nothing is copied to the host.
+        """
+        import torch
+
+        from .dynamics import batch_capture
+
+        if logits.ndim != 2 or logits.shape[1] not in (len(self.classes), len(self.classes) + 1):
+            raise ConfigError(f"logits must be (batch, {len(self.classes)}) or (batch, {len(self.classes) + 1}) with "
+                              f"threshold samples, got {tuple(logits.shape)}")
+        device = logits.device
+        if self._fbuf is None:
+            self._buffers(device)
+        idx = torch.as_tensor(idx, device=device).long().view(-1)
+        y = torch.as_tensor(targets, device=device).long().view(-1)
+        if idx.shape[0] != logits.shape[0] or y.shape[0] != logits.shape[0]:
+            raise ConfigError(f"update got {idx.shape[0]} indices and {y.shape[0]} targets for {logits.shape[0]} logits")
+        c = vars(batch_capture(logits, y, len(self.classes)))
+        self._fbuf[:, idx] = torch.stack([c[k] for k in FLOAT_NAMES])
+        self._ibuf[:, idx] = torch.stack([c[k] for k in INT_NAMES])
+        self._tbuf[idx] = y
+
+    def end_epoch(self) -> None:
+        """Write the epoch's row of every dynamics array (one copy from the device) and the status."""
+        if self.epoch >= self.epochs:
+            raise ConfigError(f"end_epoch called more than the {self.epochs} epochs given to the Recorder")
+        if self._fbuf is None:
+            raise ConfigError("end_epoch before any update: call rec.update(idx, logits, y) for the epoch's batches")
+        fh, ih, th = self._fbuf.cpu().numpy(), self._ibuf.cpu().numpy(), self._tbuf.cpu().numpy()
+        self._check_targets(th)
+        host = dict(zip(FLOAT_NAMES, fh, strict=True)) | dict(zip(INT_NAMES, ih, strict=True))
+        self.writer.write_epoch(self.epoch, {k: v.astype(DYNAMICS[k], copy=False) for k, v in host.items()})
+        seen = th >= 0
+        real = seen & (th < len(self.classes))
+        st = self.run.raw_status()
+        done = list(st["epochs_done"])
+        done[self.pass_index] = self.epoch + 1
+        history = list(st.get("history") or [])
+        history.append({"pass": self.pass_index, "epoch": self.epoch,
+                        "loss": float(host["loss"][seen].mean()) if seen.any() else float("nan"),
+                        "accuracy": float((host["pred"][real] == th[real]).mean()) if real.any() else float("nan"),
+                        "seconds": time.perf_counter() - self._t0})
+        self.run.update_status(epochs_done=done, history=history, pass_idx=self.pass_index)
+        self.epoch += 1
+        self._t0 = time.perf_counter()
+        self._fbuf.fill_(float("nan"))
+        self._ibuf.fill_(-1)
+        self._tbuf.fill_(-1)
+
+    def _check_targets(self, targets: np.ndarray) -> None:
+        """Targets must be the given label or the fake class, and stay the same across the pass's epochs."""
+        seen = targets >= 0
+        fake = len(self.classes)
+        bad = seen & (targets != self.labels) & (targets != fake)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ConfigError(f"sample {i} was trained on target {targets[i]} but its label is {self.labels[i]}: "
+                              f"targets must be the given labels, or class {fake} for threshold samples "
+                              "(threshold_targets)")
+        if self._targets_seen is None:
+            self._targets_seen = np.full(self.n, -1, dtype=np.int64)
+        prev = self._targets_seen
+        changed = seen & (prev >= 0) & (prev != targets)
+        if changed.any():
+            raise ConfigError(f"{int(changed.sum())} samples changed target between epochs: a pass keeps its "
+                              "threshold samples for all its epochs")
+        prev[seen] = targets[seen]
+
+    def finish(self) -> Path:
+        """Score the run from every pass recorded so far; returns the run directory (state ``done``)."""
+        from .audit import finalize
+
+        if self.epoch == 0:
+            raise ConfigError("finish before any end_epoch: no epoch was recorded")
+        fake = len(self.classes)
+        samples = self.run.samples()
+        tp = samples["threshold_pass"].to_numpy().copy()
+        mine = self._targets_seen == fake if self._targets_seen is not None else np.zeros(self.n, dtype=bool)
+        tp[tp == self.pass_index] = -1
+        if (mine & (tp >= 0)).any():
+            raise ConfigError("threshold samples of this pass were threshold samples of another pass: use "
+                              "threshold_targets with the same seed and a different pass_index")
+        tp[mine] = self.pass_index
+        if not (tp == samples["threshold_pass"].to_numpy()).all():
+            samples["threshold_pass"] = tp
+            samples["is_threshold"] = tp >= 0
+            atomic_write_parquet(self.run.path / "samples.parquet", samples)
+        config = self.run.config()
+        st = self.run.raw_status()
+        passes = int(st.get("passes") or 1)
+        config.update(threshold_samples=bool((tp >= 0).any()), threshold_runs=passes)
+        atomic_write_json(self.run.path / "config.json", config)
+        try:
+            finalize(self.run)
+        except Exception as exc:
+            self.run.update_status(state="failed", finished_at=time.time(), error=f"{type(exc).__name__}: {exc}")
+            raise
+        self.run.update_status(state="done", finished_at=time.time())
+        return self.run.path
