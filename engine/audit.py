@@ -9,9 +9,11 @@ dashboard's job manager and ``--resume`` all go through these three functions.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import traceback
+import types
 from collections.abc import Callable
 
 import numpy as np
@@ -316,3 +318,16 @@ def finalize(run: Run, partial: bool = False) -> dict:
         summary["train_seconds"] = float(sum(h["seconds"] for h in hist))
     atomic_write_json(run.path / "summary.json", summary)
     return summary
+
+
+class _CallableModule(types.ModuleType):
+    """``engine.audit(dataset, **options)`` is the Python API (``engine.api.audit``) while ``engine.audit`` stays
+    this module for the code that imports ``prepare`` / ``execute`` / ``finalize`` from it."""
+
+    def __call__(self, dataset: str, **options):
+        from .api import audit
+
+        return audit(dataset, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule

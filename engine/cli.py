@@ -75,6 +75,22 @@ def _parser() -> argparse.ArgumentParser:
     en.add_argument("--normalize", action="store_true", help="rank_and_normalize each run's score first")
     en.add_argument("--out", required=True)
 
+    il = sub.add_parser("import-logits", help="a run from per-epoch logits saved by any framework (no training)")
+    il.add_argument("--logits", required=True, metavar="LOGITS",
+                    help="one (epochs, samples, classes) .npy, or a folder of one (samples, classes) .npy per epoch "
+                         "taken in natural name order (epoch2 before epoch10); float16/32/64, memory-mapped")
+    il.add_argument("--labels", required=True, metavar="LABELS.csv",
+                    help="CSV sample_id,label[,path], one row per sample in the logits' sample order; labels are "
+                         "class indices, or class names (classes then in sorted order unless --classes)")
+    il.add_argument("--images", default=None, metavar="ROOT", help="folder the path column is relative to (the "
+                    "pages show the images)")
+    il.add_argument("--classes", default=None, help="class names in logit column order, comma-separated")
+    il.add_argument("--name", default=None, help="dataset name shown by the pages (default: the logits file name)")
+    il.add_argument("--cutoff", choices=CUTOFFS, default="auto")
+    il.add_argument("--aum-start", type=int, default=d.aum_start, help="first epoch of the AUM window (0-based)")
+    il.add_argument("--aum-end", type=int, default=None, help="epoch after the AUM window (default: all)")
+    il.add_argument("--out", default=None, help="runs folder (default ./runs or $DIFFICULTY_AUDIT_RUNS)")
+
     sc = sub.add_parser("score", help="compute on-demand scores of a run (cv_loss, self_confidence, "
                         "prediction_depth, transfer_teacher, random) into its scores table")
     sc.add_argument("run_dir", metavar="RUN_DIR")
@@ -131,16 +147,19 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str | None, flag: str) -> list[int] | None:
+def _int_list(text: str | list[int] | None, flag: str) -> list[int] | None:
     if not text:
         return None
+    if isinstance(text, list | tuple):  # engine.audit(..., holdout_classes=[8, 9])
+        return [int(t) for t in text]
     try:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError as exc:
         raise ConfigError(f"{flag} takes comma-separated class indices like 8,9, got {text!r}") from exc
 
 
-def _config_from_args(args: argparse.Namespace) -> AuditConfig:
+def config_from_args(args: argparse.Namespace) -> AuditConfig:
+    """The one mapping from the ``audit`` options (CLI flags, or ``engine.audit`` keywords) to an ``AuditConfig``."""
     return AuditConfig(
         dataset=args.dataset, noise=args.noise, noise_kind=args.noise_kind, image_size=args.image_size,
         model=args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
@@ -150,7 +169,8 @@ def _config_from_args(args: argparse.Namespace) -> AuditConfig:
         aum_end=args.aum_end, el2n_epoch=args.el2n_epoch, spectral_norm=args.spectral_norm, sat=args.sat,
         sat_warmup=args.sat_warmup, ood_folder=args.ood, eval_fraction=args.eval_fraction,
         holdout_classes=_int_list(args.holdout_classes, "--holdout-classes"),
-        corruptions=[c.strip() for c in args.corruptions.split(",")] if args.corruptions else None,
+        corruptions=(list(args.corruptions) if isinstance(args.corruptions, list | tuple) else
+                     [c.strip() for c in args.corruptions.split(",")] if args.corruptions else None),
     )
 
 
@@ -196,7 +216,7 @@ def _audit(args: argparse.Namespace) -> int:
             raise ConfigError(problem)
         ds = None
     else:
-        cfg_obj = _config_from_args(args)
+        cfg_obj = config_from_args(args)
         init_from_env(cfg_obj.device)
         created, error = None, None
         if is_main():  # rank 0 validates and creates the run; the others open it
@@ -256,6 +276,16 @@ def _terminated(signum, frame):
     raise Terminated()
 
 
+def _import_logits(args: argparse.Namespace) -> int:
+    from .logits import import_logits
+
+    run = import_logits(args.logits, args.labels, out=args.out or runs_root(), images=args.images,
+                        classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
+                        name=args.name, cutoff=args.cutoff, aum_start=args.aum_start, aum_end=args.aum_end)
+    print(format_summary(run.summary(), run.path))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from .export import export_csv
 
@@ -287,6 +317,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _score(args)
         if args.command == "ensemble":
             return _ensemble(args)
+        if args.command == "import-logits":
+            return _import_logits(args)
         return _export(args)
     except (ConfigError, DatasetError, RunError, ScoreError) as exc:
         from .distributed import is_main

@@ -1,0 +1,191 @@
+"""The Recorder in a user's own loop, threshold_targets, and parity with our training loop's capture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from engine import Recorder, threshold_targets
+from engine.config import ConfigError
+from engine.runs import Run
+
+
+def _noisy_digits(seed: int = 0, rate: float = 0.2):
+    d = load_digits()
+    rng = np.random.default_rng(seed)
+    y = d.target.copy()
+    flip = rng.random(len(y)) < rate
+    y[flip] = (y[flip] + rng.integers(1, 10, flip.sum())) % 10
+    x = torch.tensor(d.images[:, None] / 16.0, dtype=torch.float32)
+    return x, y, flip, d.target
+
+
+def _user_loop(rec: Recorder, x, targets: np.ndarray, epochs: int, n_out: int, seed: int = 0) -> None:
+    """A plain PyTorch loop, written the way a user would (not ours)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 64, 128), nn.ReLU(),
+                        nn.Linear(128, n_out))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    y = torch.as_tensor(targets)
+    for _ in range(epochs):
+        for b in torch.randperm(len(y)).split(64):
+            logits = net(x[b])
+            loss = F.cross_entropy(logits, y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.update(b, logits.detach(), y[b])
+        rec.end_epoch()
+
+
+@pytest.mark.slow
+def test_user_loop_records_a_run_that_ranks_flipped_labels_and_opens_in_the_pages(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    x, y, flip, true = _noisy_digits()
+    ids = [f"img-{i:04d}" for i in range(len(y))]
+    rec = Recorder(tmp_path / "runs", ids, y.tolist(), [str(c) for c in range(10)], 12, true_labels=true)
+    _user_loop(rec, x, y, 12, 10)
+    run = Run(rec.finish())
+    assert run.status()["state"] == "done"
+    scores = run.scores()
+    assert list(scores["sample_id"]) == ids
+    auroc = roc_auc_score(flip, -scores["rank"].to_numpy())
+    assert auroc >= 0.99, auroc
+    summary = run.summary()
+    assert summary["n_label_errors"] == int(flip.sum()) and summary["recall"] > 0.8
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file("app.py", default_timeout=60).run()
+    for page in ("app_pages/aum.py", "app_pages/flagged.py", "app_pages/scores.py"):
+        at.switch_page(page).run()
+        assert not at.exception, (page, at.exception)
+
+
+def test_two_threshold_passes_share_one_run(tmp_path):
+    torch.set_num_threads(1)
+    x, y, flip, _ = _noisy_digits(seed=1)
+    x, y, flip = x[:600], y[:600], flip[:600]
+    classes = [str(c) for c in range(10)]
+    ids = [f"s{i}" for i in range(len(y))]
+    t0 = threshold_targets(y, 10, 0, seed=5)
+    t1 = threshold_targets(torch.as_tensor(y), 10, 1, seed=5)
+    assert isinstance(t1, torch.Tensor)
+    m0, m1 = t0 == 10, t1.numpy() == 10
+    assert m0.sum() == m1.sum() == len(y) // 11 and not (m0 & m1).any()
+    assert (t0[~m0] == y[~m0]).all()
+    rec = Recorder(tmp_path / "runs", ids, y, classes, 3, pass_index=0)
+    _user_loop(rec, x, t0, 3, 11)
+    run_dir = rec.finish()
+    with pytest.raises(ConfigError, match="already recorded"):
+        Recorder(run_dir, ids, y, classes, 3, pass_index=0)
+    rec1 = Recorder(run_dir, ids, y, classes, 3, pass_index=1)
+    _user_loop(rec1, x, t1.numpy(), 3, 11, seed=1)
+    assert rec1.finish() == run_dir
+    run = Run(run_dir)
+    samples = run.samples()
+    assert (samples["threshold_pass"].to_numpy() == np.where(m0, 0, np.where(m1, 1, -1))).all()
+    assert run.config()["threshold_samples"] and run.n_passes() == 2
+    scores = run.scores()
+    assert np.isfinite(scores["aum"]).all()  # every sample kept its label in one of the two passes
+    assert run.summary()["n_unscored"] == 0 and len(run.summary()["pass_cutoffs"]) == 2
+
+
+def test_later_pass_needs_the_run_directory_and_the_same_samples(tmp_path):
+    ids, labels, classes = ["a", "b", "c", "d"], [0, 1, 0, 1], ["x", "y"]
+    with pytest.raises(ConfigError, match="run directory"):
+        Recorder(tmp_path / "runs", ids, labels, classes, 2, pass_index=1)
+    rec = Recorder(tmp_path / "runs", ids, labels, classes, 2)
+    with pytest.raises(ConfigError, match="other samples"):
+        Recorder(rec.run.path, ["a", "b", "c", "e"], labels, classes, 2, pass_index=1)
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unique"):
+        Recorder(tmp_path, ["a", "a", "b"], [0, 1, 0], ["x", "y"], 2)
+    with pytest.raises(ConfigError, match="labels"):
+        Recorder(tmp_path, ["a", "b"], [0, 1, 0], ["x", "y"], 2)
+    with pytest.raises(ConfigError, match="not among the classes"):
+        Recorder(tmp_path, ["a", "b"], ["x", "z"], ["x", "y"], 2)
+    rec = Recorder(tmp_path, ["a", "b", "c"], ["x", "y", "x"], ["x", "y"], 1)
+    with pytest.raises(ConfigError, match="logits must be"):
+        rec.update([0, 1], torch.zeros(2, 5), [0, 1])
+    rec.update([0, 1, 2], torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0]]), [0, 0, 0])
+    with pytest.raises(ConfigError, match="targets must be the given labels"):
+        rec.end_epoch()  # sample 1 (label y) trained on x
+
+
+def test_recorder_captures_what_our_training_loop_captures(tmp_path):
+    """Parity: feed the logits of our own loop's forward passes to a Recorder; the arrays are identical."""
+    from engine import audit
+    from engine.config import AuditConfig
+    from engine.training import batch_slices, epoch_generator
+
+    torch.set_num_threads(1)
+    cfg = AuditConfig(dataset="digits", noise=0.1, epochs=1, threshold_runs=1, augment=False, device="cpu")
+    run, ds = audit.prepare(cfg, tmp_path / "ours")
+    seen: list[torch.Tensor] = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, out: seen.append(out.detach().clone()) if type(m).__name__ == "SmallCNN" and m.training else None)
+    try:
+        audit.execute(run, ds)
+    finally:
+        hook.remove()
+    samples = run.samples()
+    n_real = ds.n_classes
+    targets = samples["label"].to_numpy().copy()
+    targets[samples["threshold_pass"].to_numpy() == 0] = n_real
+    rec = Recorder(tmp_path / "rec", samples["sample_id"], samples["label"], run.classes(), cfg.epochs)
+    batches = iter(seen)
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(len(ds), generator=epoch_generator(cfg.seed, 0, epoch))
+        for sl in batch_slices(len(perm), cfg.batch_size):
+            idx = perm[sl]
+            rec.update(idx, next(batches), torch.from_numpy(targets)[idx])
+        rec.end_epoch()
+    mine = Run(rec.finish())
+    for name in ("margin", "margin_yang", "prob", "loss", "el2n", "pred", "other"):
+        np.testing.assert_array_equal(np.asarray(mine.dynamics(0, name)), np.asarray(run.dynamics(0, name)), name)
+    assert (mine.samples()["threshold_pass"].to_numpy() == samples["threshold_pass"].to_numpy()).all()
+    ours, theirs = run.scores(), mine.scores()
+    np.testing.assert_allclose(theirs["aum"].to_numpy(), ours["aum"].to_numpy())
+
+
+def test_batch_capture_matches_direct_formulas():
+    """batch_capture against the textbook definitions, computed in float64 with full sorts."""
+    from engine.dynamics import batch_capture
+
+    g = torch.Generator().manual_seed(0)
+    for c, n_real in ((10, 10), (11, 10), (1000, 1000), (1001, 1000)):
+        z = torch.randn(257, c, generator=g) * 4
+        y = torch.randint(0, c, (257,), generator=g)
+        cap = batch_capture(z, y, n_real)
+        zd = z.double()
+        zy = zd.gather(1, y.view(-1, 1)).squeeze(1)
+        others = zd.scatter(1, y.view(-1, 1), float("-inf"))
+        srt = zd.sort(dim=1, descending=True).values
+        p = torch.softmax(zd, 1)
+        np.testing.assert_allclose(cap.margin, zy - others.amax(1), rtol=1e-6, atol=1e-5)
+        np.testing.assert_allclose(cap.margin_yang, zy - srt[:, 1], rtol=1e-6, atol=1e-5)
+        np.testing.assert_array_equal(cap.pred, zd.argmax(1))
+        np.testing.assert_array_equal(cap.other, others[:, :n_real].argmax(1))
+        np.testing.assert_allclose(cap.loss, F.cross_entropy(zd, y, reduction="none"), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(cap.prob, p.gather(1, y.view(-1, 1)).squeeze(1), rtol=1e-5, atol=1e-7)
+        el2n = (p - F.one_hot(y, c).double()).norm(dim=1)
+        np.testing.assert_allclose(cap.el2n, el2n, rtol=1e-5, atol=1e-6)
+
+
+def test_samples_table_keeps_sources_and_images_root(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rec = Recorder(tmp_path / "runs", ["a", "b"], [0, 1], ["x", "y"], 1, sources=["x/a.png", "y/b.png"],
+                   images_root=root)
+    assert rec.run.config()["dataset_root"] == str(root.resolve())
+    assert list(rec.run.samples()["source"]) == ["x/a.png", "y/b.png"]
+    assert isinstance(rec.run.samples(), pd.DataFrame)
