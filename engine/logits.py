@@ -232,7 +232,7 @@ def import_logits(logits: str | os.PathLike, labels: str | os.PathLike, out: str
                       started_at=time.time(), world_size=1)
     try:
         writer = DynamicsWriter(run, 0, n_epochs, n)
-        y_all = torch.from_numpy(table["label"].to_numpy())
+        y_all = torch.tensor(table["label"].to_numpy(), dtype=torch.int64)
         history = []
         for e, arr in enumerate(lg.epochs):
             t0 = time.perf_counter()
