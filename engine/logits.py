@@ -238,7 +238,7 @@ def import_logits(logits: str | os.PathLike, labels: str | os.PathLike, out: str
             t0 = time.perf_counter()
             row = {k: np.empty(n, dtype=DYNAMICS[k]) for k in DYNAMICS}
             for lo in range(0, n, ROWS_PER_BLOCK):
-                z = torch.from_numpy(np.asarray(arr[lo : lo + ROWS_PER_BLOCK], dtype=np.float32))
+                z = torch.from_numpy(np.array(arr[lo : lo + ROWS_PER_BLOCK], dtype=np.float32))  # one block in memory
                 cap = vars(batch_capture(z, y_all[lo : lo + len(z)]))
                 for k in FLOAT_NAMES + INT_NAMES:
                     row[k][lo : lo + len(z)] = cap[k].numpy()
