@@ -69,9 +69,16 @@ def load_run_dataset(cfg: AuditConfig):
     Image files are checked by header and decoded on demand (``FileImages``); ``engine.pipeline``
     decides whether they are then decoded once into memory or streamed.
     """
+    from .models import input_spec
     from .ood_eval import split
 
-    return split(load_dataset(cfg.dataset, cfg.noise, cfg.noise_kind, cfg.seed, cfg.image_size, lazy=True), cfg)
+    ds, sets = split(load_dataset(cfg.dataset, cfg.noise, cfg.noise_kind, cfg.seed, cfg.image_size, lazy=True), cfg)
+    _, norm = input_spec(cfg.model, cfg.weights, cfg.weights_enum, ds.images.shape[-1])
+    if norm is not None:  # a pretrained network is fed its weights' normalisation, not the dataset's
+        import torch
+
+        ds.stats = tuple(torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in norm)
+    return ds, sets
 
 
 def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None) -> tuple[Run, IndexedDataset]:
@@ -84,7 +91,7 @@ def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None) -> tuple[Ru
     if is_lazy(ds.images):  # a corrupt file found while decoding stops here, before the run exists
         if choose_loader(cfg.loader, ds.images) == "memory":
             ds.images = materialize(ds.images, cfg.workers)
-        else:
+        elif ds.stats is None:
             ds.stats = normalization_stats(ds.images, cfg.workers, cfg.seed)
     tpass = (
         threshold_assignment(len(ds), ds.n_classes, cfg.passes, cfg.seed)

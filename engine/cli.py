@@ -25,7 +25,17 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--noise", type=float, default=0.0, help="fraction of labels to flip (seeded; true labels recorded)")
     a.add_argument("--noise-kind", choices=["symmetric", "asymmetric"], default=d.noise_kind)
     a.add_argument("--image-size", type=int, default=None, help="resize file images to SxS (default: native, else 32)")
-    a.add_argument("--model", choices=MODELS, default=d.model)
+    a.add_argument("--model", default=d.model, metavar="MODEL",
+                   help=f"{' | '.join(MODELS)} | torchvision:NAME (any torchvision classification architecture, "
+                        "e.g. torchvision:resnet18)")
+    a.add_argument("--weights", default=None, metavar="PATH",
+                   help="torchvision:NAME only: a local state dict to start from (read with weights_only; the head is "
+                        "replaced for the dataset's classes). Inputs then get ImageNet normalisation unless --weights-enum")
+    a.add_argument("--weights-enum", default=None, metavar="ENUM",
+                   help="the torchvision weights enum of the --weights file, e.g. ResNet18_Weights.IMAGENET1K_V1: its "
+                        "transforms give the image size and normalisation")
+    a.add_argument("--finetune", choices=["all", "head"], default=d.finetune,
+                   help="with --weights: train every layer (all) or only the new head (head)")
     a.add_argument("--epochs", type=int, default=d.epochs)
     a.add_argument("--lr", type=float, default=d.lr)
     a.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -162,7 +172,8 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
     """The one mapping from the ``audit`` options (CLI flags, or ``engine.audit`` keywords) to an ``AuditConfig``."""
     return AuditConfig(
         dataset=args.dataset, noise=args.noise, noise_kind=args.noise_kind, image_size=args.image_size,
-        model=args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        model=args.model, weights=args.weights, weights_enum=args.weights_enum, finetune=args.finetune,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         device=args.device, loader=args.loader, workers=args.workers,
         threshold_samples=not args.no_threshold_samples, threshold_runs=args.threshold_runs,
         threshold_percentile=args.threshold_percentile, cutoff=args.cutoff, aum_start=args.aum_start,

@@ -21,7 +21,10 @@ class AuditConfig:
     noise: float = 0.1
     noise_kind: str = "symmetric"
     image_size: int | None = None
-    model: str = "cnn"
+    model: str = "cnn"  # cnn | resnet18 | torchvision:ARCH (any torchvision classification architecture)
+    weights: str | None = None  # torchvision:ARCH only: a local state dict to start from (head replaced)
+    weights_enum: str | None = None  # the torchvision weights enum of that file, e.g. ResNet18_Weights.IMAGENET1K_V1
+    finetune: str = "all"  # all | head (with weights: train the new head only)
     epochs: int = 30
     lr: float = 0.05
     momentum: float = 0.9
@@ -61,7 +64,13 @@ class AuditConfig:
         if not 0 <= self.noise < 1:
             raise ConfigError(f"noise must be in [0, 1), got {self.noise}")
         if self.model not in MODELS:
-            raise ConfigError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+            self._validate_torchvision()
+        elif self.weights or self.weights_enum:
+            raise ConfigError(f"--weights is for torchvision:NAME models, not {self.model!r}")
+        if self.finetune not in ("all", "head"):
+            raise ConfigError(f"finetune must be all or head, got {self.finetune!r}")
+        if self.finetune == "head" and not self.weights:
+            raise ConfigError("finetune head trains only a new head on a pretrained network: give --weights PATH")
         if self.cutoff not in CUTOFFS:
             raise ConfigError(f"cutoff must be one of {', '.join(CUTOFFS)}, got {self.cutoff!r}")
         if self.threshold_runs < 1:
@@ -90,6 +99,23 @@ class AuditConfig:
         if self.image_size is not None and not 4 <= self.image_size <= 512:
             raise ConfigError(f"image size must be in [4, 512], got {self.image_size}")
         return self
+
+    def _validate_torchvision(self) -> None:
+        """``torchvision:ARCH`` with an optional weights file whose keys fit ARCH (read once, before any run exists)."""
+        if not self.model.startswith("torchvision:"):
+            raise ConfigError(f"model must be one of {', '.join(MODELS)} or torchvision:NAME, got {self.model!r}")
+        from .models import ModelError, TorchvisionClassifier, check_model_name, weights_enum
+
+        try:
+            check_model_name(self.model)
+            weights_enum(self.weights_enum)
+            if self.weights_enum and not self.weights:
+                raise ModelError("--weights-enum names the transforms of a weights file; give the file with --weights "
+                                 "PATH (nothing is downloaded)")
+            if self.weights:
+                TorchvisionClassifier(self.model.split(":", 1)[1], 3, 2, self.weights)
+        except ModelError as exc:
+            raise ConfigError(str(exc)) from exc
 
     @property
     def eval_share(self) -> float:

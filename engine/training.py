@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .config import AuditConfig
 from .dynamics import batch_capture
-from .models import build_model
+from .models import model_for
 from .pipeline import DeviceImages, StreamImages
 from .runs import DYNAMICS, DynamicsWriter, atomic_write_bytes
 
@@ -80,7 +80,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
 def load_final_model(checkpoint_dir: Path, cfg: AuditConfig, in_channels: int, n_outputs: int,
                      device: torch.device) -> torch.nn.Module:
     """The last pass's model after its last finished epoch, in eval mode (checkpoint loaded with weights_only)."""
-    model = build_model(cfg.model, in_channels, n_outputs, cfg.spectral_norm).to(device)
+    model = model_for(cfg, in_channels, n_outputs, pretrained=False).to(device)  # the checkpoint holds the weights
     state = torch.load(Path(checkpoint_dir) / f"pass{cfg.passes - 1}.pt", map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
     return model.eval()
@@ -119,7 +119,7 @@ def train_pass(
     device, n, mean, std = source.device, source.n, source.mean, source.std
     rank, size = world()
     torch.manual_seed(cfg.seed * 7919 + pass_idx)
-    model = build_model(cfg.model, source.channels, n_outputs, cfg.spectral_norm).to(device)
+    model = model_for(cfg, source.channels, n_outputs).to(device)
     use_cuda = device.type == "cuda"
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
