@@ -9,6 +9,7 @@ import streamlit as st
 from app_pages.common import current_run, detection_row, fmt_seconds, job_manager
 from engine.config import LOADERS, MODELS, AuditConfig
 from engine.datasets import DatasetError
+from engine.models import torchvision_architectures
 from engine.runs import resume_problem, runs_root
 from engine.uploads import extract_image_zip
 
@@ -58,6 +59,18 @@ with st.form("start"):
                                    "auto: stream above 4 GiB of decoded images, or a quarter of the GPU's free memory")
         workers = f2.number_input("Decoding workers", 0, 64, value=None, placeholder="auto",
                                   help="DataLoader worker processes for image files (auto: spare cores, at most 8)")
+        # Bring your own model (issue 18): any torchvision architecture, optionally from a weights file here.
+        g1, g2, g3, g4 = st.columns(4)
+        tv_arch = g1.selectbox("…or a torchvision architecture", [""] + torchvision_architectures(), key="tv_arch",
+                               help="Replaces the model above, e.g. resnet18; built by torchvision, nothing downloaded")
+        tv_weights = g2.text_input("Weights file (state dict)", key="tv_weights", placeholder="/models/resnet18.pt",
+                                   help="A local torch.save(model.state_dict()) of that architecture; its head is "
+                                        "replaced for your classes. Empty: trained from scratch")
+        tv_enum = g3.text_input("Weights enum (optional)", key="tv_enum", placeholder="ResNet18_Weights.IMAGENET1K_V1",
+                                help="Names the file's torchvision weights: their image size and normalisation are "
+                                     "used (default for a file: ImageNet normalisation)")
+        tv_finetune = g4.selectbox("Fine-tune", ["all", "head"], key="tv_finetune",
+                                   help="With a weights file: every layer (all) or only the new head (head)")
     with st.expander("Out-of-distribution sets (optional)"):
         o1, o2, o3 = st.columns(3)
         holdout = o1.text_input("Hold out classes (indices, e.g. 8,9)", key="ood_holdout",
@@ -90,6 +103,9 @@ if submitted:
             corruptions=corruptions or None, ood_folder=ood_folder.strip() or None,
             holdout_classes=[int(t) for t in holdout.replace(" ", "").split(",") if t] if holdout.strip() else None,
         )
+        if tv_arch:
+            cfg.model, cfg.weights = f"torchvision:{tv_arch}", tv_weights.strip() or None
+            cfg.weights_enum, cfg.finetune = tv_enum.strip() or None, tv_finetune
         with st.spinner("Checking the dataset…"):
             run = job_manager().start(cfg)
     except ValueError as exc:  # ConfigError, DatasetError, or a malformed class list

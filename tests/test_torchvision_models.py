@@ -107,3 +107,20 @@ def test_audit_with_a_weights_file_finishes_with_ood_features(r18_file, tmp_path
 
     features = np.load(run.path / "features.npy")  # penultimate features of the final model, for DDU
     assert features.shape == (36, 512) and np.isfinite(features).all()
+
+
+def test_audit_page_offers_torchvision_models_and_refuses_a_wrong_weights_file(monkeypatch, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    from engine.runs import list_runs
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "other.pt")
+    monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60).run()
+    assert "resnet18" in at.selectbox(key="tv_arch").options
+    at.selectbox(key="tv_arch").set_value("resnet18")
+    at.text_input(key="tv_weights").set_value(str(tmp_path / "other.pt"))
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert any("Cannot start" in e.value and "does not hold resnet18 weights" in e.value for e in at.error)
+    assert not list_runs(tmp_path / "runs")
