@@ -7,7 +7,7 @@ the CLI's own parser defaults and ``cli.config_from_args``, the one place that m
 
 >>> import engine, tempfile
 >>> tmp = tempfile.mkdtemp()
->>> run = engine.audit("digits", noise=0.1, epochs=2, out=tmp, quiet=True)
+>>> run = engine.audit("digits", noise=0.1, epochs=2, threshold_runs=1, out=tmp, quiet=True)
 >>> run.state
 'done'
 >>> table = run.scores()                  # every sample, rank 1 = most suspicious
