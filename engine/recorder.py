@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 FLOAT_NAMES = [k for k, dt in DYNAMICS.items() if np.issubdtype(dt, np.floating)]
 INT_NAMES = [k for k in DYNAMICS if k not in FLOAT_NAMES]
+CAPTURED = FLOAT_NAMES + INT_NAMES
 
 
 def threshold_targets(labels: Any, n_classes: int, pass_index: int, seed: int = 0) -> Any:
@@ -210,7 +211,7 @@ class Recorder:
         self.writer = DynamicsWriter(self.run, self.pass_index, self.epochs, self.n)
         self.epoch = 0
         self._targets_seen: np.ndarray | None = None  # each sample's target in this pass (checked every epoch)
-        self._fbuf = self._ibuf = self._tbuf = None
+        self._buf = None
         self._t0 = time.perf_counter()
 
     def _check_same_samples(self, sample_ids: Sequence, epochs: int) -> None:
@@ -227,9 +228,14 @@ class Recorder:
     def _buffers(self, device: torch.device) -> None:
         import torch
 
-        self._fbuf = torch.full((len(FLOAT_NAMES), self.n), float("nan"), dtype=torch.float32, device=device)
-        self._ibuf = torch.full((len(INT_NAMES), self.n), -1, dtype=torch.int64, device=device)
-        self._tbuf = torch.full((self.n,), -1, dtype=torch.int64, device=device)
+        # one (values + target, n) buffer: the integer values (classes) are exact in float32 below 2^24,
+        # so a batch costs one stack and one scatter, and an epoch one copy to the host
+        self._buf = torch.empty((len(CAPTURED) + 1, self.n), dtype=torch.float32, device=device)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._buf[: len(FLOAT_NAMES)] = float("nan")
+        self._buf[len(FLOAT_NAMES) :] = -1
 
     def update(self, idx: Any, logits: torch.Tensor, targets: Any) -> None:
         """Capture one batch: ``idx`` are the samples' positions in ``sample_ids``, ``logits`` ``(B, C)`` the
@@ -246,26 +252,25 @@ class Recorder:
             raise ConfigError(f"logits must be (batch, {len(self.classes)}) or (batch, {len(self.classes) + 1}) with "
                               f"threshold samples, got {tuple(logits.shape)}")
         device = logits.device
-        if self._fbuf is None:
+        if self._buf is None:
             self._buffers(device)
-        idx = torch.as_tensor(idx, device=device).long().view(-1)
-        y = torch.as_tensor(targets, device=device).long().view(-1)
+        idx = torch.as_tensor(idx, device=device).view(-1)
+        y = torch.as_tensor(targets, device=device).view(-1).long()
         if idx.shape[0] != logits.shape[0] or y.shape[0] != logits.shape[0]:
             raise ConfigError(f"update got {idx.shape[0]} indices and {y.shape[0]} targets for {logits.shape[0]} logits")
         c = vars(batch_capture(logits, y, len(self.classes)))
-        self._fbuf[:, idx] = torch.stack([c[k] for k in FLOAT_NAMES])
-        self._ibuf[:, idx] = torch.stack([c[k] for k in INT_NAMES])
-        self._tbuf[idx] = y
+        self._buf[:, idx] = torch.stack([c[k].float() for k in CAPTURED] + [y.float()])
 
     def end_epoch(self) -> None:
         """Write the epoch's row of every dynamics array (one copy from the device) and the status."""
         if self.epoch >= self.epochs:
             raise ConfigError(f"end_epoch called more than the {self.epochs} epochs given to the Recorder")
-        if self._fbuf is None:
+        if self._buf is None:
             raise ConfigError("end_epoch before any update: call rec.update(idx, logits, y) for the epoch's batches")
-        fh, ih, th = self._fbuf.cpu().numpy(), self._ibuf.cpu().numpy(), self._tbuf.cpu().numpy()
+        buf = self._buf.cpu().numpy()  # the epoch's one copy from the device
+        th = buf[-1].astype(np.int64)
         self._check_targets(th)
-        host = dict(zip(FLOAT_NAMES, fh, strict=True)) | dict(zip(INT_NAMES, ih, strict=True))
+        host = dict(zip(CAPTURED, buf[:-1], strict=True))
         self.writer.write_epoch(self.epoch, {k: v.astype(DYNAMICS[k], copy=False) for k, v in host.items()})
         seen = th >= 0
         real = seen & (th < len(self.classes))
@@ -280,9 +285,7 @@ class Recorder:
         self.run.update_status(epochs_done=done, history=history, pass_idx=self.pass_index)
         self.epoch += 1
         self._t0 = time.perf_counter()
-        self._fbuf.fill_(float("nan"))
-        self._ibuf.fill_(-1)
-        self._tbuf.fill_(-1)
+        self._reset()
 
     def _check_targets(self, targets: np.ndarray) -> None:
         """Targets must be the given label or the fake class, and stay the same across the pass's epochs."""

@@ -1,0 +1,94 @@
+"""Recorder overhead in a user's own loop: epoch time with ``rec.update`` / ``rec.end_epoch`` vs the same loop without.
+
+The loop is a plain PyTorch loop (not ours): a small CNN on the digits (or random data of
+``--classes`` classes), SGD, batches of 64. Same model init, data and batch order on both sides;
+runs alternate in ABBA order so drift hits both alike, and the median epoch time is compared.
+The Recorder side includes writing each epoch's row of the memory-mapped arrays and the status.
+Usage: python bench/recorder_overhead.py [--epochs 5] [--repeats 4] [--classes 10] [--device auto] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import machine  # noqa: E402
+from engine.models import pick_device  # noqa: E402
+from engine.recorder import Recorder  # noqa: E402
+
+
+def data(classes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if classes == 10:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return (torch.tensor(d.images[:, None] / 16.0, dtype=torch.float32, device=device),
+                torch.tensor(d.target, device=device))
+    g = torch.Generator().manual_seed(0)
+    n = 4096
+    return torch.rand(n, 1, 8, 8, generator=g).to(device), torch.randint(0, classes, (n,), generator=g).to(device)
+
+
+def epoch_seconds(x: torch.Tensor, y: torch.Tensor, classes: int, epochs: int, rec: Recorder | None) -> float:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 64, 128), nn.ReLU(),
+                        nn.Linear(128, classes)).to(x.device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        for b in torch.randperm(len(y), generator=g).to(x.device).split(64):
+            logits = net(x[b])
+            loss = F.cross_entropy(logits, y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if rec is not None:
+                rec.update(b, logits.detach(), y[b])
+        if rec is not None:
+            rec.end_epoch()
+    sync()
+    return (time.perf_counter() - t0) / epochs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    x, y = data(args.classes, device)
+    ids = [str(i) for i in range(len(y))]
+    classes = [str(c) for c in range(args.classes)]
+    times: dict[str, list[float]] = {"plain": [], "recorder": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        epoch_seconds(x, y, args.classes, 1, None)  # warm-up
+        for r in range(args.repeats):  # ABBA: neither side always runs first
+            for with_rec in ((False, True) if r % 2 == 0 else (True, False)):
+                rec = Recorder(tmp, ids, y.cpu().numpy(), classes, args.epochs) if with_rec else None
+                times["recorder" if with_rec else "plain"].append(epoch_seconds(x, y, args.classes, args.epochs, rec))
+    plain, recd = np.median(times["plain"]), np.median(times["recorder"])
+    print(f"machine: {machine()}, device {device}")
+    print(f"user loop: {len(y)} samples, {args.classes} classes, {args.epochs} epochs x {args.repeats} repeats")
+    print(f"epoch time  plain {plain * 1000:.1f} ms   with Recorder {recd * 1000:.1f} ms")
+    print(f"ratio recorder/plain = {recd / plain:.3f}  (target <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()
