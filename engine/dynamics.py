@@ -31,6 +31,9 @@ class BatchCapture:
     el2n: torch.Tensor  # ||softmax - onehot(target)||_2 (Paul et al. 2021)
 
 
+SOFTMAX_FLOOR = 30.0  # see batch_capture
+
+
 def row_argmax(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     """Index of each row's maximum, like ``x.argmax(1)`` (the index of a maximum when there are ties).
 
@@ -109,7 +112,10 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
     second = masked.scatter_(1, pred.view(-1, 1), float("-inf")).amax(dim=1)
     margin_yang = torch.where(pred == targets, margin, (target_logit - second).clamp(max=0.0))
     top = torch.maximum(target_logit, best_other)  # the largest logit
-    p = torch.softmax(z, dim=1)
+    # Logits more than FLOOR below the top are raised to top - FLOOR: their exp(-30) = 9e-14 share is below
+    # float32 resolution next to the top class's (for fewer than a million classes), and no probability or
+    # square of one becomes a subnormal float, which the CPU computes 10-100x slower (confident late epochs).
+    p = torch.softmax(torch.maximum(z, (top - SOFTMAX_FLOOR).unsqueeze(1)), dim=1)
     # lse from the top class's probability, which is >= 1/C and never underflows: p_top = exp(top - lse)
     lse = top - p.gather(1, pred.view(-1, 1)).squeeze(1).log()
     loss = lse - target_logit

@@ -12,8 +12,9 @@
         rec.end_epoch()
     run_dir = rec.finish()                  # scores, cut-off, summary.json: a normal run
 
-``update`` calls ``engine.dynamics.batch_capture`` (the function our training loop calls) and
-scatters the batch's values into per-sample buffers on the logits' device; ``end_epoch`` copies
+``update`` keeps the batch's logits on their device and every few million logits (at the latest at
+``end_epoch``) calls ``engine.dynamics.batch_capture`` (the function our training loop calls) on them
+and scatters the values into one per-sample buffer on that device; ``end_epoch`` copies
 them to the host once and writes one row of the run's ``(epochs, samples)`` arrays through the
 run store (``engine.runs``); ``finish`` scores the run with ``engine.audit.finalize``, like an
 audit of ours.
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 FLOAT_NAMES = [k for k, dt in DYNAMICS.items() if np.issubdtype(dt, np.floating)]
 INT_NAMES = [k for k in DYNAMICS if k not in FLOAT_NAMES]
 CAPTURED = FLOAT_NAMES + INT_NAMES
+CHUNK_VALUES = 1 << 22  # logits kept (4M values, 16 MB in float32) before they are captured in one call
 
 
 def threshold_targets(labels: Any, n_classes: int, pass_index: int, seed: int = 0) -> Any:
@@ -212,6 +214,10 @@ class Recorder:
         self.epoch = 0
         self._targets_seen: np.ndarray | None = None  # each sample's target in this pass (checked every epoch)
         self._buf = None
+        self._chunk: list = []  # (idx, logits, targets) of batches not captured yet
+        self._chunk_values = 0
+        self._pool = None  # one background thread writing finished epochs
+        self._pending = None
         self._t0 = time.perf_counter()
 
     def _check_same_samples(self, sample_ids: Sequence, epochs: int) -> None:
@@ -242,11 +248,12 @@ class Recorder:
         training forward pass's outputs, ``targets`` ``(B,)`` the class indices the loss used.
 
         ``C`` is the number of classes, or one more when the loop trains with threshold samples
-        (``threshold_targets``). Works on any device; nothing is copied to the host.
+        (``threshold_targets``). Works on any device; nothing is copied to the host. The batch's logits are
+        kept (not copied) until up to ``CHUNK_VALUES`` of them are captured together: do not modify them in
+        place afterwards (a training step does not).
         """
         import torch
 
-        from .dynamics import batch_capture
 
         if logits.ndim != 2 or logits.shape[1] not in (len(self.classes), len(self.classes) + 1):
             raise ConfigError(f"logits must be (batch, {len(self.classes)}) or (batch, {len(self.classes) + 1}) with "
@@ -255,37 +262,75 @@ class Recorder:
         if self._buf is None:
             self._buffers(device)
         idx = torch.as_tensor(idx, device=device).view(-1)
-        y = torch.as_tensor(targets, device=device).view(-1).long()
+        y = torch.as_tensor(targets, device=device).view(-1)
         if idx.shape[0] != logits.shape[0] or y.shape[0] != logits.shape[0]:
             raise ConfigError(f"update got {idx.shape[0]} indices and {y.shape[0]} targets for {logits.shape[0]} logits")
-        c = vars(batch_capture(logits, y, len(self.classes)))
+        self._chunk.append((idx, logits.detach(), y))
+        self._chunk_values += logits.numel()
+        if self._chunk_values >= CHUNK_VALUES:
+            self._capture_chunk()
+
+    def _capture_chunk(self) -> None:
+        """``batch_capture`` on the batches kept since the last call, as one block (its cost per call is mostly
+        fixed for small class counts: one call per chunk instead of per batch), scattered into the buffer."""
+        import torch
+
+        from .dynamics import batch_capture
+
+        if not self._chunk:
+            return
+        idx, z, y = (torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*self._chunk, strict=True))
+        self._chunk, self._chunk_values = [], 0
+        y = y.long()
+        c = vars(batch_capture(z, y, len(self.classes)))
         self._buf[:, idx] = torch.stack([c[k].float() for k in CAPTURED] + [y.float()])
 
     def end_epoch(self) -> None:
-        """Write the epoch's row of every dynamics array (one copy from the device) and the status."""
+        """Close the epoch: one copy of its values from the device, then its row of every dynamics array and the
+        status are written by a background thread while the loop goes on (one epoch at a time: the next
+        ``end_epoch`` waits for it). A row is flushed to disk before ``status.json`` counts it, as in our loop."""
         if self.epoch >= self.epochs:
             raise ConfigError(f"end_epoch called more than the {self.epochs} epochs given to the Recorder")
         if self._buf is None:
             raise ConfigError("end_epoch before any update: call rec.update(idx, logits, y) for the epoch's batches")
-        buf = self._buf.cpu().numpy()  # the epoch's one copy from the device
+        self._capture_chunk()
+        buf = self._buf.to("cpu", copy=True).numpy()  # the epoch's one copy from the device
         th = buf[-1].astype(np.int64)
         self._check_targets(th)
+        self.sync()
+        self._pending = self._writer_thread().submit(self._write_epoch, self.epoch, buf, th,
+                                                     time.perf_counter() - self._t0)
+        self.epoch += 1
+        self._t0 = time.perf_counter()
+        self._reset()
+
+    def _writer_thread(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recorder")
+        return self._pool
+
+    def sync(self) -> None:
+        """Wait until every finished epoch is on disk (re-raises an error of the background write)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _write_epoch(self, epoch: int, buf: np.ndarray, th: np.ndarray, seconds: float) -> None:
         host = dict(zip(CAPTURED, buf[:-1], strict=True))
-        self.writer.write_epoch(self.epoch, {k: v.astype(DYNAMICS[k], copy=False) for k, v in host.items()})
+        self.writer.write_epoch(epoch, {k: v.astype(DYNAMICS[k], copy=False) for k, v in host.items()})
         seen = th >= 0
         real = seen & (th < len(self.classes))
         st = self.run.raw_status()
         done = list(st["epochs_done"])
-        done[self.pass_index] = self.epoch + 1
+        done[self.pass_index] = epoch + 1
         history = list(st.get("history") or [])
-        history.append({"pass": self.pass_index, "epoch": self.epoch,
+        history.append({"pass": self.pass_index, "epoch": epoch,
                         "loss": float(host["loss"][seen].mean()) if seen.any() else float("nan"),
                         "accuracy": float((host["pred"][real] == th[real]).mean()) if real.any() else float("nan"),
-                        "seconds": time.perf_counter() - self._t0})
+                        "seconds": seconds})
         self.run.update_status(epochs_done=done, history=history, pass_idx=self.pass_index)
-        self.epoch += 1
-        self._t0 = time.perf_counter()
-        self._reset()
 
     def _check_targets(self, targets: np.ndarray) -> None:
         """Targets must be the given label or the fake class, and stay the same across the pass's epochs."""
@@ -312,6 +357,10 @@ class Recorder:
 
         if self.epoch == 0:
             raise ConfigError("finish before any end_epoch: no epoch was recorded")
+        self.sync()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         fake = len(self.classes)
         samples = self.run.samples()
         tp = samples["threshold_pass"].to_numpy().copy()
