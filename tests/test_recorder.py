@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -62,7 +64,7 @@ def test_user_loop_records_a_run_that_ranks_flipped_labels_and_opens_in_the_page
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(tmp_path / "runs"))
-    at = AppTest.from_file("app.py", default_timeout=60).run()
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60).run()
     for page in ("app_pages/aum.py", "app_pages/flagged.py", "app_pages/scores.py"):
         at.switch_page(page).run()
         assert not at.exception, (page, at.exception)
