@@ -289,6 +289,9 @@ def resume_problem(run: Run, world_size: int) -> str | None:
     process, each rank's shard and the effective batch depend on that count, so another count would
     train a different model than the uninterrupted run (and silently change its scores).
     """
+    origin = run.config().get("origin")
+    if origin:  # a Recorder in a user's loop, or import-logits: there is no training of ours to continue
+        return f"run {run.id} was made by {origin}, not by our training loop: record or import it again"
     st = run.raw_status()
     trained = st.get("world_size")
     if trained is None or trained == world_size or not sum(st.get("epochs_done") or []):

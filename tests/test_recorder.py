@@ -191,3 +191,15 @@ def test_samples_table_keeps_sources_and_images_root(tmp_path):
     assert rec.run.config()["dataset_root"] == str(root.resolve())
     assert list(rec.run.samples()["source"]) == ["x/a.png", "y/b.png"]
     assert isinstance(rec.run.samples(), pd.DataFrame)
+
+
+def test_a_recorded_run_is_not_resumable_by_our_loop(tmp_path, capsys):
+    from engine.cli import main
+
+    rec = Recorder(tmp_path / "runs", ["a", "b", "c"], [0, 1, 0], ["x", "y"], 2)
+    rec.update([0, 1, 2], torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), [0, 1, 0])
+    rec.end_epoch()
+    rec.sync()
+    rec.run.update_status(state="interrupted")  # the user's process died after one epoch
+    assert main(["audit", "--resume", str(rec.run.path)]) == 2
+    assert "not by our training loop" in capsys.readouterr().err
