@@ -112,10 +112,12 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
     second = masked.scatter_(1, pred.view(-1, 1), float("-inf")).amax(dim=1)
     margin_yang = torch.where(pred == targets, margin, (target_logit - second).clamp(max=0.0))
     top = torch.maximum(target_logit, best_other)  # the largest logit
-    # Logits more than FLOOR below the top are raised to top - FLOOR: their exp(-30) = 9e-14 share is below
-    # float32 resolution next to the top class's (for fewer than a million classes), and no probability or
+    # On the CPU, logits more than FLOOR below the top are raised to top - FLOOR: their exp(-30) = 9e-14 share is
+    # below float32 resolution next to the top class's (for fewer than a million classes), and no probability or
     # square of one becomes a subnormal float, which the CPU computes 10-100x slower (confident late epochs).
-    p = torch.softmax(torch.maximum(z, (top - SOFTMAX_FLOOR).unsqueeze(1)), dim=1)
+    # GPUs handle subnormals at full speed: no extra pass there.
+    floored = torch.maximum(z, (top - SOFTMAX_FLOOR).unsqueeze(1)) if z.device.type == "cpu" else z
+    p = torch.softmax(floored, dim=1)
     # lse from the top class's probability, which is >= 1/C and never underflows: p_top = exp(top - lse)
     lse = top - p.gather(1, pred.view(-1, 1)).squeeze(1).log()
     loss = lse - target_logit
