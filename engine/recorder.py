@@ -69,6 +69,12 @@ def threshold_targets(labels: Any, n_classes: int, pass_index: int, seed: int = 
 
     ``labels`` may be a list, a numpy array or a torch tensor; the result has the same kind
     (a tensor stays on its device).
+
+    >>> import numpy as np
+    >>> labels = np.arange(22) % 2                       # 22 samples, 2 classes: 22 // 3 = 7 moved per pass
+    >>> t0, t1 = threshold_targets(labels, 2, 0), threshold_targets(labels, 2, 1)
+    >>> int((t0 == 2).sum()), int((t1 == 2).sum()), bool(((t0 == 2) & (t1 == 2)).any())
+    (7, 7, False)
     """
     from .audit import threshold_assignment
 
@@ -175,6 +181,17 @@ class Recorder:
         name: dataset name shown by the pages.
         **options: scoring options of ``AuditConfig``: ``cutoff`` (auto | threshold), ``aum_start``,
             ``aum_end``, ``threshold_percentile``, ``el2n_epoch``, ``seed``.
+
+    >>> import tempfile, torch
+    >>> rec = Recorder(tempfile.mkdtemp(), ["a", "b", "c", "d"], [0, 1, 1, 0], ["cat", "dog"], epochs=2)
+    >>> logits = torch.tensor([[2.0, -1.0], [-1.0, 2.0], [1.5, -0.5], [1.0, 0.0]])  # "c" looks like a cat
+    >>> for epoch in range(2):
+    ...     rec.update(torch.arange(4), logits, torch.tensor([0, 1, 1, 0]))
+    ...     rec.end_epoch()
+    >>> run_dir = rec.finish()
+    >>> from engine import Run
+    >>> Run(run_dir).scores()["sample_id"].iloc[0]               # rank 1: the most suspicious
+    'c'
     """
 
     def __init__(self, runs_dir: str | os.PathLike, sample_ids: Sequence, labels: Sequence, classes: Sequence[str],

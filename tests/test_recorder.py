@@ -203,3 +203,12 @@ def test_a_recorded_run_is_not_resumable_by_our_loop(tmp_path, capsys):
     rec.run.update_status(state="interrupted")  # the user's process died after one epoch
     assert main(["audit", "--resume", str(rec.run.path)]) == 2
     assert "not by our training loop" in capsys.readouterr().err
+
+
+def test_doctests_of_the_recorder():
+    import doctest
+
+    import engine.recorder
+
+    result = doctest.testmod(engine.recorder, raise_on_error=True)
+    assert result.attempted >= 8 and result.failed == 0
