@@ -5,6 +5,9 @@ Not a page itself: app.py lists the pages with st.navigation.
 
 from __future__ import annotations
 
+import html
+import re
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -159,3 +162,49 @@ def detection_row(m: dict) -> None:
     for col, (label, key) in zip(cols, [("Precision", "precision"), ("Recall", "recall"), ("F1", "f1"),
                                         ("AUROC", "auroc")], strict=True):
         col.metric(label, f"{m[key]:.3f}")
+
+
+# ---- values from datasets on the page, and one number format (issue 15 item 7, issue 17 item 1) ---------------
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>:~$&=\"'^%@/])")
+
+
+def md_escape(value: object) -> str:
+    """``value`` as literal text inside Streamlit markdown (captions, labels, badges): no link, image, HTML or directive.
+
+    Every ASCII punctuation character is backslash-escaped (CommonMark shows it as itself); line breaks
+    become spaces. Use it for anything a dataset, a file or a user chose: sample ids, class names, paths.
+    """
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
+
+
+def plot_text(value: object) -> str:
+    """``value`` for Plotly hover text and tick labels, which understand a few HTML tags: escaped, shown as typed."""
+    return html.escape(str(value), quote=True)
+
+
+def fmt_num(x: float | int | None, digits: int = 3) -> str:
+    """The one number format of the pages: counts with thousands separators, other values with ``digits``
+    significant digits (no exponent between 0.001 and 10^6), a dash when missing."""
+    if x is None:
+        return "–"
+    if isinstance(x, (bool, np.bool_)):
+        return "yes" if x else "no"
+    if isinstance(x, (int, np.integer)):
+        return f"{int(x):,}"
+    x = float(x)
+    if not np.isfinite(x):
+        return "–"
+    if x == 0:
+        return "0"
+    if abs(x) >= 10 ** (digits - 1):
+        return f"{x:,.0f}"
+    if abs(x) < 1e-3:
+        return f"{x:.{digits - 1}e}"
+    decimals = max(0, digits - 1 - int(np.floor(np.log10(abs(x)))))
+    return f"{x:,.{decimals}f}"
+
+
+def fmt_pct(x: float) -> str:
+    """A share in [0, 1] as a percentage with one decimal."""
+    return f"{100 * float(x):.1f}%" if np.isfinite(x) else "–"

@@ -1,7 +1,14 @@
-"""Flagged samples: browse the lowest-ranked samples with their images, decide, export."""
+"""Flagged samples: see where the suspects are, review them at keyboard speed, export.
+
+Values from the dataset (sample ids, class names, new labels) are shown as plain text: escaped markdown,
+dataframe cells or Plotly text, never HTML. A decision reruns only the review fragment; the decisions of
+every sample are arrays kept in step with the review store (``DecisionArrays``), so one decision costs
+the same at a million samples as at a thousand (bench/decision_latency.py).
+"""
 
 from __future__ import annotations
 
+import base64
 import uuid
 
 import numpy as np
@@ -9,16 +16,34 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import image_grid, natural_aum, require_run, require_scores, sample_images, stamp
+from app_pages.common import (
+    fmt_num,
+    md_escape,
+    natural_aum,
+    plot_text,
+    require_run,
+    require_scores,
+    sample_images,
+    stamp,
+)
+from engine.confusion import label_matrix, per_class_table
 from engine.export import export_filename, export_frame, to_csv_bytes
 from engine.images import ImageError
-from engine.reviews import ReviewStore
+from engine.reviews import DECISION_CODES, DecisionArrays, ReviewStore, agreement, new_batch_id
 from engine.scores import REGISTRY
 from engine.views import first_kept_pass, nearest_neighbours
 
-DECISION_LABELS = {"mislabeled": "🔁 relabel", "correct": "✅ correct", "remove": "🗑️ remove", "unsure": "❔ unsure"}
+# decision -> (button label, badge colour, material icon, shortcut of the focused sample's button)
+DECISIONS = {
+    "mislabeled": ("Relabel", "orange", ":material/swap_horiz:", "S"),
+    "correct": ("Keep", "green", ":material/check:", "K"),
+    "remove": ("Remove", "red", ":material/delete:", "X"),
+    "unsure": ("Unsure", "gray", ":material/help:", "U"),
+}
+CODE_NAMES = {code: name for name, code in DECISION_CODES.items()}
+TABLE_ROWS = 200  # rows of the editable table (with thumbnails)
 
-st.title("🏷️ Flagged samples")
+st.title(":material/flag: Flagged samples")
 run = require_run("The flagged samples page")
 scores, info, samples, classes = require_scores(run, "the flagged list")
 key = stamp(run)
@@ -28,6 +53,21 @@ if state != "done":
 session = st.session_state.setdefault("review_session", uuid.uuid4().hex[:12])
 store = ReviewStore(run.path)
 
+ids = samples["sample_id"].to_numpy()
+labels = samples["label"].to_numpy()
+suggested = scores["suggested_label"].to_numpy()
+flagged = scores["flagged"].to_numpy()
+class_arr = np.array(classes, dtype=object)
+aum = natural_aum(scores)
+score_cols = [c for c in REGISTRY if c in scores.columns]
+others = [c for c in score_cols if c != "aum"]
+
+
+@st.cache_resource(max_entries=2)
+def decision_arrays(run_key: tuple) -> DecisionArrays:
+    """The current decision of every sample, shared by every session (``sync`` reads only new history rows)."""
+    return DecisionArrays(ReviewStore(run_key[0]), pd.Index(ids), classes)
+
 
 @st.cache_resource(max_entries=2)
 def features_of(run_key: tuple) -> np.ndarray | None:
@@ -35,19 +75,173 @@ def features_of(run_key: tuple) -> np.ndarray | None:
     return np.load(path, mmap_mode="r") if path.is_file() else None
 
 
-def decide(sample_ids: list[str], decision: str, labels: list[str | None]) -> None:
-    store.record_many([(s, decision, lab) for s, lab in zip(sample_ids, labels, strict=True)], session=session)
+@st.cache_data(max_entries=4, show_spinner=False)
+def agreement_summary(run_path: str, last_id: int) -> pd.DataFrame:
+    return agreement(ReviewStore(run_path).by_reviewer())
 
 
-# ---- the selection -----------------------------------------------------------------------
-decisions = store.current().set_index("sample_id")
-ids = samples["sample_id"].to_numpy()
-labels = samples["label"].to_numpy()
-suggested = scores["suggested_label"].to_numpy()
-flagged = scores["flagged"].to_numpy()
-reviewed = np.isin(ids, decisions.index.to_numpy()) if len(decisions) else np.zeros(len(ids), dtype=bool)
+def suspicion(name: str) -> np.ndarray:
+    """Values of score ``name`` turned so that higher = more suspicious: the one place this page ranks."""
+    return np.nan_to_num(scores[name].to_numpy(dtype=np.float64), nan=-np.inf)
 
-score_cols = [c for c in REGISTRY if c in scores.columns]
+
+arr = decision_arrays((str(run.path), len(ids)))
+arr.sync()
+
+
+# ---- who is reviewing ----------------------------------------------------------------------------
+def reviewer_name() -> str:
+    """The signed-in user when sign-in is configured, else the name typed in the sidebar (kept in the URL)."""
+    user = getattr(st, "user", None)
+    if user is not None and getattr(user, "is_logged_in", False):
+        return str(user.get("email") or user.get("name") or "")
+    return st.session_state.get("_reviewer", "")
+
+
+def _keep_reviewer() -> None:
+    st.session_state["_reviewer"] = st.session_state["reviewer"].strip()
+
+
+if "_reviewer" not in st.session_state:
+    st.session_state["_reviewer"] = st.query_params.get("reviewer", "")
+if "reviewer" not in st.session_state:
+    st.session_state["reviewer"] = st.session_state["_reviewer"]
+with st.sidebar:
+    st.text_input("Reviewer name", key="reviewer", on_change=_keep_reviewer, placeholder="your name",
+                  help="Recorded with each decision, so the page can show where two reviewers agree.")
+if reviewer_name():
+    st.query_params["reviewer"] = reviewer_name()
+
+
+# ---- decisions (callbacks: they run before the rerun they cause) -----------------------------------------------
+def say(text: str, icon: str) -> None:
+    """A toast shown by the next run of the review fragment (a callback must not draw elements itself)."""
+    st.session_state["_say"] = (md_escape(text), icon)
+
+
+def record(indices: np.ndarray, decision: str, new_labels: list[str | None], what: str) -> None:
+    """Save one step (a batch) and remember it for undo."""
+    batch = new_batch_id()
+    n = store.record_many([(ids[i], decision, lab) for i, lab in zip(indices, new_labels, strict=True)],
+                          session=session, reviewer=reviewer_name() or None, batch=batch)
+    arr.sync()
+    st.session_state.setdefault("undo_stack", []).append((batch, what, int(indices[0]) if len(indices) else None))
+    say(f"{what}: {fmt_num(n)} sample(s). Undo with Z.", ":material/done:")
+
+
+def relabel_targets(indices: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Samples that have a suggested label, and that label (relabel-to-suggested skips the others)."""
+    keep = indices[suggested[indices] >= 0]
+    return keep, [classes[suggested[i]] for i in keep]
+
+
+def decide_one(i: int, decision: str, new_label: str | None = None, advance: bool = True) -> None:
+    if decision == "mislabeled" and new_label is None:
+        if suggested[i] < 0:
+            say("This sample has no suggested label: pick a class under Relabel to.", ":material/error:")
+            return
+        new_label = classes[suggested[i]]
+    record(np.array([i]), decision, [new_label], f"{DECISIONS[decision][0]} {ids[i]}")
+    if advance:
+        focus_next_undecided(i)
+
+
+def undo_last() -> None:
+    stack = st.session_state.get("undo_stack", [])
+    if not stack:
+        say("Nothing to undo in this session.", ":material/info:")
+        return
+    batch, what, first = stack.pop()
+    n = store.undo(batch, session=session, reviewer=reviewer_name() or None)
+    arr.sync()
+    if first is not None:
+        set_focus(first)
+    say(f"Undone: {what} ({fmt_num(n)} sample(s) restored).", ":material/undo:")
+
+
+def set_focus(i: int) -> None:
+    st.session_state["focus"] = int(i)
+    sel = st.session_state.get("_sel")
+    if sel is not None:
+        pos = np.flatnonzero(sel == i)
+        if pos.size:
+            st.session_state["page_no"] = int(pos[0]) // st.session_state.get("per_page", 12) + 1
+
+
+def focus_next_undecided(after: int) -> None:
+    sel = st.session_state.get("_sel")
+    if sel is None or sel.size == 0:
+        return
+    pos = np.flatnonzero(sel == after)
+    start = int(pos[0]) + 1 if pos.size else 0
+    order = np.concatenate([sel[start:], sel[:start]])
+    todo = order[arr.code[order] == 0]
+    set_focus(int(todo[0]) if todo.size else int(order[0]))
+
+
+def step(delta: int) -> None:
+    sel = st.session_state.get("_sel")
+    if sel is None or sel.size == 0:
+        return
+    pos = np.flatnonzero(sel == st.session_state.get("focus", -1))
+    set_focus(int(sel[(int(pos[0]) + delta) % sel.size]) if pos.size else int(sel[0]))
+
+
+def filter_by_cell() -> None:
+    """A click on a matrix cell filters the gallery to its given and suggested label."""
+    points = st.session_state["label-matrix"]["selection"]["points"]
+    if points:
+        g, s = points[0]["customdata"][:2]
+        st.session_state.update(flt_given=[classes[int(g)]], flt_sugg=[classes[int(s)]], flt_flagged="flagged",
+                                page_no=1)
+
+
+# ---- where the flagged samples come from -------------------------------------------------------------
+n_flagged = int(flagged.sum())
+k = len(classes)
+with st.expander(f":material/grid_on: Given vs suggested label of the {fmt_num(n_flagged)} flagged samples",
+                 expanded=True):
+    m = label_matrix(labels, suggested, flagged, k)
+    g_idx, s_idx = np.nonzero(m)
+    c1, c2 = st.columns([3, 2])
+    with c1:
+        if g_idx.size == 0:
+            st.info("No flagged sample has a suggested label yet.")
+        else:
+            counts = m[g_idx, s_idx]
+            side = min(640, 140 + 32 * k)
+            fig = go.Figure(go.Scatter(
+                x=s_idx, y=g_idx, mode="markers+text" if k <= 20 else "markers",
+                marker=dict(symbol="square", size=max(6, int((side - 120) / k * 0.9)), color=np.log1p(counts),
+                            colorscale="Viridis", showscale=False, line=dict(width=0)),
+                text=[fmt_num(int(c)) for c in counts], textfont=dict(color="white", size=11),
+                customdata=np.stack([g_idx, s_idx], axis=1),
+                hovertext=[f"given {plot_text(classes[g])} → suggested {plot_text(classes[s])}: {fmt_num(int(c))}"
+                           for g, s, c in zip(g_idx, s_idx, counts, strict=True)],
+                hoverinfo="text",
+            ))
+            ticks = dict(tickmode="array", tickvals=list(range(k)), ticktext=[plot_text(c) for c in classes],
+                         range=[-0.5, k - 0.5], showgrid=False, zeroline=False)
+            fig.update_layout(height=side, margin=dict(t=10, b=40, l=10, r=10), dragmode=False,
+                              xaxis=dict(title="suggested label", **ticks), yaxis=dict(title="given label", autorange=None,
+                                                                                      **{**ticks, "range": [k - 0.5, -0.5]}))
+            st.plotly_chart(fig, width="stretch", key="label-matrix", on_select=filter_by_cell,
+                            selection_mode="points", config={"displayModeBar": False})
+            st.caption("Click a cell to show its samples in the gallery below.")
+    with c2:
+        table = per_class_table(labels, suggested, flagged, classes)
+        st.dataframe(table, hide_index=True, width="stretch", height=min(420, 38 + 35 * k), column_config={
+            "count": st.column_config.NumberColumn(format="localized"),
+            "flagged": st.column_config.NumberColumn(format="localized"),
+            "noise_rate": st.column_config.NumberColumn("est. noise rate", format="percent",
+                                                        help="flagged / count: the share of the class the audit suspects"),
+            "most_confused": st.column_config.TextColumn("most confused with"),
+            "confused_count": st.column_config.NumberColumn("how often", format="localized"),
+        })
+        st.download_button(":material/download: Per-class table (CSV)", data=lambda t=table: to_csv_bytes(t),
+                           file_name=f"{run.id}-per-class.csv", mime="text/csv", key="dl-per-class", on_click="ignore")
+
+# ---- the selection -----------------------------------------------------------------------------------
 f = st.columns([2, 2, 2, 3, 3])
 rank_by = f[0].selectbox("Rank by (higher = more suspicious)", score_cols, key="rank_by",
                          format_func=lambda c: f"{c}: {REGISTRY[c].title}")
@@ -60,156 +254,291 @@ mask = np.ones(len(ids), dtype=bool)
 if show != "all":
     mask &= flagged if show == "flagged" else ~flagged
 if review != "all":
-    mask &= reviewed if review == "reviewed" else ~reviewed
+    mask &= (arr.code > 0) if review == "reviewed" else (arr.code == 0)
 if given:
     mask &= np.isin(labels, [classes.index(c) for c in given])
 if sugg:
     mask &= np.isin(suggested, [classes.index(c) for c in sugg])
 sel = np.flatnonzero(mask)
-order_score = np.nan_to_num(scores[rank_by].to_numpy(dtype=np.float64)[sel], nan=-np.inf)
-sel = sel[np.argsort(-order_score, kind="stable")]
+sel = sel[np.argsort(-suspicion(rank_by)[sel], kind="stable")]
+st.session_state["_sel"] = sel
+signature = (key, rank_by, show, review, tuple(given), tuple(sugg))
+if "_open" in st.session_state:  # a sample opened from another page (data map, OoD scatter)
+    set_focus(st.session_state.pop("_open"))
+    st.session_state["_sig"] = signature
+elif st.session_state.get("_sig") != signature or "focus" not in st.session_state:
+    st.session_state["_sig"] = signature
+    todo = sel[arr.code[sel] == 0]
+    if sel.size:
+        set_focus(int(todo[0]) if todo.size else int(sel[0]))
 
-# ---- progress ------------------------------------------------------------------------------
-n_flagged = int(flagged.sum())
-p = st.columns(3)
-p[0].metric("Reviewed / flagged", f"{int((reviewed & flagged).sum()):,} / {n_flagged:,}")
-p[1].metric("Decisions in total", f"{len(decisions):,}")
-true = samples["true_label"].to_numpy()
-if (true >= 0).all() and len(decisions):
-    idx = pd.Index(ids).get_indexer(decisions.index)
-    d = decisions["decision"].to_numpy()
-    new = decisions["new_label"].to_numpy()
-    wrong = labels[idx] != true[idx]
-    true_names = np.array(classes)[true[idx]]
-    agree = np.where(d == "correct", ~wrong, np.where(d == "remove", wrong,
-                     np.where(d == "mislabeled", wrong & (new == true_names), False)))
-    decided = d != "unsure"
-    p[2].metric("Decisions agreeing with the known labels", f"{int(agree[decided].sum())} of {int(decided.sum())}")
-
-# ---- paging --------------------------------------------------------------------------------
-g = st.columns([1, 1, 2, 4])
-view = g[0].radio("View", ["Cards", "Table"], key="view", horizontal=True)
-per_page = g[1].selectbox("Per page", [12, 24, 48], key="per_page")
-pages = max(1, -(-len(sel) // per_page))
-page_no = g[2].number_input(f"Page (of {pages})", 1, pages, 1, key="page_no")
-page_idx = sel[(page_no - 1) * per_page : page_no * per_page]
-g[3].caption(f"{len(sel):,} samples match; showing {len(page_idx)} ranked by **{rank_by}**.")
-if len(sel) == 0:
-    st.info("No sample matches these filters. Widen them (Show: all, Review: all) to see more.")
-
-aum = natural_aum(scores)
-others = [c for c in score_cols if c not in ("aum",)]
+agree = agreement_summary(str(run.path), arr.seen)
+if len(agree):
+    n_agree = int(agree["agree"].sum())
+    st.caption(f":material/group: {fmt_num(len(agree))} samples were decided by two or more reviewers: "
+               f"{fmt_num(n_agree)} agree, {fmt_num(len(agree) - n_agree)} disagree (their cards say who decided what).")
 
 
-def card_text(i: int) -> str:
-    sug = classes[suggested[i]] if suggested[i] >= 0 else "?"
-    lines = [f"**{ids[i]}**", f"label **{classes[labels[i]]}** → suggested **{sug}**",
-             f"AUM {aum[i]:.2f} · rank {int(scores['rank'].iat[i]):,}" + (" · 🚩" if flagged[i] else "")]
-    extra = " · ".join(f"{c} {scores[c].iat[i]:.2f}" for c in others[:3] if np.isfinite(scores[c].iat[i]))
-    if extra:
-        lines.append(f"<small>{extra}</small>")
-    if ids[i] in decisions.index:
-        row = decisions.loc[ids[i]]
-        lines.append(f"decision: **{DECISION_LABELS[row['decision']]}**"
-                     + (f" → {row['new_label']}" if row["decision"] == "mislabeled" else ""))
-    return "  \n".join(lines)
+# ---- one card ------------------------------------------------------------------------------------------
+def decision_badge(i: int) -> None:
+    code = int(arr.code[i])
+    if code == 0:
+        st.badge("Not decided", icon=":material/radio_button_unchecked:", color="gray")
+        return
+    name = CODE_NAMES[code]
+    label, color, icon, _ = DECISIONS[name]
+    if name == "mislabeled":
+        target = classes[arr.new_label[i]] if arr.new_label[i] >= 0 else "?"
+        label = f"{label} → {md_escape(target)}"
+    st.badge(label, icon=icon, color=color)
 
 
-images = sample_images(run)
-
-if view == "Cards":
-    cols_per_row = 4
-    for start in range(0, len(page_idx), cols_per_row):
-        row = st.columns(cols_per_row)
-        for col, i in zip(row, page_idx[start : start + cols_per_row], strict=False):
-            with col.container(border=True):
-                try:
-                    st.image(images.png(i, 112), width="stretch")
-                except ImageError as exc:
-                    st.caption(f"no image: {exc}")
-                st.markdown(card_text(i), unsafe_allow_html=True)
-                sid = ids[i]
-                new_key = f"new-{sid}"
-                default = int(suggested[i]) if suggested[i] >= 0 else int(labels[i])
-                st.selectbox("Relabel to", classes, index=default, key=new_key, label_visibility="collapsed")
-                b = st.columns(2)
-                b[0].button("Relabel", key=f"mis-{sid}", on_click=lambda s=sid, k=new_key: decide(
-                    [s], "mislabeled", [st.session_state[k]]))
-                b[1].button("Correct", key=f"ok-{sid}", on_click=decide, args=([sid], "correct", [None]))
-                b[0].button("Remove", key=f"rm-{sid}", on_click=decide, args=([sid], "remove", [None]))
-                b[1].button("Unsure", key=f"un-{sid}", on_click=decide, args=([sid], "unsure", [None]))
-else:
-    table = pd.DataFrame({
-        "sample_id": ids[sel], "label": np.array(classes)[labels[sel]],
-        "suggested_label": np.array(classes + ["?"])[suggested[sel]], "aum (natural)": aum[sel],
-        **{c: scores[c].to_numpy()[sel] for c in others}, "rank": scores["rank"].to_numpy()[sel],
-        "flagged": flagged[sel], "decision": decisions["decision"].reindex(ids[sel]).to_numpy() if len(decisions) else None,
-    })
-    if len(table) > 10_000:
-        st.caption(f"The table shows the first 10,000 of {len(table):,} rows.")
-    st.dataframe(table.head(10_000), hide_index=True, width="stretch")
-
-# ---- bulk -----------------------------------------------------------------------------------
-
-
-def bulk_rows(indices: np.ndarray, decision: str) -> tuple[list[str], list[str | None]]:
-    """Sample ids and new labels for a bulk decision (relabel = to each sample's suggested label, when it has one)."""
-    if decision != "mislabeled":
-        return [ids[i] for i in indices], [None] * len(indices)
-    keep = [i for i in indices if suggested[i] >= 0]
-    return [ids[i] for i in keep], [classes[suggested[i]] for i in keep]
-
-
-if len(page_idx):
-    b = st.columns([2, 2, 2])
-    bulk = b[0].selectbox("Mark several samples as", list(DECISION_LABELS), key="bulk",
-                          format_func=lambda d: DECISION_LABELS[d] + (" (to its suggested label)" if d == "mislabeled" else ""))
-    on_page = bulk_rows(page_idx, bulk)
-    b[1].button(f"Apply to the {len(on_page[0])} samples on this page", key="bulk-apply",
-                on_click=decide, args=(*on_page[:1], bulk, on_page[1]))
-    matching = bulk_rows(sel, bulk)
-    b[2].button(f"Apply to all {len(matching[0]):,} matching the filters", key="bulk-apply-all",
-                on_click=decide, args=(matching[0], bulk, matching[1]))
-
-# ---- one sample, closer ----------------------------------------------------------------------
-st.subheader("Look closer")
-if len(page_idx):
-    pick = st.selectbox("Sample", [ids[i] for i in page_idx], key="closer")
-    i = int(page_idx[[ids[j] for j in page_idx].index(pick)])
-    c1, c2 = st.columns([1, 2])
-    try:
-        c1.image(images.png(i, 256))
-    except ImageError as exc:
-        c1.caption(f"no image: {exc}")
-    c1.markdown(card_text(i), unsafe_allow_html=True)
-    kept = first_kept_pass(run)[i]
-    if kept >= 0:
-        m = np.asarray(run.dynamics(int(kept), "margin")[:, i])
-        fig = go.Figure(go.Scatter(x=np.arange(m.size), y=m, mode="lines+markers", name="margin"))
-        fig.add_hline(y=0, line_dash="dot")
-        fig.update_layout(height=260, xaxis_title="epoch", yaxis_title="margin", margin=dict(t=10, b=30))
-        c2.plotly_chart(fig, width="stretch", key="closer-margin")
-    feats = features_of(key)
-    if feats is None:
-        st.caption("Nearest neighbours appear when the audit has finished (they use the final model's features).")
+def agreement_badge(by: pd.DataFrame, i: int) -> None:
+    rows = by[by["sample_id"] == ids[i]]
+    if len(rows) < 2:
+        return
+    a = agreement(rows)
+    detail = md_escape(a["detail"].iat[0])
+    if bool(a["agree"].iat[0]):
+        st.badge(f"{len(rows)} reviewers agree", icon=":material/thumb_up:", color="green", help=detail)
     else:
-        for title, cls in [("Nearest samples labelled as its given class", labels[i]),
-                           ("Nearest samples labelled as its suggested class", suggested[i])]:
-            if cls < 0:
-                continue
-            nn = nearest_neighbours(feats, np.flatnonzero(labels == cls), i, k=6)
-            st.caption(f"{title} (**{classes[cls]}**), by penultimate-layer features")
-            image_grid(images, nn, [f"{ids[j]} · AUM {aum[j]:.1f}" for j in nn])
+        st.badge(f"{len(rows)} reviewers disagree", icon=":material/warning:", color="red", help=detail)
 
-# ---- export ------------------------------------------------------------------------------------
-st.subheader("Export")
+
+def describe(i: int) -> str:
+    sug = md_escape(classes[suggested[i]]) if suggested[i] >= 0 else "?"
+    extra = " · ".join(f"{c} {fmt_num(scores[c].iat[i])}" for c in others[:3] if np.isfinite(scores[c].iat[i]))
+    return (f"**{md_escape(ids[i])}**  \nlabel **{md_escape(classes[labels[i]])}** → suggested **{sug}**  \n"
+            f"AUM {fmt_num(aum[i])} · rank {fmt_num(int(scores['rank'].iat[i]))}" + (" · flagged" if flagged[i] else "")
+            + (f"  \n{extra}" if extra else ""))
+
+
+def show_image(images, i: int, size: int) -> None:
+    try:
+        st.image(images.png(i, size), width="stretch" if size < 200 else size)
+    except ImageError as exc:
+        st.caption(f"no image: {md_escape(exc)}")
+
+
+def thumb_url(images, i: int) -> str | None:
+    try:
+        return "data:image/png;base64," + base64.b64encode(images.png(int(i), 48)).decode()
+    except ImageError:
+        return None
+
+
+# ---- the review fragment: a decision reruns only this -------------------------------------------------------------
+@st.fragment
+def review_panel(sel: np.ndarray) -> None:
+    images = sample_images(run)
+    if "_say" in st.session_state:
+        text, icon = st.session_state.pop("_say")
+        st.toast(text, icon=icon)
+    reviewed = arr.code > 0
+    p = st.columns(4)
+    p[0].metric("Reviewed / flagged", f"{fmt_num(int(np.count_nonzero(reviewed & flagged)))} / {fmt_num(n_flagged)}")
+    p[1].metric("Decisions in total", fmt_num(int(np.count_nonzero(reviewed))))
+    p[2].metric("Matching the filters", fmt_num(int(sel.size)))
+    true = samples["true_label"].to_numpy()
+    if (true >= 0).all() and reviewed.any():
+        d = arr.code[reviewed]
+        wrong = (labels != true)[reviewed]
+        right_new = arr.new_label[reviewed] == true[reviewed]
+        ok = np.where(d == DECISION_CODES["correct"], ~wrong, np.where(d == DECISION_CODES["remove"], wrong,
+                      np.where(d == DECISION_CODES["mislabeled"], wrong & right_new, False)))
+        decided = d != DECISION_CODES["unsure"]
+        p[3].metric("Agreeing with the known labels", f"{fmt_num(int(ok[decided].sum()))} of {fmt_num(int(decided.sum()))}")
+    if sel.size == 0:
+        st.info("No sample matches these filters. Widen them (Show: all, Review: all) to see more.")
+        return
+
+    focus = int(st.session_state.get("focus", sel[0]))
+    # ---- the focused sample, large, with the keyboard ------------------------------------------------------------
+    with st.container(border=True, key="focus-card"):
+        pos = np.flatnonzero(sel == focus)
+        where = f"{fmt_num(int(pos[0]) + 1)} of {fmt_num(sel.size)}" if pos.size else "not in the current filter"
+        st.subheader(f":material/center_focus_strong: Focused sample ({where})")
+        c1, c2 = st.columns([1, 2])
+        with c1:
+            show_image(images, focus, 256)
+        with c2:
+            decision_badge(focus)
+            by = store.by_reviewer([ids[focus]])
+            agreement_badge(by, focus)
+            st.markdown(describe(focus))
+            b = st.columns(4)
+            for col, name in zip(b, DECISIONS, strict=True):
+                label, _, icon, shortcut = DECISIONS[name]
+                if name == "mislabeled":
+                    label = "Relabel to suggested"
+                col.button(label, icon=icon, key=f"key-{name}", shortcut=shortcut, width="stretch",
+                           on_click=decide_one, args=(focus, name))
+            b = st.columns(4)
+            b[0].button("Previous", icon=":material/arrow_back:", key="key-prev", shortcut="P", width="stretch",
+                        on_click=step, args=(-1,))
+            b[1].button("Next", icon=":material/arrow_forward:", key="key-next", shortcut="N", width="stretch",
+                        on_click=step, args=(1,))
+            b[2].button("Undo", icon=":material/undo:", key="key-undo", shortcut="Z", width="stretch",
+                        on_click=undo_last, disabled=not st.session_state.get("undo_stack"))
+            r = st.columns([3, 2])
+            default = int(suggested[focus]) if suggested[focus] >= 0 else int(labels[focus])
+            target = r[0].selectbox("Relabel to", classes, index=default, key=f"relabel-to-{focus}")
+            r[1].button("Relabel", icon=":material/swap_horiz:", key="relabel-chosen", width="stretch",
+                        on_click=lambda: decide_one(focus, "mislabeled", target))
+            st.caption("Keys: S relabel to suggested · K keep · X remove · U unsure · N next · P previous · Z undo. "
+                       "After a decision the next undecided sample is focused.")
+        kept = first_kept_pass(run)[focus]
+        if kept >= 0:
+            mg = np.asarray(run.dynamics(int(kept), "margin")[:, focus])
+            fig = go.Figure(go.Scatter(x=np.arange(mg.size), y=mg, mode="lines+markers", name="margin"))
+            fig.add_hline(y=0, line_dash="dot", line_color="gray")
+            fig.update_layout(height=200, xaxis_title="epoch", yaxis_title="margin", margin=dict(t=10, b=30))
+            st.plotly_chart(fig, width="stretch", key="focus-margin", config={"displayModeBar": False})
+        if st.toggle("Nearest neighbours", key="show_nn", value=len(ids) <= 200_000,
+                     help="Samples closest in the final model's penultimate features; click Open to focus one."):
+            feats = features_of(key)
+            if feats is None:
+                st.caption("Nearest neighbours appear when the audit has finished (they use the final model's features).")
+            else:
+                for n_list, (title, cls) in enumerate([("labelled as its given class", labels[focus]),
+                                                       ("labelled as its suggested class", suggested[focus])]):
+                    if cls < 0:
+                        continue
+                    nn = nearest_neighbours(feats, np.flatnonzero(labels == cls), focus, k=6)
+                    st.caption(f"Nearest samples {title} ({md_escape(classes[cls])})")
+                    cols = st.columns(6)
+                    for col, j in zip(cols, nn, strict=False):
+                        with col:
+                            show_image(images, int(j), 96)
+                            st.caption(f"{md_escape(ids[j])} · AUM {fmt_num(aum[j])}")
+                            st.button("Open", key=f"nn-{n_list}-{j}", icon=":material/open_in_full:",
+                                      on_click=set_focus, args=(int(j),))
+
+    # ---- the gallery -------------------------------------------------------------------------------------
+    g = st.columns([1, 1, 2])
+    view = g[0].radio("View", ["Cards", "Table"], key="view", horizontal=True)
+    if view == "Cards":
+        per_page = g[1].selectbox("Per page", [12, 24, 48], key="per_page")
+        pages = max(1, -(-sel.size // per_page))
+        if st.session_state.get("page_no", 1) > pages:
+            st.session_state["page_no"] = pages
+        page_no = g[2].number_input(f"Page (of {fmt_num(pages)})", 1, pages, key="page_no")
+        page_idx = sel[(page_no - 1) * per_page : page_no * per_page]
+        st.caption(f"Samples {fmt_num((page_no - 1) * per_page + 1)}–{fmt_num((page_no - 1) * per_page + len(page_idx))} "
+                   f"of {fmt_num(sel.size)}, ranked by {md_escape(rank_by)}.")
+        by = store.by_reviewer([ids[i] for i in page_idx])
+        for start in range(0, len(page_idx), 4):
+            row = st.columns(4)
+            for col, i in zip(row, page_idx[start : start + 4], strict=False):
+                i = int(i)
+                with col.container(border=True, key=f"card-{i}"):
+                    if i == focus:
+                        st.badge("Focused", icon=":material/center_focus_strong:", color="blue")
+                    show_image(images, i, 112)
+                    decision_badge(i)
+                    agreement_badge(by, i)
+                    st.markdown(describe(i))
+                    b = st.columns(5)
+                    for col_b, name in zip(b, DECISIONS, strict=False):
+                        label, _, icon, _ = DECISIONS[name]
+                        col_b.button("", icon=icon, key=f"{name[:3]}-{i}", help=label + (" to the suggested label"
+                                     if name == "mislabeled" else ""), on_click=decide_one, args=(i, name, None, False))
+                    b[4].button("", icon=":material/center_focus_strong:", key=f"focus-{i}", help="Focus",
+                                on_click=set_focus, args=(i,))
+        scope = page_idx
+    else:
+        rows = sel[:TABLE_ROWS]
+        st.caption(f"The first {fmt_num(rows.size)} of {fmt_num(sel.size)} matching samples, sorted by "
+                   f"{md_escape(rank_by)} (most suspicious first). Narrow the filters to see others. Edit the "
+                   "decision and new label cells to decide.")
+        code = arr.code[rows]
+        base = pd.DataFrame({
+            "image": [thumb_url(images, i) for i in rows],
+            "sample_id": ids[rows], "label": class_arr[labels[rows]],
+            "suggested_label": np.array(classes + ["?"], dtype=object)[suggested[rows]],
+            "decision": [CODE_NAMES.get(int(c)) for c in code],
+            "new_label": [classes[j] if j >= 0 else None for j in arr.new_label[rows]],
+            "aum": aum[rows], **{c: scores[c].to_numpy()[rows] for c in others}, "rank": scores["rank"].to_numpy()[rows],
+            "flagged": flagged[rows],
+        })
+        version = st.session_state.setdefault("editor_version", 0)
+        st.data_editor(
+            base, key=f"editor-{version}", hide_index=True, width="stretch", height=560, row_height=52,
+            disabled=[c for c in base.columns if c not in ("decision", "new_label")],
+            column_config={
+                "image": st.column_config.ImageColumn("image", width="small"),
+                "decision": st.column_config.SelectboxColumn("decision", options=list(DECISIONS)),
+                "new_label": st.column_config.SelectboxColumn("new label", options=classes,
+                                                              help="the class of a relabel (decision mislabeled)"),
+            },
+            on_change=apply_table_edits, args=(rows, base),
+        )
+        scope = rows
+
+    # ---- bulk -------------------------------------------------------------------------------------------
+    b = st.columns([2, 2, 2])
+    bulk = b[0].selectbox("Mark several samples as", list(DECISIONS), key="bulk",
+                          format_func=lambda d: DECISIONS[d][0] + (" (to its suggested label)" if d == "mislabeled" else ""))
+    shown = relabel_targets(scope)[0] if bulk == "mislabeled" else scope
+    b[1].button(f"Apply to the {fmt_num(len(shown))} samples shown", key="bulk-apply", on_click=bulk_apply,
+                args=(scope, bulk))
+    matching = relabel_targets(sel)[0] if bulk == "mislabeled" else sel
+    if b[2].button(f"Apply to all {fmt_num(len(matching))} matching…", key="bulk-apply-all"):
+        confirm_bulk(sel, bulk, len(matching))
+
+
+def bulk_apply(indices: np.ndarray, decision: str) -> None:
+    if decision == "mislabeled":
+        indices, new = relabel_targets(indices)
+    else:
+        new = [None] * len(indices)
+    if len(indices):
+        record(indices, decision, new, f"{DECISIONS[decision][0]} (bulk)")
+
+
+def apply_table_edits(rows: np.ndarray, base: pd.DataFrame) -> None:
+    """Save the cells edited in the table as one step, then show a fresh table built from the store."""
+    version = st.session_state.get("editor_version", 0)
+    edited = st.session_state[f"editor-{version}"]["edited_rows"]
+    for r, change in edited.items():
+        decision = change.get("decision", base["decision"].iat[r])
+        new_label = change.get("new_label", base["new_label"].iat[r])
+        if decision is None:
+            continue
+        if decision == "mislabeled" and not new_label:
+            new_label = base["suggested_label"].iat[r] if base["suggested_label"].iat[r] != "?" else None
+            if new_label is None:
+                say(f"{ids[rows[r]]}: a relabel needs a new label.", ":material/error:")
+                continue
+        record(np.array([rows[r]]), decision, [new_label if decision == "mislabeled" else None],
+               f"{DECISIONS[decision][0]} {ids[rows[r]]}")
+    st.session_state["editor_version"] = version + 1
+
+
+@st.dialog("Apply to every matching sample?")
+def confirm_bulk(sel: np.ndarray, decision: str, count: int) -> None:
+    st.write(f"Mark **{fmt_num(count)}** samples as **{DECISIONS[decision][0]}**"
+             + (" (each to its suggested label)" if decision == "mislabeled" else "") + "?")
+    st.caption("This is one step: Undo (Z) withdraws all of it.")
+    c = st.columns(2)
+    if c[0].button(f"Mark {fmt_num(count)} samples", key="bulk-confirm", type="primary"):
+        bulk_apply(sel, decision)
+        st.rerun()
+    if c[1].button("Cancel", key="bulk-cancel"):
+        st.rerun()
+
+
+review_panel(sel)
+
+# ---- export ------------------------------------------------------------------------------------------------
+st.subheader(":material/download: Export")
 if state != "done":
     st.warning(f"The run is {state}: exported files are marked PARTIAL in their names.")
 e = st.columns(3)
 for col, kind, label in [(e[0], "flagged", "Flagged list with scores and decisions"),
                          (e[1], "manifest", "Cleaned manifest (path,label)"),
                          (e[2], "decisions", "Decisions only")]:
-    col.download_button(f"⬇️ {label}", data=lambda kind=kind: to_csv_bytes(export_frame(run, kind)),
+    col.download_button(label, icon=":material/download:", data=lambda kind=kind: to_csv_bytes(export_frame(run, kind)),
                         file_name=export_filename(run, kind), mime="text/csv", key=f"dl-{kind}", on_click="ignore")
 st.caption("Cleaned manifest: every sample not marked *remove*, with *relabel* decisions applied; paths are relative "
            "to the dataset root, so save it there and audit it again with `--dataset <root>/manifest.csv`.")
