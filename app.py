@@ -9,15 +9,15 @@ import streamlit as st
 
 from app_pages.common import sidebar_run_picker
 
-st.set_page_config(page_title="difficulty-audit", page_icon="🔎", layout="wide")
+st.set_page_config(page_title="difficulty-audit", page_icon=":material/search:", layout="wide")
 
 pages = [
-    st.Page("app_pages/audit.py", title="Audit", icon="🚀", default=True),
-    st.Page("app_pages/aum.py", title="AUM", icon="📉"),
-    st.Page("app_pages/flagged.py", title="Flagged samples", icon="🏷️"),
-    st.Page("app_pages/scores.py", title="Scores", icon="🧮"),
-    st.Page("app_pages/datamap.py", title="Data map", icon="🗺️"),
-    st.Page("app_pages/ood.py", title="OoD & uncertainty", icon="🌫️"),
+    st.Page("app_pages/audit.py", title="Audit", icon=":material/rocket_launch:", default=True),
+    st.Page("app_pages/aum.py", title="AUM", icon=":material/show_chart:"),
+    st.Page("app_pages/flagged.py", title="Flagged samples", icon=":material/flag:"),
+    st.Page("app_pages/scores.py", title="Scores", icon=":material/functions:"),
+    st.Page("app_pages/datamap.py", title="Data map", icon=":material/scatter_plot:"),
+    st.Page("app_pages/ood.py", title="OoD & uncertainty", icon=":material/blur_on:"),
 ]
 nav = st.navigation(pages)
 sidebar_run_picker()

@@ -17,7 +17,8 @@ from engine.jobs import JobManager
 from engine.runs import Run, RunError, list_runs, runs_root
 from engine.views import live_scores
 
-STATE_ICONS = {"running": "🔄", "pending": "⏳", "done": "✅", "failed": "❌", "cancelled": "⏹️", "interrupted": "⚠️"}
+STATE_ICONS = {"running": ":material/autorenew:", "pending": ":material/hourglass_empty:", "done": ":material/check_circle:",
+               "failed": ":material/error:", "cancelled": ":material/stop_circle:", "interrupted": ":material/warning:"}
 
 
 @st.cache_resource
@@ -40,7 +41,7 @@ def sidebar_run_picker() -> Run | None:
     """Draw the sidebar (title, runs folder, run picker) and return the chosen run (app.py calls it before the page)."""
     runs = list_runs()
     with st.sidebar:
-        st.title("🔎 difficulty-audit")
+        st.title(":material/search: difficulty-audit")
         st.caption(f"Runs folder: `{runs_root()}`")
         if not runs:
             st.info("No audits yet. Start one on the **Audit** page.")
@@ -82,7 +83,7 @@ def require_run(what: str) -> Run:
     if run is None:
         st.info(f"{what} needs an audit. Go to the **Audit** page and press **Start audit** "
                 "(the default, digits with 10% flipped labels, takes under a minute).")
-        st.page_link("app_pages/audit.py", label="Open the Audit page", icon="🚀")
+        st.page_link("app_pages/audit.py", label="Open the Audit page", icon=":material/rocket_launch:")
         st.stop()
     return run
 

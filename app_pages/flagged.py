@@ -520,12 +520,21 @@ def confirm_bulk(sel: np.ndarray, decision: str, count: int) -> None:
     st.write(f"Mark **{fmt_num(count)}** samples as **{DECISIONS[decision][0]}**"
              + (" (each to its suggested label)" if decision == "mislabeled" else "") + "?")
     st.caption("This is one step: Undo (Z) withdraws all of it.")
+    if st.session_state.pop("_bulk_done", False):
+        st.rerun()  # close the dialog: the whole page shows the new decisions
     c = st.columns(2)
-    if c[0].button(f"Mark {fmt_num(count)} samples", key="bulk-confirm", type="primary"):
-        bulk_apply(sel, decision)
-        st.rerun()
+    c[0].button(f"Mark {fmt_num(count)} samples", key="bulk-confirm", type="primary", on_click=bulk_confirmed,
+                args=(sel, decision))
     if c[1].button("Cancel", key="bulk-cancel"):
         st.rerun()
+
+
+def bulk_confirmed(sel: np.ndarray, decision: str) -> None:
+    bulk_apply(sel, decision)
+    st.session_state["_bulk_done"] = True
+
+
+st.session_state.pop("_bulk_done", None)  # a full run after the confirmation: the dialog is closed
 
 
 review_panel(sel)

@@ -7,11 +7,28 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import image_grid, load_scores, require_run, sample_images
+from app_pages.common import fmt_num, load_scores, md_escape, plot_text, require_run, sample_images
+from engine.images import ImageError
 from engine.ood_eval import load_report, load_results
 from engine.views import common_edges, histogram, subsample
 
-st.title("🌫️ Out of distribution & uncertainty")
+
+def open_sample(i: int) -> None:
+    """Open training sample ``i``, focused, on the Flagged page (after this callback's rerun)."""
+    st.session_state["_open"] = int(i)
+    st.session_state["_switch_to_flagged"] = True
+
+
+def open_clicked() -> None:
+    points = st.session_state["ood-scatter"]["selection"]["points"]
+    if points:
+        open_sample(int(points[0]["customdata"][0]))
+
+
+if st.session_state.pop("_switch_to_flagged", False):
+    st.switch_page("app_pages/flagged.py")
+
+st.title(":material/blur_on: Out of distribution & uncertainty")
 run = require_run("The OoD page")
 report = load_report(run) or {}
 results = load_results(run)
@@ -45,7 +62,7 @@ st.subheader("Feature density per set")
 st.plotly_chart(fig, width="stretch", key="ood-density")
 
 if report.get("ood"):
-    rows = [{"OoD set": name, **{k: round(v, 4) for k, v in e.items()}} for name, e in report["ood"].items()]
+    rows = [{"OoD set": name, **{k: fmt_num(v) for k, v in e.items()}} for name, e in report["ood"].items()]
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     st.caption("AUROC / AUPRC of telling the held-out ID test set from each OoD set, by low density, high entropy "
                "or low max-softmax.")
@@ -55,37 +72,44 @@ st.subheader("Entropy vs density (training samples)")
 dens, ent = results["train_log_density"], results["train_entropy"]
 d_cut, e_cut = float(np.percentile(dens, 5)), float(np.percentile(ent, 95))
 sel = subsample(len(dens), 50_000)
-scores = run.scores(["flagged"])
-flagged = scores["flagged"].to_numpy() if scores is not None else np.zeros(len(dens), dtype=bool)
+loaded = load_scores(run)  # the cached tables (ids of a million samples are not read again on each rerun)
+ids = (loaded[2] if loaded else run.samples(["sample_id"]))["sample_id"].to_numpy()
+if loaded is not None and len(loaded[0]) == len(dens):
+    flagged = loaded[0]["flagged"].to_numpy()
+else:
+    scores = run.scores(["flagged"])
+    flagged = scores["flagged"].to_numpy() if scores is not None else np.zeros(len(dens), dtype=bool)
 sc = go.Figure()
-for name, m, color in [("not flagged", ~flagged[sel], "#4c78a8"), ("flagged by AUM", flagged[sel], "#e45756")]:
+for name, m, color in [("not flagged", ~flagged[sel], "#4c78a8"), ("flagged", flagged[sel], "#e45756")]:
     idx = sel[m]
-    sc.add_trace(go.Scattergl(x=dens[idx], y=ent[idx], mode="markers", name=name,
+    sc.add_trace(go.Scattergl(x=dens[idx], y=ent[idx], mode="markers", name=name, customdata=idx[:, None],
+                              text=[plot_text(ids[i]) for i in idx] if len(ids) == len(dens) else None,
+                              hovertemplate="%{text}<br>log density %{x:.1f}<br>entropy %{y:.3f}<extra></extra>",
                               marker=dict(size=4, color=color, opacity=0.6)))
 sc.add_vline(x=d_cut, line_dash="dash")
 sc.add_hline(y=e_cut, line_dash="dash")
 x_hi, y_hi = float(np.max(dens)), float(np.max(ent)) or 1.0
 for text, x, y in [("confident", x_hi, 0), ("ambiguous", x_hi, y_hi), ("OoD", d_cut, 0), ("OoD and ambiguous", d_cut, y_hi)]:
-    sc.add_annotation(x=x, y=y, text=text, showarrow=False, xanchor="right", font=dict(size=13, color="#555"))
+    sc.add_annotation(x=x, y=y, text=text, showarrow=False, xanchor="right", font=dict(size=13, color="gray"))
 sc.update_layout(height=420, xaxis_title="log feature density", yaxis_title="softmax entropy", margin=dict(t=20))
-st.plotly_chart(sc, width="stretch", key="ood-scatter")
-st.caption(f"Dashed lines: 5th percentile of density ({d_cut:.1f}) and 95th percentile of entropy ({e_cut:.2f}) "
-           "over the training samples.")
+st.plotly_chart(sc, width="stretch", key="ood-scatter", on_select=open_clicked, selection_mode="points")
+st.caption(f"Dashed lines: 5th percentile of density ({fmt_num(d_cut)}) and 95th percentile of entropy ({fmt_num(e_cut)}) "
+           "over the training samples. Click a point to review that sample on the Flagged page.")
 
 # ---- calibration and selective prediction ---------------------------------------------------------
 cal = report.get("calibration")
 if cal:
     st.subheader("Calibration on held-out in-distribution samples")
     c = st.columns(4)
-    c[0].metric("Accuracy", f"{cal['accuracy']:.3f}")
-    c[1].metric("ECE (15 bins)", f"{cal['ece_before']:.3f}")
-    c[2].metric("ECE after temperature scaling", f"{cal['ece_after']:.3f}")
-    c[3].metric("Temperature", f"{cal['temperature']:.2f}")
+    c[0].metric("Accuracy", fmt_num(cal["accuracy"]))
+    c[1].metric("ECE (15 bins)", fmt_num(cal["ece_before"]))
+    c[2].metric("ECE after temperature scaling", fmt_num(cal["ece_after"]))
+    c[3].metric("Temperature", fmt_num(cal["temperature"]))
     rel = go.Figure()
     mids = (np.array(cal["reliability_before"]["edges"][:-1]) + np.array(cal["reliability_before"]["edges"][1:])) / 2
     for name, key in [("before", "reliability_before"), ("after temperature scaling", "reliability_after")]:
         rel.add_bar(x=mids, y=cal[key]["accuracy"], name=name, width=1 / 15 * 0.45)
-    rel.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect", line=dict(dash="dot", color="black"))
+    rel.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect", line=dict(dash="dot", color="gray"))
     rel.update_layout(height=340, xaxis_title="confidence", yaxis_title="accuracy", barmode="group", margin=dict(t=20))
     c1, c2 = st.columns(2)
     c1.plotly_chart(rel, width="stretch", key="reliability")
@@ -93,15 +117,21 @@ if cal:
     if rc:
         curve = go.Figure(go.Scatter(x=rc["coverage"], y=rc["risk"], mode="lines"))
         curve.update_layout(height=340, xaxis_title="coverage (most confident first)", yaxis_title="risk (error rate)",
-                            margin=dict(t=20), title=f"AURC {rc['aurc']:.4f}")
+                            margin=dict(t=20), title=f"AURC {fmt_num(rc['aurc'])}")
         c2.plotly_chart(curve, width="stretch", key="risk-coverage")
 
 # ---- the least typical training samples --------------------------------------------------------------
 st.subheader("Lowest-density training samples")
 k = st.slider("How many", 6, 48, 12, 6, key="ood_k")
 low = np.argsort(dens, kind="stable")[:k]
-loaded = load_scores(run)  # the cached samples table (ids of a million samples are not read again on each rerun)
-ids = (loaded[2] if loaded else run.samples(["sample_id"]))["sample_id"].to_numpy()
-
-
-image_grid(sample_images(run), low, [f"{ids[i]} · log q {dens[i]:.0f} · H {ent[i]:.2f}" for i in low])
+images = sample_images(run)
+for start in range(0, len(low), 6):
+    row = st.columns(6)
+    for col, i in zip(row, low[start : start + 6], strict=False):
+        with col:
+            try:
+                st.image(images.png(int(i), 96))
+            except ImageError as exc:
+                st.caption(f"no image: {md_escape(exc)}")
+            st.caption(f"{md_escape(ids[i])} · log q {fmt_num(dens[i])} · H {fmt_num(ent[i])}")
+            st.button("Open", key=f"ood-open-{i}", icon=":material/open_in_full:", on_click=open_sample, args=(int(i),))

@@ -28,21 +28,27 @@ def _flagged_page(monkeypatch, run) -> AppTest:
     return at
 
 
-def _card_ids(at: AppTest) -> list[str]:
-    return [b.key[3:] for b in at.button if b.key and b.key.startswith("ok-")]
+def _card_rows(at: AppTest) -> list[int]:
+    """Row numbers (in run order) of the cards on the page, in display order."""
+    return [int(b.key[4:]) for b in at.button if b.key and b.key.startswith("cor-")]
+
+
+def _card_ids(at: AppTest, run) -> list[str]:
+    ids = run.samples()["sample_id"].to_numpy()
+    return [ids[i] for i in _card_rows(at)]
 
 
 def test_gallery_shows_images_and_pages(monkeypatch, small_run):
     at = _flagged_page(monkeypatch, small_run)
-    first = _card_ids(at)
+    first = _card_ids(at, small_run)
     assert len(first) == min(12, int(small_run.scores()["flagged"].sum()))
     assert len(at.get("image")) >= len(first)  # Streamlit 1.67 names the element "image" (not "imgs")
     scores = small_run.scores().set_index("sample_id")
     assert first == scores.loc[first].sort_values("aum", ascending=False).index.tolist()  # worst first
     at.selectbox(key="flt_flagged").set_value("all").run()
     at.number_input(key="page_no").set_value(2).run()
-    second = _card_ids(at)
-    assert len(second) == 12 and not set(second) & set(_card_ids(at.number_input(key="page_no").set_value(1).run()))
+    second = _card_ids(at, small_run)
+    assert len(second) == 12 and not set(second) & set(_card_ids(at.number_input(key="page_no").set_value(1).run(), small_run))
 
 
 def test_filter_by_given_label(monkeypatch, small_run):
@@ -51,20 +57,21 @@ def test_filter_by_given_label(monkeypatch, small_run):
     at.multiselect(key="flt_given").set_value(["3"]).run()
     at.radio(key="view").set_value("Table").run()
     assert not at.exception, at.exception
-    table = at.dataframe[0].value
+    table = next(d.value for d in at.dataframe if "sample_id" in d.value.columns)  # the review table, not the per-class one
     samples = small_run.samples()
     assert len(table) == int((samples["label"] == 3).sum()) and set(table["label"]) == {"3"}
 
 
 def test_decision_is_saved_at_once_and_survives_a_reload(monkeypatch, small_run):
     at = _flagged_page(monkeypatch, small_run)
-    sid = _card_ids(at)[0]
-    at.button(key=f"rm-{sid}").click().run()
+    row = _card_rows(at)[1]
+    sid = small_run.samples()["sample_id"].iat[row]
+    at.button(key=f"rem-{row}").click().run()
     assert not at.exception, at.exception
     current = ReviewStore(small_run.path).current().set_index("sample_id")
     assert current.loc[sid, "decision"] == "remove"
     reloaded = _flagged_page(monkeypatch, small_run)  # a fresh session, as after a browser reload
-    assert any(sid in m.value and "remove" in m.value for m in reloaded.markdown)
+    assert ":red-badge[:material/delete: Remove]" in [m.value for m in reloaded.markdown]
     assert "Reviewed / flagged" in [m.label for m in reloaded.metric]
 
 
@@ -148,6 +155,13 @@ def test_bulk_decision_on_the_filtered_selection(monkeypatch, small_run, tmp_pat
     at.selectbox(key="bulk").set_value("unsure").run()
     at.button(key="bulk-apply-all").click().run()
     assert not at.exception, at.exception
-    current = ReviewStore(run.path).current()
+    assert ReviewStore(run.path).current().empty  # nothing saved before the confirmation
     fives = set(run.samples().query("label == 5")["sample_id"])
+    assert any(f"Mark **{len(fives)}** samples as **Unsure**" in m.value for m in at.markdown)  # the count is asked
+    at.button(key="bulk-confirm").click().run()
+    assert not at.exception, at.exception
+    current = ReviewStore(run.path).current()
     assert set(current.query("decision == 'unsure'")["sample_id"]) == fives
+    at.button(key="key-undo").click().run()  # the whole bulk step is one undo
+    assert not at.exception, at.exception
+    assert ReviewStore(run.path).current().empty
