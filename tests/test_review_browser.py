@@ -1,0 +1,250 @@
+"""The review loop in a real browser: keyboard decisions, focus, undo, the label matrix, hostile dataset names.
+
+Debian's Chromium driven by Playwright against `streamlit run app.py` on a random port, on real audits
+(digits, 2 epochs; an image folder whose class and file names are hostile).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (make chromium, as root)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, DIFFICULTY_AUDIT_RUNS=str(tmp_path / "runs"))
+    streamlit = shutil.which("streamlit", path=str(Path(sys.executable).parent)) or "streamlit"
+    proc = subprocess.Popen(
+        [streamlit, "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail(f"streamlit did not answer on {url}: {proc.stdout.read().decode()[-2000:]}")
+    yield url, tmp_path / "runs"
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM,
+                               args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield b
+        b.close()
+
+
+def _wait_idle(page, timeout: int = 60_000) -> None:
+    """Until the app's script (or fragment) run has finished."""
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=timeout)
+    page.wait_for_timeout(300)
+
+
+def _focused_id(page) -> str:
+    return page.locator(".st-key-focus-card [data-testid='stMarkdownContainer'] strong").first.inner_text()
+
+
+def _poll(fn, timeout: float = 30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.3)
+    return fn()
+
+
+def test_keyboard_review_and_matrix_journey(server, browser):
+    """Decide by key, the next undecided sample is focused, undo by key; one matrix click filters the gallery."""
+    from playwright.sync_api import expect
+
+    from engine import audit
+    from engine.config import AuditConfig
+    from engine.confusion import label_matrix
+    from engine.reviews import ReviewStore
+
+    url, runs = server
+    run, ds = audit.prepare(AuditConfig(dataset="digits", noise=0.1, epochs=2, seed=5), runs)
+    audit.execute(run, ds)
+    samples, scores = run.samples(), run.scores()
+    store = ReviewStore(run.path)
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(f"{url}/flagged?run={run.id}&reviewer=ann")
+    expect(page.get_by_text("Focused sample").first).to_be_visible(timeout=60_000)
+    _wait_idle(page)
+    assert page.locator("[data-testid='stException']").count() == 0
+    expect(page.get_by_test_id("stSidebar").get_by_label("Reviewer name")).to_have_value("ann")
+    first = _focused_id(page)
+    by_id = {s: k for k, s in enumerate(samples["sample_id"])}
+    assert first in by_id
+
+    # X = remove: saved at once with the reviewer's name, the next undecided sample is focused.
+    page.get_by_role("heading", name="Flagged samples").click()  # keyboard focus on the page, not in an input
+    page.keyboard.press("x")
+    saved = _poll(lambda: first in set(store.current()["sample_id"]))
+    assert saved, "the key X did not save a decision"
+    _wait_idle(page)
+    expect(page.locator(".st-key-focus-card [data-testid='stMarkdownContainer'] strong").first).not_to_have_text(
+        first, timeout=20_000)
+    second = _focused_id(page)
+    assert second not in set(store.current()["sample_id"])  # the focus went to an undecided sample
+    hist = store.history()
+    assert hist["decision"].iat[-1] == "remove" and hist["reviewer"].iat[-1] == "ann"
+    card = page.locator(f".st-key-card-{by_id[first]}")
+    expect(card.get_by_text("Remove")).to_be_visible(timeout=20_000)  # the decided card says so
+    page.screenshot(path=ARTIFACTS / "review-01-after-key.png", full_page=True)
+
+    # K = keep on the new focus, then Z twice: both decisions withdrawn, the focus back on the first.
+    page.keyboard.press("k")
+    assert _poll(lambda: second in set(store.current()["sample_id"]))
+    _wait_idle(page)
+    page.keyboard.press("z")
+    assert _poll(lambda: second not in set(store.current()["sample_id"]))
+    _wait_idle(page)
+    page.keyboard.press("z")
+    assert _poll(lambda: store.current().empty)
+    _wait_idle(page)
+    expect(page.locator(".st-key-focus-card [data-testid='stMarkdownContainer'] strong").first).to_have_text(
+        first, timeout=20_000)
+    expect(card.get_by_text("Not decided")).to_be_visible(timeout=20_000)
+
+    # N = next, P = previous.
+    page.keyboard.press("n")
+    _wait_idle(page)
+    expect(page.locator(".st-key-focus-card [data-testid='stMarkdownContainer'] strong").first).not_to_have_text(
+        first, timeout=20_000)
+    page.keyboard.press("p")
+    _wait_idle(page)
+    expect(page.locator(".st-key-focus-card [data-testid='stMarkdownContainer'] strong").first).to_have_text(
+        first, timeout=20_000)
+
+    # One click on a cell of the given-vs-suggested matrix filters the gallery to that cell.
+    classes = run.classes()
+    m = label_matrix(samples["label"].to_numpy(), scores["suggested_label"].to_numpy(), scores["flagged"].to_numpy(),
+                     len(classes))
+    g, s = (int(v[0]) for v in np.nonzero(m))  # the first point of the matrix trace
+    point = page.locator(".st-key-label-matrix .scatterlayer .points path").first
+    point.scroll_into_view_if_needed()
+    point.click()
+    metric = page.get_by_test_id("stMetric").filter(has_text="Matching the filters")
+    expect(metric).to_contain_text(f"{m[g, s]:,}", timeout=30_000)
+    expect(page.get_by_test_id("stMultiSelect").filter(has_text="Given label")).to_contain_text(classes[g])
+    expect(page.get_by_test_id("stMultiSelect").filter(has_text="Suggested label")).to_contain_text(classes[s])
+    focused = _focused_id(page)
+    k = by_id[focused]
+    assert samples["label"].iat[k] == g and scores["suggested_label"].iat[k] == s
+    page.screenshot(path=ARTIFACTS / "review-02-matrix-filter.png", full_page=True)
+    assert page.locator("[data-testid='stException']").count() == 0
+
+    # The same page in the dark theme (the browser's preference).
+    dark = browser.new_page(viewport={"width": 1400, "height": 1100}, color_scheme="dark")
+    dark.goto(f"{url}/flagged?run={run.id}&reviewer=ann")
+    expect(dark.get_by_text("Focused sample").first).to_be_visible(timeout=60_000)
+    _wait_idle(dark)
+    dark.screenshot(path=ARTIFACTS / "review-03-dark.png", full_page=True)
+
+
+HOSTILE_CLASSES = [
+    '<img src=x onerror="document.title=1">',
+    "<b id=pwn>bold</b>",
+    "[click](javascript:alert(1))",
+    "=cmd|' /C calc'!A0",
+    "ünïcødé ✓ 名字",
+    "L" * 180,
+]
+HOSTILE_FILES = ['<img src=x onerror="alert(2)">', "![x](x)", "javascript:alert(3)", "..%2F..%2Fetc", "=HYPERLINK(1)",
+                 "-1", "ok"]
+
+
+def _hostile_folder(root: Path) -> None:
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for c, name in enumerate(HOSTILE_CLASSES):
+        folder = root / name
+        folder.mkdir(parents=True)
+        idx = np.flatnonzero(d.target == c)[:25]
+        for k, i in enumerate(idx):
+            stem = HOSTILE_FILES[k % len(HOSTILE_FILES)]
+            Image.fromarray((d.images[i] * 15).astype("uint8")).save(folder / f"{stem}{k}.png")
+
+
+def test_hostile_class_and_file_names_are_shown_as_text(server, browser, tmp_path):
+    """No element injected, no dialog, no script, no javascript: link; the names are displayed as typed."""
+    from playwright.sync_api import expect
+
+    from engine import audit
+    from engine.config import AuditConfig
+
+    url, runs = server
+    _hostile_folder(tmp_path / "data")
+    run, ds = audit.prepare(AuditConfig(dataset=str(tmp_path / "data"), epochs=2, seed=0), runs)
+    audit.execute(run, ds)
+    assert sorted(run.classes()) == sorted(HOSTILE_CLASSES)
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    injected = "img[src='x'], #pwn, a[href^='javascript'], [onerror]"
+    for name in ("flagged", "datamap", "ood", "aum"):
+        page.goto(f"{url}/{name}?run={run.id}")
+        page.wait_for_selector("[data-testid='stApp']", timeout=60_000)
+        page.wait_for_timeout(1500)
+        _wait_idle(page)
+        assert page.locator("[data-testid='stException']").count() == 0, name
+        if name == "flagged":
+            focus = page.locator(".st-key-focus-card")
+            expect(focus).to_be_visible(timeout=60_000)
+            sid = _focused_id(page)
+            k = list(run.samples()["sample_id"]).index(sid)
+            label = run.classes()[run.samples()["label"].iat[k]]
+            assert label in focus.inner_text()  # the class name, as typed
+            page.screenshot(path=ARTIFACTS / "review-04-hostile-names.png", full_page=True)
+            # every card's id is shown as text (the markdown of the cards does not eat brackets or tags)
+            shown = page.locator("[data-testid='stVerticalBlock'] [data-testid='stMarkdownContainer'] strong").all_inner_texts()
+            assert set(run.samples()["sample_id"]) & set(shown)
+            assert any(("<img" in t or "![x](x)" in t or "javascript:" in t) for t in shown), shown[:12]
+        count = page.evaluate(f"() => document.querySelectorAll({injected!r}).length")
+        assert count == 0, f"{name}: {count} injected element(s)"
+        assert page.title() not in ("1", "2"), f"{name}: a script from a name ran"
+    assert not dialogs, dialogs
