@@ -16,7 +16,7 @@ def open_clicked(chart_key: str) -> None:
     """A click on a point opens that sample, focused, on the Flagged page."""
     points = st.session_state[chart_key]["selection"]["points"]
     if points:
-        st.session_state["_open"] = int(points[0]["customdata"][0])
+        st.session_state["_open"] = int(points[0]["customdata"])
         st.session_state["_switch_to_flagged"] = True
 
 
@@ -46,7 +46,7 @@ fig = go.Figure(go.Scattergl(
     x=variability[sel], y=confidence[sel], mode="markers",
     marker=dict(color=correct[sel], colorscale="RdYlBu", cmin=0, cmax=1, size=5, opacity=0.7,
                 colorbar=dict(title="correctness")),
-    customdata=sel[:, None],
+    customdata=sel,
     text=[f"{plot_text(i)} · label {plot_text(lab)}" for i, lab in zip(ids[sel], labels[sel], strict=True)],
     hovertemplate="%{text}<br>variability %{x:.3f}<br>confidence %{y:.3f}<extra></extra>",
 ))

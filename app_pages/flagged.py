@@ -191,7 +191,7 @@ def filter_by_cell() -> None:
     """A click on a matrix cell filters the gallery to its given and suggested label."""
     points = st.session_state["label-matrix"]["selection"]["points"]
     if points:
-        g, s = points[0]["customdata"][:2]
+        g, s = points[0]["y"], points[0]["x"]  # the matrix's axes are class indices (ticks show the names)
         st.session_state.update(flt_given=[classes[int(g)]], flt_sugg=[classes[int(s)]], flt_flagged="flagged",
                                 page_no=1)
 
@@ -214,8 +214,8 @@ with st.expander(f":material/grid_on: Given vs suggested label of the {fmt_num(n
                 x=s_idx, y=g_idx, mode="markers+text" if k <= 20 else "markers",
                 marker=dict(symbol="square", size=max(6, int((side - 120) / k * 0.9)), color=np.log1p(counts),
                             colorscale="Viridis", showscale=False, line=dict(width=0)),
-                text=[fmt_num(int(c)) for c in counts], textfont=dict(color="white", size=11),
-                customdata=np.stack([g_idx, s_idx], axis=1),
+                text=[fmt_num(int(c)) for c in counts],
+                textfont=dict(size=11, color=np.where(np.log1p(counts) > 0.6 * np.log1p(counts.max()), "black", "white")),
                 hovertext=[f"given {plot_text(classes[g])} → suggested {plot_text(classes[s])}: {fmt_num(int(c))}"
                            for g, s, c in zip(g_idx, s_idx, counts, strict=True)],
                 hoverinfo="text",

@@ -22,7 +22,7 @@ def open_sample(i: int) -> None:
 def open_clicked() -> None:
     points = st.session_state["ood-scatter"]["selection"]["points"]
     if points:
-        open_sample(int(points[0]["customdata"][0]))
+        open_sample(int(points[0]["customdata"]))
 
 
 if st.session_state.pop("_switch_to_flagged", False):
@@ -82,7 +82,7 @@ else:
 sc = go.Figure()
 for name, m, color in [("not flagged", ~flagged[sel], "#4c78a8"), ("flagged", flagged[sel], "#e45756")]:
     idx = sel[m]
-    sc.add_trace(go.Scattergl(x=dens[idx], y=ent[idx], mode="markers", name=name, customdata=idx[:, None],
+    sc.add_trace(go.Scattergl(x=dens[idx], y=ent[idx], mode="markers", name=name, customdata=idx,
                               text=[plot_text(ids[i]) for i in idx] if len(ids) == len(dens) else None,
                               hovertemplate="%{text}<br>log density %{x:.1f}<br>entropy %{y:.3f}<extra></extra>",
                               marker=dict(size=4, color=color, opacity=0.6)))

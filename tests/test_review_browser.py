@@ -112,7 +112,7 @@ def test_keyboard_review_and_matrix_journey(server, browser):
     expect(page.get_by_text("Focused sample").first).to_be_visible(timeout=60_000)
     _wait_idle(page)
     assert page.locator("[data-testid='stException']").count() == 0
-    expect(page.get_by_test_id("stSidebar").get_by_label("Reviewer name")).to_have_value("ann")
+    expect(page.get_by_test_id("stSidebar").get_by_test_id("stTextInputField")).to_have_value("ann")
     first = _focused_id(page)
     by_id = {s: k for k, s in enumerate(samples["sample_id"])}
     assert first in by_id
@@ -164,7 +164,8 @@ def test_keyboard_review_and_matrix_journey(server, browser):
     g, s = (int(v[0]) for v in np.nonzero(m))  # the first point of the matrix trace
     point = page.locator(".st-key-label-matrix .scatterlayer .points path").first
     point.scroll_into_view_if_needed()
-    point.click()
+    box = point.bounding_box()  # Plotly's drag layer takes the click, as it does for a user's mouse
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     metric = page.get_by_test_id("stMetric").filter(has_text="Matching the filters")
     expect(metric).to_contain_text(f"{m[g, s]:,}", timeout=30_000)
     expect(page.get_by_test_id("stMultiSelect").filter(has_text="Given label")).to_contain_text(classes[g])
@@ -174,6 +175,18 @@ def test_keyboard_review_and_matrix_journey(server, browser):
     assert samples["label"].iat[k] == g and scores["suggested_label"].iat[k] == s
     page.screenshot(path=ARTIFACTS / "review-02-matrix-filter.png", full_page=True)
     assert page.locator("[data-testid='stException']").count() == 0
+
+    # A click on a point of the data map opens that sample, focused, on the Flagged page.
+    page.get_by_role("link", name="Data map").click()
+    page.wait_for_selector(".st-key-datamap .js-plotly-plot .main-svg", timeout=60_000)
+    _wait_idle(page)
+    x, y, idx = page.evaluate("""() => { const gd = document.querySelector('.st-key-datamap .js-plotly-plot');
+      const fl = gd._fullLayout, t = gd._fullData[0], r = gd.getBoundingClientRect(), k = 7;
+      return [r.left + fl._size.l + fl.xaxis.l2p(t.x[k]), r.top + fl._size.t + fl.yaxis.l2p(t.y[k]), t.customdata[k]]; }""")
+    page.mouse.click(x, y)
+    expect(page.locator(".st-key-focus-card [data-testid='stMarkdownContainer'] strong").first).to_have_text(
+        samples["sample_id"].iat[int(idx)], timeout=30_000)
+    assert page.url.split("?")[0].endswith("/flagged")
 
     # The same page in the dark theme (the browser's preference).
     dark = browser.new_page(viewport={"width": 1400, "height": 1100}, color_scheme="dark")
@@ -185,7 +198,7 @@ def test_keyboard_review_and_matrix_journey(server, browser):
 
 HOSTILE_CLASSES = [
     '<img src=x onerror="document.title=1">',
-    "<b id=pwn>bold</b>",
+    "<b id=pwn>bold",  # a folder name cannot hold a slash: no closing tag, still an element if parsed as HTML
     "[click](javascript:alert(1))",
     "=cmd|' /C calc'!A0",
     "ünïcødé ✓ 名字",
