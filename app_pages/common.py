@@ -179,9 +179,16 @@ def md_escape(value: object) -> str:
     return _MD_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
 
 
-def plot_text(value: object) -> str:
-    """``value`` for Plotly hover text and tick labels, which understand a few HTML tags: escaped, shown as typed."""
-    return html.escape(str(value), quote=True)
+def plot_text(value: object, max_chars: int | None = None) -> str:
+    """``value`` for Plotly hover text and tick labels, which understand a few HTML tags: escaped, shown as typed.
+
+    Quotes stay as they are (Plotly shows ``&quot;`` literally and puts no text in attributes);
+    ``max_chars`` shortens long names with an ellipsis (for tick labels; give the full name in the hover).
+    """
+    text = " ".join(str(value).split())
+    if max_chars is not None and len(text) > max_chars:
+        text = text[: max_chars - 1] + "…"
+    return html.escape(text, quote=False)
 
 
 def fmt_num(x: float | int | None, digits: int = 3) -> str:

@@ -9,6 +9,9 @@ the same at a million samples as at a thousand (bench/decision_latency.py).
 from __future__ import annotations
 
 import base64
+import os
+import sys
+import time
 import uuid
 
 import numpy as np
@@ -75,6 +78,12 @@ def features_of(run_key: tuple) -> np.ndarray | None:
     return np.load(path, mmap_mode="r") if path.is_file() else None
 
 
+@st.cache_resource(max_entries=2)
+def kept_pass(run_key: tuple) -> np.ndarray:
+    """For each sample, the pass whose margins are about its given label (read once per run state)."""
+    return first_kept_pass(run)
+
+
 @st.cache_data(max_entries=4, show_spinner=False)
 def agreement_summary(run_path: str, last_id: int) -> pd.DataFrame:
     return agreement(ReviewStore(run_path).by_reviewer())
@@ -121,6 +130,7 @@ def say(text: str, icon: str) -> None:
 
 def record(indices: np.ndarray, decision: str, new_labels: list[str | None], what: str) -> None:
     """Save one step (a batch) and remember it for undo."""
+    st.session_state["_decided_at"] = time.perf_counter()
     batch = new_batch_id()
     n = store.record_many([(ids[i], decision, lab) for i, lab in zip(indices, new_labels, strict=True)],
                           session=session, reviewer=reviewer_name() or None, batch=batch)
@@ -220,7 +230,7 @@ with st.expander(f":material/grid_on: Given vs suggested label of the {fmt_num(n
                            for g, s, c in zip(g_idx, s_idx, counts, strict=True)],
                 hoverinfo="text",
             ))
-            ticks = dict(tickmode="array", tickvals=list(range(k)), ticktext=[plot_text(c) for c in classes],
+            ticks = dict(tickmode="array", tickvals=list(range(k)), ticktext=[plot_text(c, 24) for c in classes],
                          range=[-0.5, k - 0.5], showgrid=False, zeroline=False)
             fig.update_layout(height=side, margin=dict(t=10, b=40, l=10, r=10), dragmode=False,
                               xaxis=dict(title="suggested label", **ticks), yaxis=dict(title="given label", autorange=None,
@@ -315,7 +325,7 @@ def describe(i: int) -> str:
 
 def show_image(images, i: int, size: int) -> None:
     try:
-        st.image(images.png(i, size), width="stretch" if size < 200 else size)
+        st.image(images.png(i, size), width="stretch" if size < 200 else size, output_format="PNG")
     except ImageError as exc:
         st.caption(f"no image: {md_escape(exc)}")
 
@@ -387,7 +397,7 @@ def review_panel(sel: np.ndarray) -> None:
                         on_click=lambda: decide_one(focus, "mislabeled", target))
             st.caption("Keys: S relabel to suggested · K keep · X remove · U unsure · N next · P previous · Z undo. "
                        "After a decision the next undecided sample is focused.")
-        kept = first_kept_pass(run)[focus]
+        kept = kept_pass(key)[focus]
         if kept >= 0:
             mg = np.asarray(run.dynamics(int(kept), "margin")[:, focus])
             fig = go.Figure(go.Scatter(x=np.arange(mg.size), y=mg, mode="lines+markers", name="margin"))
@@ -485,6 +495,7 @@ def review_panel(sel: np.ndarray) -> None:
     matching = relabel_targets(sel)[0] if bulk == "mislabeled" else sel
     if b[2].button(f"Apply to all {fmt_num(len(matching))} matching…", key="bulk-apply-all"):
         confirm_bulk(sel, bulk, len(matching))
+    _log_decision_time()
 
 
 def bulk_apply(indices: np.ndarray, decision: str) -> None:
@@ -537,7 +548,16 @@ def bulk_confirmed(sel: np.ndarray, decision: str) -> None:
 st.session_state.pop("_bulk_done", None)  # a full run after the confirmation: the dialog is closed
 
 
+def _log_decision_time() -> None:
+    """With DIFFICULTY_AUDIT_TIMINGS=1, print the server-side time of a decision (callback + rerun) for the bench."""
+    started = st.session_state.pop("_decided_at", None)
+    if started is not None and os.environ.get("DIFFICULTY_AUDIT_TIMINGS"):
+        print(f"decision-ms {1000 * (time.perf_counter() - started):.1f}", file=sys.stderr, flush=True)
+
+
 review_panel(sel)
+
+
 
 # ---- export ------------------------------------------------------------------------------------------------
 st.subheader(":material/download: Export")
@@ -551,3 +571,4 @@ for col, kind, label in [(e[0], "flagged", "Flagged list with scores and decisio
                         file_name=export_filename(run, kind), mime="text/csv", key=f"dl-{kind}", on_click="ignore")
 st.caption("Cleaned manifest: every sample not marked *remove*, with *relabel* decisions applied; paths are relative "
            "to the dataset root, so save it there and audit it again with `--dataset <root>/manifest.csv`.")
+_log_decision_time()

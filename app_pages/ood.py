@@ -130,7 +130,7 @@ for start in range(0, len(low), 6):
     for col, i in zip(row, low[start : start + 6], strict=False):
         with col:
             try:
-                st.image(images.png(int(i), 96))
+                st.image(images.png(int(i), 96), output_format="PNG")
             except ImageError as exc:
                 st.caption(f"no image: {md_escape(exc)}")
             st.caption(f"{md_escape(ids[i])} · log q {fmt_num(dens[i])} · H {fmt_num(ent[i])}")

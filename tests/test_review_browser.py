@@ -200,7 +200,7 @@ HOSTILE_CLASSES = [
     '<img src=x onerror="document.title=1">',
     "<b id=pwn>bold",  # a folder name cannot hold a slash: no closing tag, still an element if parsed as HTML
     "[click](javascript:alert(1))",
-    "=cmd|' /C calc'!A0",
+    "=cmd|' \\C calc'!A0",
     "ünïcødé ✓ 名字",
     "L" * 180,
 ]
