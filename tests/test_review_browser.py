@@ -192,7 +192,10 @@ def test_keyboard_review_and_matrix_journey(server, browser):
     dark = browser.new_page(viewport={"width": 1400, "height": 1100}, color_scheme="dark")
     dark.goto(f"{url}/flagged?run={run.id}&reviewer=ann")
     expect(dark.get_by_text("Focused sample").first).to_be_visible(timeout=60_000)
+    dark.wait_for_selector(".st-key-label-matrix .main-svg", timeout=60_000)
     _wait_idle(dark)
+    dark.wait_for_function("() => !document.querySelector('[data-testid=\"stSkeleton\"]') && "
+                           "[...document.querySelectorAll('img')].every(i => i.complete)", timeout=60_000)
     dark.screenshot(path=ARTIFACTS / "review-03-dark.png", full_page=True)
 
 
