@@ -13,7 +13,7 @@ from engine.models import torchvision_architectures
 from engine.runs import resume_problem, runs_root
 from engine.uploads import extract_image_zip
 
-st.title("🚀 Audit")
+st.title(":material/rocket_launch: Audit")
 st.write(
     "Train a classifier while recording every sample's margin at every epoch, then rank samples by "
     "their **Area Under the Margin**: mislabeled samples keep a low margin until the network memorises them."
@@ -192,4 +192,4 @@ if state == "done" and summary:
     if "precision" in summary and summary.get("n_label_errors"):
         detection_row(summary)
         st.caption(f"Against the {summary['n_label_errors']} labels that were flipped on purpose.")
-    st.page_link("app_pages/aum.py", label="See the AUM distribution and the cut-off", icon="📉")
+    st.page_link("app_pages/aum.py", label="See the AUM distribution and the cut-off", icon=":material/show_chart:")

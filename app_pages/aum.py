@@ -19,7 +19,7 @@ from engine.views import (
     per_class,
 )
 
-st.title("📉 Area Under the Margin")
+st.title(":material/show_chart: Area Under the Margin")
 run = require_run("The AUM page")
 scores, info, samples, classes = require_scores(run, "the histogram")
 state = run.status().get("state")

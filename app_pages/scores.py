@@ -30,7 +30,7 @@ from engine.views import subsample
 
 NO_ID = "(none: match rows by position)"
 
-st.title("🧮 Scores")
+st.title(":material/functions: Scores")
 st.write("Difficulty is not one number. Compare the scores of an audit with each other and with scores you "
          "computed elsewhere: a verdict is more trustworthy when independent scores agree.")
 run = current_run()
