@@ -6,7 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import detection_row, natural_aum, require_run, require_scores, stamp
+from app_pages.common import class_axis, detection_row, natural_aum, require_run, require_scores, stamp
 from engine.metrics import flag_metrics, ranking_auroc
 from engine.views import (
     common_edges,
@@ -107,13 +107,14 @@ if not pc.empty:
     box = go.Figure(go.Box(x=pc["class"], q1=pc["q1"], median=pc["median"], q3=pc["q3"], lowerfence=pc["p5"],
                            upperfence=pc["p95"], name="AUM", marker_color="#4c78a8"))
     if np.isfinite(cut):
-        box.add_hline(y=cut, line_dash="dash", line_color="black")
+        box.add_hline(y=cut, line_dash="dash", line_color="gray")
     box.update_layout(height=320, xaxis_title="given label", yaxis_title="AUM (box: quartiles, whiskers: 5-95%)",
-                      margin=dict(t=20, b=40))
+                      margin=dict(t=20, b=40), xaxis=class_axis(pc["class"]))
     c1.plotly_chart(box, width="stretch", key="aum-class-box")
     bar = go.Figure(go.Bar(x=pc["class"], y=pc["flagged"], marker_color="#e45756",
                            text=[f"{f}/{n}" for f, n in zip(pc["flagged"], pc["n"], strict=True)]))
-    bar.update_layout(height=320, xaxis_title="given label", yaxis_title="flagged", margin=dict(t=20, b=40))
+    bar.update_layout(height=320, xaxis_title="given label", yaxis_title="flagged", margin=dict(t=20, b=40),
+                      xaxis=class_axis(pc["class"]))
     c2.plotly_chart(bar, width="stretch", key="aum-class-bar")
 
 # ---- margin trajectories ---------------------------------------------------------

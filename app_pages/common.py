@@ -216,3 +216,10 @@ def fmt_num(x: float | int | None, digits: int = 3) -> str:
 def fmt_pct(x: float) -> str:
     """A share in [0, 1] as a percentage with one decimal."""
     return f"{100 * float(x):.1f}%" if np.isfinite(x) else "–"
+
+
+def class_axis(names) -> dict:
+    """Plotly axis settings for a per-class axis whose values are the class names: categorical (so "0".."9"
+    are not read as numbers), every class labelled, names escaped and long ones shortened."""
+    names = [str(n) for n in names]
+    return dict(type="category", tickmode="array", tickvals=names, ticktext=[plot_text(n, 24) for n in names])
