@@ -130,7 +130,7 @@ def say(text: str, icon: str) -> None:
 
 def record(indices: np.ndarray, decision: str, new_labels: list[str | None], what: str) -> None:
     """Save one step (a batch) and remember it for undo."""
-    st.session_state["_decided_at"] = time.perf_counter()
+    st.session_state["_decided_at"] = (time.perf_counter(), time.thread_time())
     batch = new_batch_id()
     n = store.record_many([(ids[i], decision, lab) for i, lab in zip(indices, new_labels, strict=True)],
                           session=session, reviewer=reviewer_name() or None, batch=batch)
@@ -303,16 +303,21 @@ def decision_badge(i: int) -> None:
     st.badge(label, icon=icon, color=color)
 
 
-def agreement_badge(by: pd.DataFrame, i: int) -> None:
-    rows = by[by["sample_id"] == ids[i]]
-    if len(rows) < 2:
+def agreement_of(sample_ids: list[str]) -> dict[str, tuple[int, bool, str]]:
+    """For the samples shown: reviewers, agree, detail, where two or more named reviewers decided."""
+    a = agreement(store.by_reviewer(sample_ids))
+    return {s: (int(n), bool(ok), d) for s, n, ok, d in zip(a["sample_id"], a["reviewers"], a["agree"], a["detail"],
+                                                           strict=True)}
+
+
+def agreement_badge(agree: dict, i: int) -> None:
+    if ids[i] not in agree:
         return
-    a = agreement(rows)
-    detail = md_escape(a["detail"].iat[0])
-    if bool(a["agree"].iat[0]):
-        st.badge(f"{len(rows)} reviewers agree", icon=":material/thumb_up:", color="green", help=detail)
+    n, ok, detail = agree[ids[i]]
+    if ok:
+        st.badge(f"{n} reviewers agree", icon=":material/thumb_up:", color="green", help=md_escape(detail))
     else:
-        st.badge(f"{len(rows)} reviewers disagree", icon=":material/warning:", color="red", help=detail)
+        st.badge(f"{n} reviewers disagree", icon=":material/warning:", color="red", help=md_escape(detail))
 
 
 def describe(i: int) -> str:
@@ -373,8 +378,7 @@ def review_panel(sel: np.ndarray) -> None:
             show_image(images, focus, 256)
         with c2:
             decision_badge(focus)
-            by = store.by_reviewer([ids[focus]])
-            agreement_badge(by, focus)
+            agreement_badge(agreement_of([ids[focus]]), focus)
             st.markdown(describe(focus))
             b = st.columns(4)
             for col, name in zip(b, DECISIONS, strict=True):
@@ -400,9 +404,9 @@ def review_panel(sel: np.ndarray) -> None:
         kept = kept_pass(key)[focus]
         if kept >= 0:
             mg = np.asarray(run.dynamics(int(kept), "margin")[:, focus])
-            fig = go.Figure(go.Scatter(x=np.arange(mg.size), y=mg, mode="lines+markers", name="margin"))
-            fig.add_hline(y=0, line_dash="dot", line_color="gray")
-            fig.update_layout(height=200, xaxis_title="epoch", yaxis_title="margin", margin=dict(t=10, b=30))
+            fig = go.Figure(go.Scatter(x=np.arange(mg.size), y=mg, mode="lines+markers", name="margin"), layout=dict(
+                height=200, xaxis_title="epoch", yaxis=dict(title="margin", zeroline=True, zerolinecolor="gray"),
+                margin=dict(t=10, b=30)))
             st.plotly_chart(fig, width="stretch", key="focus-margin", config={"displayModeBar": False})
         if st.toggle("Nearest neighbours", key="show_nn", value=len(ids) <= 200_000,
                      help="Samples closest in the final model's penultimate features; click Open to focus one."):
@@ -436,7 +440,7 @@ def review_panel(sel: np.ndarray) -> None:
         page_idx = sel[(page_no - 1) * per_page : page_no * per_page]
         st.caption(f"Samples {fmt_num((page_no - 1) * per_page + 1)}–{fmt_num((page_no - 1) * per_page + len(page_idx))} "
                    f"of {fmt_num(sel.size)}, ranked by {md_escape(rank_by)}.")
-        by = store.by_reviewer([ids[i] for i in page_idx])
+        by = agreement_of([ids[i] for i in page_idx])
         for start in range(0, len(page_idx), 4):
             row = st.columns(4)
             for col, i in zip(row, page_idx[start : start + 4], strict=False):
@@ -549,10 +553,12 @@ st.session_state.pop("_bulk_done", None)  # a full run after the confirmation: t
 
 
 def _log_decision_time() -> None:
-    """With DIFFICULTY_AUDIT_TIMINGS=1, print the server-side time of a decision (callback + rerun) for the bench."""
+    """With DIFFICULTY_AUDIT_TIMINGS=1, print the server-side time of a decision (callback + rerun) for the bench:
+    wall-clock ms and CPU ms of the script thread (the second does not count waiting for a shared CPU)."""
     started = st.session_state.pop("_decided_at", None)
     if started is not None and os.environ.get("DIFFICULTY_AUDIT_TIMINGS"):
-        print(f"decision-ms {1000 * (time.perf_counter() - started):.1f}", file=sys.stderr, flush=True)
+        wall, cpu = time.perf_counter() - started[0], time.thread_time() - started[1]
+        print(f"decision-ms {1000 * wall:.1f} cpu-ms {1000 * cpu:.1f}", file=sys.stderr, flush=True)
 
 
 review_panel(sel)

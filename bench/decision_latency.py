@@ -158,9 +158,12 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-        server = [float(m) / 1000 for m in re.findall(r"decision-ms ([0-9.]+)", log.read_text())][1:]
+        found = re.findall(r"decision-ms ([0-9.]+) cpu-ms ([0-9.]+)", log.read_text())[1:]
+        server, cpu = [float(w) / 1000 for w, _ in found], [float(c) / 1000 for _, c in found]
         print(f"first visit of the Flagged page (fresh server, shown): {first:.2f} s")
         print(f"one decision by key, server side (callback + fragment rerun), {len(server)} runs: {_stats(server)}")
+        print(f"  of which CPU time of the script thread: {_stats(cpu)}")
+        print(f"load average during the bench: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print(f"one decision by key, key press -> script done in the browser, {len(decisions)} runs: "
               f"{_stats(decisions)}")
         print(f"whole-page rerun (key R), {len(full)} runs: {_stats(full)}")
