@@ -64,6 +64,7 @@ class_arr = np.array(classes, dtype=object)
 aum = natural_aum(scores)
 score_cols = [c for c in REGISTRY if c in scores.columns]
 others = [c for c in score_cols if c != "aum"]
+columns = {c: scores[c].to_numpy() for c in [*others, "rank"]}  # numpy views: a card reads a few values each
 
 
 @st.cache_resource(max_entries=2)
@@ -322,9 +323,9 @@ def agreement_badge(agree: dict, i: int) -> None:
 
 def describe(i: int) -> str:
     sug = md_escape(classes[suggested[i]]) if suggested[i] >= 0 else "?"
-    extra = " · ".join(f"{c} {fmt_num(scores[c].iat[i])}" for c in others[:3] if np.isfinite(scores[c].iat[i]))
+    extra = " · ".join(f"{c} {fmt_num(columns[c][i])}" for c in others[:3] if np.isfinite(columns[c][i]))
     return (f"**{md_escape(ids[i])}**  \nlabel **{md_escape(classes[labels[i]])}** → suggested **{sug}**  \n"
-            f"AUM {fmt_num(aum[i])} · rank {fmt_num(int(scores['rank'].iat[i]))}" + (" · flagged" if flagged[i] else "")
+            f"AUM {fmt_num(aum[i])} · rank {fmt_num(int(columns['rank'][i]))}" + (" · flagged" if flagged[i] else "")
             + (f"  \n{extra}" if extra else ""))
 
 
@@ -472,7 +473,7 @@ def review_panel(sel: np.ndarray) -> None:
             "suggested_label": np.array(classes + ["?"], dtype=object)[suggested[rows]],
             "decision": [CODE_NAMES.get(int(c)) for c in code],
             "new_label": [classes[j] if j >= 0 else None for j in arr.new_label[rows]],
-            "aum": aum[rows], **{c: scores[c].to_numpy()[rows] for c in others}, "rank": scores["rank"].to_numpy()[rows],
+            "aum": aum[rows], **{c: columns[c][rows] for c in others}, "rank": columns["rank"][rows],
             "flagged": flagged[rows],
         })
         version = st.session_state.setdefault("editor_version", 0)
@@ -493,12 +494,13 @@ def review_panel(sel: np.ndarray) -> None:
     b = st.columns([2, 2, 2])
     bulk = b[0].selectbox("Mark several samples as", list(DECISIONS), key="bulk",
                           format_func=lambda d: DECISIONS[d][0] + (" (to its suggested label)" if d == "mislabeled" else ""))
-    shown = relabel_targets(scope)[0] if bulk == "mislabeled" else scope
-    b[1].button(f"Apply to the {fmt_num(len(shown))} samples shown", key="bulk-apply", on_click=bulk_apply,
+    def how_many(indices: np.ndarray) -> int:  # relabel-to-suggested skips samples without a suggestion
+        return int(np.count_nonzero(suggested[indices] >= 0)) if bulk == "mislabeled" else int(indices.size)
+
+    b[1].button(f"Apply to the {fmt_num(how_many(scope))} samples shown", key="bulk-apply", on_click=bulk_apply,
                 args=(scope, bulk))
-    matching = relabel_targets(sel)[0] if bulk == "mislabeled" else sel
-    if b[2].button(f"Apply to all {fmt_num(len(matching))} matching…", key="bulk-apply-all"):
-        confirm_bulk(sel, bulk, len(matching))
+    if b[2].button(f"Apply to all {fmt_num(how_many(sel))} matching…", key="bulk-apply-all"):
+        confirm_bulk(sel, bulk, how_many(sel))
     _log_decision_time()
 
 

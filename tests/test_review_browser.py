@@ -207,7 +207,7 @@ HOSTILE_CLASSES = [
     "ünïcødé ✓ 名字",
     "L" * 180,
 ]
-HOSTILE_FILES = ['<img src=x onerror="alert(2)">', "![x](x)", "javascript:alert(3)", "..%2F..%2Fetc", "=HYPERLINK(1)",
+HOSTILE_FILES = ['<img src=x onerror="alert(2)">', "![x](x)", "javascript:alert(3)", "..\\..\\etc", "=HYPERLINK(1)",
                  "-1", "ok"]
 
 
