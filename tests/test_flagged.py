@@ -165,3 +165,22 @@ def test_bulk_decision_on_the_filtered_selection(monkeypatch, small_run, tmp_pat
     at.button(key="key-undo").click().run()  # the whole bulk step is one undo
     assert not at.exception, at.exception
     assert ReviewStore(run.path).current().empty
+
+
+def test_two_reviewers_show_agreement_on_the_card(monkeypatch, small_run, tmp_path):
+    shutil.copytree(small_run.path, tmp_path / "runs" / small_run.id)
+    from engine.runs import Run
+
+    run = Run(tmp_path / "runs" / small_run.id)
+    for f in run.path.glob("reviews.sqlite*"):
+        f.unlink()
+    at = _flagged_page(monkeypatch, run)
+    a, b = _card_ids(at, run)[:2]
+    store = ReviewStore(run.path)
+    store.record_many([(a, "remove", None), (b, "correct", None)], reviewer="ann")
+    store.record_many([(a, "correct", None), (b, "correct", None)], reviewer="bob")
+    at = _flagged_page(monkeypatch, run)
+    badges = [m.value for m in at.markdown]
+    assert ":red-badge[:material/warning: 2 reviewers disagree]" in badges
+    assert ":green-badge[:material/thumb_up: 2 reviewers agree]" in badges
+    assert any("2 samples were decided by two or more reviewers: 1 agree, 1 disagree" in c.value for c in at.caption)

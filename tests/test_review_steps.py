@@ -98,3 +98,18 @@ def test_label_matrix_and_per_class_table_match_a_crosstab():
         assert np.isclose(row["noise_rate"], row["flagged"] / row["count"])
         off = ref.loc[k].drop(k)
         assert row["most_confused"] == "abcd"[off.idxmax()] and row["confused_count"] == off.max()
+
+
+def test_dataset_values_are_literal_text_in_markdown_and_plotly():
+    from app_pages.common import fmt_num, md_escape, plot_text
+
+    hostile = '<img src=x onerror="alert(1)"> [a](javascript:alert(2)) ![i](x) :red[x] $x$ **b**\nline'
+    escaped = md_escape(hostile)
+    assert "\n" not in escaped
+    # every markdown/HTML metacharacter is backslash-escaped, so CommonMark shows it as itself
+    for ch in "<>[]()!*:$":
+        assert all(escaped[k - 1] == "\\" for k, c in enumerate(escaped) if c == ch)
+    assert "<" not in plot_text("<b id=pwn>") and plot_text("<b>") == "&lt;b&gt;"
+    assert plot_text("x" * 40, 24) == "x" * 23 + "…"
+    assert [fmt_num(v) for v in (1234567, 0.12345, 12.345, 1234.5, float("nan"), 0)] == ["1,234,567", "0.123", "12.3",
+                                                                                          "1,234", "–", "0"]
