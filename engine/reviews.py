@@ -245,6 +245,11 @@ class DecisionArrays:
         """Apply the store's new history rows; returns the id of the newest row applied."""
         with self._lock:
             new = self.store.changes_since(self.seen)
+            if new.empty and self.seen and self.store.last_id() < self.seen:  # the store was replaced: read it all again
+                self.code[:] = 0
+                self.new_label[:] = -1
+                self.seen = 0
+                new = self.store.changes_since(0)
             if len(new):
                 self.apply(new["sample_id"].to_numpy(), new["decision"].to_numpy(), new["new_label"].to_numpy())
                 self.seen = int(new["id"].iat[-1])

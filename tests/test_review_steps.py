@@ -80,6 +80,11 @@ def test_decision_arrays_follow_the_store_incrementally(tmp_path):
     fresh = DecisionArrays(store, ids, ["cat", "dog"])
     fresh.sync()
     assert (fresh.code == arr.code).all() and (fresh.new_label == arr.new_label).all()
+    for f in tmp_path.glob("reviews.sqlite*"):  # the store deleted and started again: the arrays follow
+        f.unlink()
+    ReviewStore(tmp_path).record("s0", "remove")
+    arr.sync()
+    assert arr.code.tolist() == [3, 0, 0, 0, 0, 0]
 
 
 def test_label_matrix_and_per_class_table_match_a_crosstab():
