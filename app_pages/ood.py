@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import fmt_num, load_scores, md_escape, plot_text, require_run, sample_images
+from app_pages.common import fmt_num, load_scores, md_escape, require_run, sample_images
 from engine.images import ImageError
 from engine.ood_eval import load_report, load_results
 from engine.views import common_edges, histogram, subsample
@@ -82,9 +82,9 @@ else:
 sc = go.Figure()
 for name, m, color in [("not flagged", ~flagged[sel], "#4c78a8"), ("flagged", flagged[sel], "#e45756")]:
     idx = sel[m]
+    # No per-point text (50,000 names would double the figure): the hover says how to open the sample.
     sc.add_trace(go.Scattergl(x=dens[idx], y=ent[idx], mode="markers", name=name, customdata=idx,
-                              text=[plot_text(ids[i]) for i in idx] if len(ids) == len(dens) else None,
-                              hovertemplate="%{text}<br>log density %{x:.1f}<br>entropy %{y:.3f}<extra></extra>",
+                              hovertemplate="log density %{x:.1f}<br>entropy %{y:.3f}<br>click to review<extra></extra>",
                               marker=dict(size=4, color=color, opacity=0.6)))
 sc.add_vline(x=d_cut, line_dash="dash")
 sc.add_hline(y=e_cut, line_dash="dash")
