@@ -384,9 +384,8 @@ def review_panel(sel: np.ndarray) -> None:
             b = st.columns(4)
             for col, name in zip(b, DECISIONS, strict=True):
                 label, _, icon, shortcut = DECISIONS[name]
-                if name == "mislabeled":
-                    label = "Relabel to suggested"
                 col.button(label, icon=icon, key=f"key-{name}", shortcut=shortcut, width="stretch",
+                           help="Relabel to the suggested label" if name == "mislabeled" else None,
                            on_click=decide_one, args=(focus, name))
             b = st.columns(4)
             b[0].button("Previous", icon=":material/arrow_back:", key="key-prev", shortcut="P", width="stretch",
@@ -398,7 +397,7 @@ def review_panel(sel: np.ndarray) -> None:
             r = st.columns([3, 2])
             default = int(suggested[focus]) if suggested[focus] >= 0 else int(labels[focus])
             target = r[0].selectbox("Relabel to", classes, index=default, key=f"relabel-to-{focus}")
-            r[1].button("Relabel", icon=":material/swap_horiz:", key="relabel-chosen", width="stretch",
+            r[1].button("Relabel to this class", icon=":material/swap_horiz:", key="relabel-chosen", width="stretch",
                         on_click=lambda: decide_one(focus, "mislabeled", target))
             st.caption("Keys: S relabel to suggested · K keep · X remove · U unsure · N next · P previous · Z undo. "
                        "After a decision the next undecided sample is focused.")
@@ -406,7 +405,8 @@ def review_panel(sel: np.ndarray) -> None:
         if kept >= 0:
             mg = np.asarray(run.dynamics(int(kept), "margin")[:, focus])
             fig = go.Figure(go.Scatter(x=np.arange(mg.size), y=mg, mode="lines+markers", name="margin"), layout=dict(
-                height=200, xaxis_title="epoch", yaxis=dict(title="margin", zeroline=True, zerolinecolor="gray"),
+                height=200, xaxis=dict(title="epoch", tickformat="d", dtick=max(1, mg.size // 10)),
+                yaxis=dict(title="margin", zeroline=True, zerolinecolor="gray"),
                 margin=dict(t=10, b=30)))
             st.plotly_chart(fig, width="stretch", key="focus-margin", config={"displayModeBar": False})
         if st.toggle("Nearest neighbours", key="show_nn", value=len(ids) <= 200_000,

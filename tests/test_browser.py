@@ -106,6 +106,7 @@ def test_first_audit_journey(server, page):
 def test_review_and_export_journey(server, page, tmp_path):
     """Open a finished audit's flagged gallery, decide three samples, reload, download both exports."""
     import csv
+    import re
 
     from playwright.sync_api import expect
 
@@ -118,19 +119,21 @@ def test_review_and_export_journey(server, page, tmp_path):
     audit.execute(run, ds)
     page.goto(f"{url}/flagged?run={run.id}")
     expect(page.get_by_text("Reviewed / flagged")).to_be_visible(timeout=30_000)
-    expect(page.get_by_role("button", name="Relabel").first).to_be_visible(timeout=30_000)
+    cards = page.locator("[class*='st-key-card-']")  # a card: the container keyed card-<row>
+    expect(cards.first).to_be_visible(timeout=30_000)
     page.screenshot(path=ARTIFACTS / "06-flagged.png", full_page=True)
-    cards = (page.get_by_test_id("stColumn")  # a card: the column holding both a Relabel and a Correct button
-             .filter(has=page.get_by_role("button", name="Relabel")).filter(has=page.get_by_role("button", name="Correct")))
-    for n, action in enumerate(["Relabel", "Remove", "Correct"]):
-        cards.nth(n).get_by_role("button", name=action).click()
+    for n, action in enumerate(["mis", "rem", "cor"]):  # relabel to suggested, remove, keep: the card's buttons
+        row = next(c[len("st-key-card-"):] for c in cards.nth(n).get_attribute("class").split()
+                   if c.startswith("st-key-card-"))
+        page.locator(f".st-key-{action}-{row} button").click()
         page.wait_for_timeout(1200)
-    expect(page.get_by_text("decision:").first).to_be_visible(timeout=10_000)
+    decided_cards = cards.filter(has_text=re.compile(r"Relabel →|Remove|Keep"))
+    expect(decided_cards).to_have_count(3, timeout=10_000)  # each decided card carries its decision's badge
     decided = ReviewStore(run.path).current()
     assert sorted(decided["decision"]) == ["correct", "mislabeled", "remove"]
 
     page.reload()
-    expect(cards.filter(has_text="decision:")).to_have_count(3, timeout=30_000)
+    expect(decided_cards).to_have_count(3, timeout=30_000)
     page.screenshot(path=ARTIFACTS / "07-flagged-after-reload.png", full_page=True)
 
     with page.expect_download() as dl:
