@@ -125,7 +125,7 @@ def test_review_and_export_journey(server, page, tmp_path):
     for n, action in enumerate(["mis", "rem", "cor"]):  # relabel to suggested, remove, keep: the card's buttons
         row = next(c[len("st-key-card-"):] for c in cards.nth(n).get_attribute("class").split()
                    if c.startswith("st-key-card-"))
-        page.locator(f".st-key-{action}-{row} button").click()
+        page.locator(f".st-key-{action}-{row} button").first.click()
         page.wait_for_timeout(1200)
     decided_cards = cards.filter(has_text=re.compile(r"Relabel →|Remove|Keep"))
     expect(decided_cards).to_have_count(3, timeout=10_000)  # each decided card carries its decision's badge
