@@ -23,6 +23,7 @@ from .config import AuditConfig, ConfigError
 from .datasets import IndexedDataset, load_dataset
 from .metrics import detection_metrics
 from .models import pick_device
+from .noise import noise_estimate
 from .pipeline import choose_loader, is_lazy, make_source, materialize, normalization_stats
 from .runs import (
     DynamicsWriter,
@@ -313,6 +314,10 @@ def finalize(run: Run, partial: bool = False) -> dict:
         summary["n_label_errors"] = int(is_error.sum())
         summary.update(detection_metrics(table["flagged"].to_numpy(), table["aum"].to_numpy(), is_error))
         summary["n_label_errors_scored"] = int((is_error & scored).sum())
+    summary["noise_estimate"] = noise_estimate(
+        samples["label"].to_numpy(), table["flagged"].to_numpy(), table["suggested_label"].to_numpy(), run.classes(),
+        scored=np.isfinite(table["aum"].to_numpy()), true_labels=true if (true >= 0).all() else None,
+    )
     report = load_report(run) or {}
     if report.get("ood"):
         summary["ood"] = report["ood"]

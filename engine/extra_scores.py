@@ -59,32 +59,42 @@ def out_of_sample_probs(cfg: AuditConfig, ds, folds: int = 3, progress: Progress
                         cancel: threading.Event | None = None) -> np.ndarray:
     """k models, each trained on k-1 folds with the recipe of ``cfg`` (no threshold samples, no capture),
     predicting the held-out fold. Returns ``(N, classes)`` softmax probabilities."""
-    import torch
-
     from .datasets import take
-    from .models import pick_device
-    from .pipeline import make_source, sequential
-    from .training import train_pass
 
     if folds < 2:
         raise ScoreError(f"cross-validation needs at least 2 folds, got {folds}")
-    device = pick_device(cfg.device)
     fold_of = np.random.default_rng(cfg.seed + 101).permutation(len(ds)) % folds
     probs = np.zeros((len(ds), ds.n_classes))
     for f in range(folds):
         if progress:
             progress(f / folds, f"fold {f + 1} of {folds}: training on {int((fold_of != f).sum())} samples")
         tr, te = fold_of != f, fold_of == f
-        with make_source(take(ds.images, tr), device, cfg.loader, cfg.workers, seed=cfg.seed) as train:
-            model = train_pass(cfg, train, torch.from_numpy(ds.labels[tr]).to(device), ds.n_classes,
-                               ds.n_classes, 100 + f, writer=None, capture=False, cancel=cancel)
-            stats = (train.mean, train.std)
-        model.eval()
-        with make_source(take(ds.images, te), device, cfg.loader, cfg.workers, stats=stats) as held, torch.inference_mode():
-            out = [torch.softmax(model((x.float() / 255 - held.mean) / held.std).float(), 1).cpu()
-                   for _, x in sequential(held, 1024)]
-        probs[te] = torch.cat(out).numpy()
+        probs[te] = fit_predict(cfg, take(ds.images, tr), ds.labels[tr], take(ds.images, te), ds.n_classes,
+                                100 + f, cancel)
     return probs
+
+
+def fit_predict(cfg: AuditConfig, train_images, train_labels: np.ndarray, test_images, n_classes: int,
+                pass_idx: int, cancel: threading.Event | None = None) -> np.ndarray:
+    """Train one model with the recipe of ``cfg`` (``train_pass`` without capture; ``pass_idx`` seeds it) on
+    ``train_images`` / ``train_labels`` and return its ``(len(test_images), n_classes)`` softmax
+    probabilities, the test images normalised with the training images' statistics."""
+    import torch
+
+    from .models import pick_device
+    from .pipeline import make_source, sequential
+    from .training import train_pass
+
+    device = pick_device(cfg.device)
+    with make_source(train_images, device, cfg.loader, cfg.workers, seed=cfg.seed) as train:
+        model = train_pass(cfg, train, torch.from_numpy(np.asarray(train_labels)).to(device), n_classes,
+                           n_classes, pass_idx, writer=None, capture=False, cancel=cancel)
+        stats = (train.mean, train.std)
+    model.eval()
+    with make_source(test_images, device, cfg.loader, cfg.workers, stats=stats) as held, torch.inference_mode():
+        out = [torch.softmax(model((x.float() / 255 - held.mean) / held.std).float(), 1).cpu()
+               for _, x in sequential(held, 1024)]
+    return torch.cat(out).numpy()
 
 
 def cv_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:

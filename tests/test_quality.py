@@ -1,0 +1,98 @@
+"""Noise estimate (summary.json ``noise_estimate``) and ``engine retrain``: does cleaning help."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import audit
+from engine.cli import main
+from engine.config import AuditConfig, ConfigError
+from engine.noise import estimated_joint, most_likely_true, noise_estimate, noise_rates, true_joint
+from engine.retrain import cleaned_labels
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_estimated_joint_counts_flags_as_their_suggested_class():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    flagged = np.array([False, True, True, False, True, True])
+    suggested = np.array([1, 2, -1, 0, 0, 1])
+    joint = estimated_joint(labels, flagged, suggested, 3)
+    # given 0: one unflagged, one flagged -> 2, one flagged without suggestion stays 0
+    assert joint.tolist() == [[2, 0, 1], [1, 1, 0], [0, 1, 0]]
+    np.testing.assert_allclose(noise_rates(joint), [1 / 3, 1 / 2, 1.0])
+    assert most_likely_true(joint).tolist() == [2, 0, 1]
+
+
+def test_noise_estimate_errors_against_known_truth():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    true = np.array([0, 0, 1, 1, 1, 1, 1, 1])  # class 0 has 50% wrong labels, class 1 none
+    flagged = np.array([False, False, True, False, False, False, False, True])
+    suggested = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    est = noise_estimate(labels, flagged, suggested, ["a", "b"], true_labels=true)
+    assert est["per_class"][0]["noise_rate"] == 0.25 and est["per_class"][0]["true_noise_rate"] == 0.5
+    assert est["per_class"][1]["noise_rate"] == 0.25 and est["per_class"][1]["true_noise_rate"] == 0.0
+    assert est["mae_noise_rate"] == 0.25
+    assert est["per_class"][0]["most_likely_true"] == "b" and est["per_class"][0]["true_most_likely"] == "b"
+    assert est["true_class_accuracy"] == 1.0  # class 0, the only one with wrong labels, points at b
+    # joints normalised: est [[3,1],[1,3]]/8, truth [[2,2],[0,4]]/8 -> TV = (1+1+1+1)/8/2
+    assert est["joint_tv_error"] == pytest.approx(0.25)
+    assert true_joint(labels, true, 2).tolist() == [[2, 2], [0, 4]]
+
+
+def test_cleaned_labels_policies_and_decisions():
+    labels = np.array([0, 1, 2, 0])
+    flagged = np.array([True, True, False, True])
+    suggested = np.array([1, 0, 1, -1])
+    agrees = np.array([True, False, False, False])
+    y, keep = cleaned_labels(labels, flagged, suggested, "remove")
+    assert y.tolist() == [0, 1, 2, 0] and keep.tolist() == [False, False, True, False]
+    y, keep = cleaned_labels(labels, flagged, suggested, "relabel")
+    assert y.tolist() == [1, 0, 2, 0] and keep.all()  # no suggestion: kept as given
+    y, keep = cleaned_labels(labels, flagged, suggested, "both", agrees)
+    assert y.tolist() == [1, 1, 2, 0] and keep.tolist() == [True, False, True, False]
+    # a reviewer's decision wins over the policy: sample 0 "correct", sample 2 removed, sample 3 relabelled
+    decided = {0: ("correct", None), 2: ("remove", None), 3: ("mislabeled", 2)}
+    y, keep = cleaned_labels(labels, flagged, suggested, "remove", decided=decided)
+    assert y.tolist() == [0, 1, 2, 2] and keep.tolist() == [True, False, False, True]
+    with pytest.raises(ConfigError, match="--policy"):
+        cleaned_labels(labels, flagged, suggested, "drop")
+
+
+@pytest.mark.slow
+def test_summary_noise_estimate_and_retrain_cli(tmp_path, capsys):
+    """A real audit of digits with 20% asymmetric noise estimates each class's noise and its true class;
+    ``engine retrain`` then trains the three variants and writes retrain.json."""
+    cfg = AuditConfig(dataset="digits", noise=0.2, noise_kind="asymmetric", epochs=12)
+    run, ds = audit.prepare(cfg, tmp_path / "runs")
+    audit.execute(run, ds)
+    est = run.summary()["noise_estimate"]
+    rows = {r["class"]: r for r in est["per_class"]}
+    # asymmetric noise flips 2->7, 3->8, 5<->6, 7->1: the given 7s are partly 2s, the 8s partly 3s ...
+    for given, true in [("7", "2"), ("8", "3"), ("5", "6"), ("6", "5"), ("1", "7")]:
+        assert rows[given]["true_most_likely"] == true
+        assert rows[given]["most_likely_true"] == true
+    assert est["mae_noise_rate"] < 0.03
+    assert abs(est["noise_rate"] - est["true_noise_rate"]) < 0.03
+
+    assert main(["retrain", str(run.path), "--policy", "relabel", "--seeds", "1"]) == 0
+    r = json.loads((run.path / "retrain.json").read_text())
+    held = sum(max(1, round(0.2 * c)) for c in np.bincount(ds.true_labels))
+    assert r["n_train"] == 1797 - held  # the trusted test split is held out of every training
+    assert set(r["accuracy"]) == {"noisy", "cleaned", "oracle"}
+    assert r["n_relabelled"] > 0.8 * (ds.labels != ds.true_labels).sum() * r["n_train"] / 1797
+    assert r["accuracy_cleaned"] > r["accuracy_noisy"]
+    assert "recovered" in r
+    assert "cleaning recovered" in capsys.readouterr().out
+
+
+def test_retrain_without_truth_needs_a_test_set(tmp_path, capsys):
+    cfg = AuditConfig(dataset=str(ROOT / "sample_data" / "digits_folder"), noise=0.0, epochs=1, threshold_samples=False)
+    run, ds = audit.prepare(cfg, tmp_path / "runs")
+    audit.execute(run, ds)
+    assert main(["retrain", str(run.path), "--seeds", "1"]) == 2
+    assert "--test" in capsys.readouterr().err
