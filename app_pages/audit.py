@@ -6,6 +6,7 @@ import time
 
 import streamlit as st
 
+from app_pages.cleaning import retrain_section
 from app_pages.common import current_run, detection_row, fmt_seconds, job_manager
 from engine.config import LOADERS, MODELS, AuditConfig
 from engine.datasets import DatasetError
@@ -193,3 +194,4 @@ if state == "done" and summary:
         detection_row(summary)
         st.caption(f"Against the {summary['n_label_errors']} labels that were flipped on purpose.")
     st.page_link("app_pages/aum.py", label="See the AUM distribution and the cut-off", icon=":material/show_chart:")
+    retrain_section(run)

@@ -6,6 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
+from app_pages.cleaning import noise_estimate_section
 from app_pages.common import class_axis, detection_row, natural_aum, require_run, require_scores, stamp
 from engine.metrics import flag_metrics, ranking_auroc
 from engine.views import (
@@ -116,6 +117,8 @@ if not pc.empty:
     bar.update_layout(height=320, xaxis_title="given label", yaxis_title="flagged", margin=dict(t=20, b=40),
                       xaxis=class_axis(pc["class"]))
     c2.plotly_chart(bar, width="stretch", key="aum-class-bar")
+
+noise_estimate_section(run.summary())
 
 # ---- margin trajectories ---------------------------------------------------------
 st.subheader("Margin over epochs")

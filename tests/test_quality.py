@@ -64,7 +64,7 @@ def test_cleaned_labels_policies_and_decisions():
 
 
 @pytest.mark.slow
-def test_summary_noise_estimate_and_retrain_cli(tmp_path, capsys):
+def test_summary_noise_estimate_and_retrain_cli(tmp_path, capsys, monkeypatch):
     """A real audit of digits with 20% asymmetric noise estimates each class's noise and its true class;
     ``engine retrain`` then trains the three variants and writes retrain.json."""
     cfg = AuditConfig(dataset="digits", noise=0.2, noise_kind="asymmetric", epochs=12)
@@ -88,6 +88,16 @@ def test_summary_noise_estimate_and_retrain_cli(tmp_path, capsys):
     assert r["accuracy_cleaned"] > r["accuracy_noisy"]
     assert "recovered" in r
     assert "cleaning recovered" in capsys.readouterr().out
+
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+    assert not at.exception
+    assert "Does cleaning help?" in [s.value for s in at.subheader]
+    at.switch_page("app_pages/aum.py").run()
+    assert not at.exception
+    assert "Estimated label noise per class" in [s.value for s in at.subheader]
 
 
 def test_retrain_without_truth_needs_a_test_set(tmp_path, capsys):
