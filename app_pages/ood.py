@@ -51,7 +51,7 @@ if not sets:
 series = {"training": results["train_log_density"]}
 for name, meta in sets.items():
     series[name] = results[f"{meta['key']}_log_density"]
-edges = common_edges(*[np.clip(v, np.percentile(series["training"], 0.5) - 200, None) for v in series.values()], bins=60)
+edges = common_edges(*[np.clip(v, np.nanpercentile(series["training"], 0.5) - 200, None) for v in series.values()], bins=60)
 fig = go.Figure()
 for name, v in series.items():
     counts = histogram(v, edges)
@@ -70,7 +70,7 @@ if report.get("ood"):
 # ---- entropy vs density -------------------------------------------------------------------------
 st.subheader("Entropy vs density (training samples)")
 dens, ent = results["train_log_density"], results["train_entropy"]
-d_cut, e_cut = float(np.percentile(dens, 5)), float(np.percentile(ent, 95))
+d_cut, e_cut = float(np.nanpercentile(dens, 5)), float(np.nanpercentile(ent, 95))  # NaN: not scored
 sel = subsample(len(dens), 50_000)
 loaded = load_scores(run)  # the cached tables (ids of a million samples are not read again on each rerun)
 ids = (loaded[2] if loaded else run.samples(["sample_id"]))["sample_id"].to_numpy()
@@ -88,7 +88,7 @@ for name, m, color in [("not flagged", ~flagged[sel], "#4c78a8"), ("flagged", fl
                               marker=dict(size=4, color=color, opacity=0.6)))
 sc.add_vline(x=d_cut, line_dash="dash")
 sc.add_hline(y=e_cut, line_dash="dash")
-x_hi, y_hi = float(np.max(dens)), float(np.max(ent)) or 1.0
+x_hi, y_hi = float(np.nanmax(dens)), float(np.nanmax(ent)) or 1.0
 for text, x, y in [("confident", x_hi, 0), ("ambiguous", x_hi, y_hi), ("OoD", d_cut, 0), ("OoD and ambiguous", d_cut, y_hi)]:
     sc.add_annotation(x=x, y=y, text=text, showarrow=False, xanchor="right", font=dict(size=13, color="gray"))
 sc.update_layout(height=420, xaxis_title="log feature density", yaxis_title="softmax entropy", margin=dict(t=20))
@@ -123,7 +123,7 @@ if cal:
 # ---- the least typical training samples --------------------------------------------------------------
 st.subheader("Lowest-density training samples")
 k = st.slider("How many", 6, 48, 12, 6, key="ood_k")
-low = np.argsort(dens, kind="stable")[:k]
+low = np.argsort(dens, kind="stable")[: min(k, int(np.isfinite(dens).sum()))]  # NaN sorts last
 images = sample_images(run)
 for start in range(0, len(low), 6):
     row = st.columns(6)

@@ -24,7 +24,16 @@ from .datasets import IndexedDataset, load_dataset
 from .metrics import detection_metrics
 from .models import pick_device
 from .noise import noise_estimate
-from .pipeline import choose_loader, is_lazy, make_source, materialize, normalization_stats
+from .pipeline import (
+    choose_loader,
+    is_lazy,
+    make_source,
+    materialize,
+    normalization_stats,
+    run_stats,
+    stats_record,
+    stats_sample,
+)
 from .runs import (
     DynamicsWriter,
     Run,
@@ -33,6 +42,7 @@ from .runs import (
     create_run,
     owner_fields,
     resume_problem,
+    trained_rows,
 )
 from .scores import REGISTRY, compute_scores
 from .training import Cancelled, EpochResult, train_pass
@@ -65,7 +75,8 @@ def check_dataset(ds: IndexedDataset, cfg: AuditConfig) -> None:
 
 
 def load_run_dataset(cfg: AuditConfig):
-    """The audit's training set and its OoD evaluation sets (``ood_eval.split``): the one way to load a run's data.
+    """The audit's dataset with each sample's role and its OoD evaluation sets (``ood_eval.RunData``): the one way
+    to load a run's data.
 
     Image files are checked by header and decoded on demand (``FileImages``); ``engine.pipeline``
     decides whether they are then decoded once into memory or streamed.
@@ -83,34 +94,44 @@ def load_run_dataset(cfg: AuditConfig):
 
 
 def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None) -> tuple[Run, IndexedDataset]:
-    """Validate config and dataset, assign threshold samples, create the run directory."""
+    """Validate config and dataset, assign roles and threshold samples, measure the normalisation statistics,
+    create the run directory. Returns the run and its training samples (``ds.stats`` set)."""
     from .runs import runs_root
 
     cfg.validate()
-    ds, _ = load_run_dataset(cfg)
+    data = load_run_dataset(cfg)
+    ds = data.train
     check_dataset(ds, cfg)
-    if is_lazy(ds.images):  # a corrupt file found while decoding stops here, before the run exists
-        if choose_loader(cfg.loader, ds.images) == "memory":
-            ds.images = materialize(ds.images, cfg.workers)
-        elif ds.stats is None:
-            ds.stats = normalization_stats(ds.images, cfg.workers, cfg.seed)
-    tpass = (
-        threshold_assignment(len(ds), ds.n_classes, cfg.passes, cfg.seed)
+    if is_lazy(ds.images) and choose_loader(cfg.loader, ds.images) == "memory":
+        ds.images = materialize(ds.images, cfg.workers)  # a corrupt file found while decoding stops here
+    if ds.stats is None:  # once, before the run exists, for every loader (a streamed source decodes them here)
+        ds.stats = normalization_stats(ds.images, cfg.workers, cfg.seed)
+    n_trained_classes = int((np.bincount(ds.labels, minlength=ds.n_classes) > 0).sum())
+    tpass_train = (
+        threshold_assignment(len(ds), n_trained_classes, cfg.passes, cfg.seed)
         if cfg.threshold_samples
         else np.full(len(ds), -1, dtype=np.int64)
     )
+    full = data.full
+    tpass = np.full(len(full), -1, dtype=np.int64)
+    tpass[data.trained] = tpass_train
+    roles = np.where(tpass >= 0, "threshold", data.roles).astype(str)
     samples = pd.DataFrame(
         {
-            "sample_id": ds.sample_ids.astype(str),
-            "source": ds.sources.astype(str),
-            "label": ds.labels,
-            "true_label": ds.true_labels if ds.true_labels is not None else np.full(len(ds), -1),
+            "sample_id": full.sample_ids.astype(str),
+            "source": full.sources.astype(str),
+            "label": full.labels,
+            "true_label": full.true_labels if full.true_labels is not None else np.full(len(full), -1),
             "threshold_pass": tpass,
             "is_threshold": tpass >= 0,
+            "role": roles,
         }
     )
-    config = cfg.to_dict() | {"dataset_root": ds.root, "dataset_info": ds.info, "image_shape": list(ds.images.shape[1:])}
-    run = create_run(runs_root(root), config, samples, ds.classes)
+    config = cfg.run_dict() | {
+        "dataset_root": full.root, "dataset_info": full.info, "image_shape": list(ds.images.shape[1:]),
+        "normalization": stats_record(ds.stats, len(stats_sample(len(ds), cfg.seed))),
+    }
+    run = create_run(runs_root(root), config, samples, full.classes)
     return run, ds
 
 
@@ -134,18 +155,21 @@ def execute(
     if resume and (problem := resume_problem(run, world_size)):
         raise ConfigError(problem)
     raw = run.config()
-    cfg = AuditConfig.from_dict({k: v for k, v in raw.items() if k not in ("dataset_root", "dataset_info", "image_shape")})
+    cfg = AuditConfig.from_run_config(raw)
     wants_sets = cfg.eval_share > 0 or cfg.ood_folder
     if ds is None or wants_sets:  # (a second read only when OoD sets are asked for)
-        loaded, sets = load_run_dataset(cfg)
-        ds = loaded if ds is None else ds
+        data = load_run_dataset(cfg)
+        ds = data.train if ds is None else ds
+        sets = data.sets
     else:
         from .ood_eval import EvalSets
 
         sets = EvalSets()
     samples = run.samples()
-    if len(samples) != len(ds) or not (samples["sample_id"].to_numpy() == ds.sample_ids.astype(str)).all():
+    rows = trained_rows(samples)  # the trained samples' rows: columns of the dynamics arrays
+    if len(rows) != len(ds) or not (samples["sample_id"].to_numpy()[rows] == ds.sample_ids.astype(str)).all():
         raise ConfigError(f"the dataset {cfg.dataset} changed since run {run.id} was created; start a new audit")
+    stats = run_stats(raw) or ds.stats  # the run's own statistics, whatever the loader (also on --resume)
     passes = cfg.passes
     prev = run.raw_status()
     epochs_done = list(prev.get("epochs_done") or [0] * passes) if resume else [0] * passes
@@ -163,7 +187,7 @@ def execute(
     source = None
     n_real = ds.n_classes
     n_out = n_real + 1 if cfg.threshold_samples else n_real
-    tpass = samples["threshold_pass"].to_numpy()
+    tpass = samples["threshold_pass"].to_numpy()[rows]
     import torch
 
     def record(r: EpochResult) -> None:
@@ -174,7 +198,7 @@ def execute(
             on_epoch(r)
 
     try:
-        source = make_source(ds.images, device, cfg.loader, cfg.workers, stats=ds.stats, seed=cfg.seed)
+        source = make_source(ds.images, device, cfg.loader, cfg.workers, stats=stats, seed=cfg.seed)
         status(input_pipeline={"loader": source.kind, "workers": source.workers, "device": str(device)})
         for p in range(passes):
             start = epochs_done[p]
@@ -182,7 +206,7 @@ def execute(
                 continue
             targets = ds.labels.copy()
             targets[tpass == p] = n_real
-            writer = DynamicsWriter(run, p, cfg.epochs, len(ds), resume=start > 0) if main else None
+            writer = DynamicsWriter(run, p, cfg.epochs, len(samples), resume=start > 0, columns=rows) if main else None
             sat_out: dict = {}
             train_pass(
                 cfg, source, torch.from_numpy(targets).to(device), n_out, n_real, p, writer,
@@ -190,10 +214,10 @@ def execute(
                 on_epoch=record, cancel=cancel, sat_out=sat_out,
             )
             if "targets" in sat_out and main:
-                save_sat_disagreement(run, p, sat_out["targets"], ds.labels, tpass)
+                save_sat_disagreement(run, p, sat_out["targets"], ds.labels, tpass, rows, len(samples))
         summary = {}
         if main:
-            evaluate_final_model(run, cfg, ds, sets, tpass, source, n_out)
+            evaluate_final_model(run, cfg, ds, sets, tpass, source, n_out, rows, len(samples))
             summary = finalize(run)
             run.update_status(state="done", finished_at=time.time())
         _wait_for_all_ranks()  # torchrun: no rank tears down the process group while rank 0 still writes
@@ -221,16 +245,18 @@ def execute(
             source.close()
 
 
-def save_sat_disagreement(run: Run, pass_idx: int, targets: np.ndarray, labels: np.ndarray, tpass: np.ndarray) -> None:
-    """Self-adaptive training's mislabel score ``1 - t[given label]`` from a pass's final soft targets
-    (NaN for that pass's threshold samples), kept in ``sat.npy`` as ``(passes, samples)``."""
+def save_sat_disagreement(run: Run, pass_idx: int, targets: np.ndarray, labels: np.ndarray, tpass: np.ndarray,
+                          rows: np.ndarray, n_all: int) -> None:
+    """Self-adaptive training's mislabel score ``1 - t[given label]`` from a pass's final soft targets of the
+    trained samples (at ``rows`` of the run; NaN for that pass's threshold samples and for samples not trained
+    on), kept in ``sat.npy`` as ``(passes, samples)``."""
     import io
 
     from .runs import atomic_write_bytes
 
     path = run.path / "sat.npy"
-    table = np.load(path) if path.is_file() else np.full((run.n_passes(), len(labels)), np.nan)
-    table[pass_idx] = np.where(tpass == pass_idx, np.nan, 1.0 - targets[np.arange(len(labels)), labels])
+    table = np.load(path) if path.is_file() else np.full((run.n_passes(), n_all), np.nan)
+    table[pass_idx, rows] = np.where(tpass == pass_idx, np.nan, 1.0 - targets[np.arange(len(labels)), labels])
     buf = io.BytesIO()
     np.save(buf, table)
     atomic_write_bytes(path, buf.getvalue())
@@ -247,16 +273,20 @@ def checkpoint_epoch(run: Run, pass_idx: int) -> int:
 
 
 def evaluate_final_model(run: Run, cfg: AuditConfig, ds: IndexedDataset, sets, tpass: np.ndarray, source,
-                         n_out: int) -> None:
+                         n_out: int, rows: np.ndarray, n_all: int) -> None:
     """Features of the final model (``features.npy``) and DDU densities / OoD report (``ood/``).
 
+    The final model is the last pass's: its threshold samples were trained towards the fake class, so
+    the Gaussians are fitted without them and their density and entropy are NaN (they kept their label
+    only in a model of another pass, whose feature space is not this one).
     A density fit that fails (degenerate features) is recorded in ``ood/report.json`` without failing the audit.
     """
     from .ood import GDAError
     from .ood_eval import evaluate
 
     try:
-        evaluate(run, cfg, source, ds.labels, tpass != cfg.passes - 1, sets, n_out, ds.n_classes)
+        kept = tpass != cfg.passes - 1
+        evaluate(run, cfg, source, ds.labels, kept, sets, n_out, ds.n_classes, rows=rows, n_all=n_all)
     except GDAError as exc:
         atomic_write_json(run.path / "ood" / "report.json", {"error": str(exc)})
 
@@ -274,6 +304,12 @@ def _finalize_partial(run: Run) -> None:
             finalize(run, partial=True)
     except Exception:  # a partial summary is a convenience; the original error is what matters
         pass
+
+
+def run_warnings(run: Run) -> list[str]:
+    """What the engine changed or assumed about the user's data (e.g. images resized), for ``summary.json``
+    ``warnings``: recorded in the config's ``dataset_info`` when the run was prepared."""
+    return [str(w) for w in (run.config().get("dataset_info") or {}).get("warnings", [])]
 
 
 def finalize(run: Run, partial: bool = False) -> dict:
@@ -300,23 +336,29 @@ def finalize(run: Run, partial: bool = False) -> dict:
         save_margin_sample(run)
     samples = run.samples()
     st = run.raw_status()
+    rows = trained_rows(samples)
     summary = {
         "n_samples": int(len(table)),
+        "n_trained": int(len(rows)),
         "n_flagged": int(table["flagged"].sum()),
         **info,
         "epochs_done": st.get("epochs_done"),
         "partial": partial,
+        "warnings": run_warnings(run),
     }
-    true = samples["true_label"].to_numpy()
-    if (true >= 0).all():
-        is_error = samples["label"].to_numpy() != true
-        scored = np.isfinite(table["aum"].to_numpy())
+    if "role" in samples:
+        summary["roles"] = {str(k): int(v) for k, v in samples["role"].value_counts().sort_index().items()}
+    true = samples["true_label"].to_numpy()[rows]
+    if (true >= 0).all():  # detection quality over the samples the audit could judge: the trained ones
+        is_error = samples["label"].to_numpy()[rows] != true
+        aum = table["aum"].to_numpy()[rows]
         summary["n_label_errors"] = int(is_error.sum())
-        summary.update(detection_metrics(table["flagged"].to_numpy(), table["aum"].to_numpy(), is_error))
-        summary["n_label_errors_scored"] = int((is_error & scored).sum())
-    summary["noise_estimate"] = noise_estimate(
-        samples["label"].to_numpy(), table["flagged"].to_numpy(), table["suggested_label"].to_numpy(), run.classes(),
-        scored=np.isfinite(table["aum"].to_numpy()), true_labels=true if (true >= 0).all() else None,
+        summary.update(detection_metrics(table["flagged"].to_numpy()[rows], aum, is_error))
+        summary["n_label_errors_scored"] = int((is_error & np.isfinite(aum)).sum())
+    summary["noise_estimate"] = noise_estimate(  # over the trained samples (the others are never flagged)
+        samples["label"].to_numpy()[rows], table["flagged"].to_numpy()[rows],
+        table["suggested_label"].to_numpy()[rows], run.classes(),
+        scored=np.isfinite(table["aum"].to_numpy()[rows]), true_labels=true if (true >= 0).all() else None,
     )
     report = load_report(run) or {}
     if report.get("ood"):

@@ -227,7 +227,10 @@ def format_summary(summary: dict, run_path: Path) -> str:
     lines = [f"run: {run_path}", f"samples: {summary['n_samples']}", f"flagged: {summary['n_flagged']}"
              f"  (cut-off {summary['cutoff']:.3f}, {summary['cutoff_method']})"]
     if summary.get("n_unscored"):
-        lines.append(f"unscored: {summary['n_unscored']} (threshold samples of a single threshold run)")
+        lines.append(f"unscored: {summary['n_unscored']} (held out of training, or threshold samples of a single "
+                     "threshold run; see the role column of samples.parquet)")
+    for warning in summary.get("warnings") or []:
+        lines.append(f"warning: {warning}")
     for name, o in (summary.get("ood") or {}).items():
         lines.append(f"OoD '{name}': AUROC density {o['auroc_density']:.3f}, entropy {o['auroc_entropy']:.3f}, "
                      f"max-softmax {o['auroc_max_softmax']:.3f}")

@@ -11,6 +11,10 @@ LOADERS = ("auto", "memory", "stream")
 CORRUPTIONS = ("noise", "blur", "invert")
 
 
+# Keys of a run's config.json that describe the prepared run rather than the audit settings.
+RUN_KEYS = ("dataset_root", "dataset_info", "image_shape", "normalization")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the option and a valid range."""
 
@@ -18,7 +22,7 @@ class ConfigError(ValueError):
 @dataclass
 class AuditConfig:
     dataset: str = "digits"
-    noise: float = 0.1
+    noise: float = 0.0  # labels flipped on purpose to test the audit (only the demo sets it; never a user's data)
     noise_kind: str = "symmetric"
     image_size: int | None = None
     model: str = "cnn"  # cnn | resnet18 | torchvision:ARCH (any torchvision classification architecture)
@@ -39,7 +43,7 @@ class AuditConfig:
     threshold_runs: int = 2
     threshold_percentile: float = 99.0
     cutoff: str = "auto"
-    aum_start: int = 1
+    aum_start: int | None = None  # first epoch (0-based) of the AUM window (auto: 1, or 0 for a 1-epoch run)
     aum_end: int | None = None
     el2n_epoch: int | None = None
     spectral_norm: float | None = None  # soft spectral normalisation coefficient (DDU), e.g. 3.0
@@ -79,10 +83,18 @@ class AuditConfig:
             raise ConfigError(f"threshold percentile must be in (0, 100], got {self.threshold_percentile}")
         if self.cutoff == "threshold" and not self.threshold_samples:
             raise ConfigError("cutoff 'threshold' needs threshold samples; turn them on or use cutoff 'auto'")
-        if self.aum_start < 0 or (self.aum_end is not None and self.aum_end <= self.aum_start):
-            raise ConfigError(f"AUM epoch window {self.aum_start}..{self.aum_end} is empty")
-        if self.aum_start >= self.epochs:
-            self.aum_start = 0  # a 1-epoch run still gets an AUM
+        start = self.aum_first_epoch
+        if start < 0 or (self.aum_end is not None and self.aum_end <= start):
+            raise ConfigError(f"AUM epoch window {start}..{self.aum_end} is empty")
+        if start >= self.epochs:
+            raise ConfigError(f"aum start {start} must be below the {self.epochs} epochs (epochs are 0-based); "
+                              f"give --aum-start 0..{self.epochs - 1} or train longer")
+        if self.el2n_epoch is not None and not 0 <= self.el2n_epoch < self.epochs:
+            raise ConfigError(f"el2n epoch {self.el2n_epoch} must be in 0..{self.epochs - 1} (0-based, below the "
+                              f"{self.epochs} epochs)")
+        if self.sat is not None and not 0 <= self.sat_warmup < self.epochs:
+            raise ConfigError(f"sat warm-up {self.sat_warmup} must be in 0..{self.epochs - 1}: with {self.epochs} "
+                              "epochs self-adaptive training would never start; lower --sat-warmup or train longer")
         if self.loader not in LOADERS:
             raise ConfigError(f"loader must be one of {', '.join(LOADERS)}, got {self.loader!r}")
         if self.workers is not None and not 0 <= self.workers <= 64:
@@ -118,6 +130,13 @@ class AuditConfig:
             raise ConfigError(str(exc)) from exc
 
     @property
+    def aum_first_epoch(self) -> int:
+        """First epoch of the AUM window: ``aum_start`` as given, else 1 (0 for a 1-epoch run)."""
+        if self.aum_start is not None:
+            return self.aum_start
+        return 1 if self.epochs > 1 else 0
+
+    @property
     def eval_share(self) -> float:
         """Fraction of ID samples held out: as configured, else 0.2 when any OoD set is asked for, else 0."""
         if self.eval_fraction is not None:
@@ -131,6 +150,15 @@ class AuditConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def run_dict(self) -> dict:
+        """The config as ``config.json`` stores it: every field, with the automatic AUM start resolved."""
+        return self.to_dict() | {"aum_start": self.aum_first_epoch}
+
+    @classmethod
+    def from_run_config(cls, raw: dict) -> AuditConfig:
+        """The ``AuditConfig`` of a run's ``config.json`` (run-level keys such as ``dataset_root`` left out)."""
+        return cls.from_dict({k: v for k, v in raw.items() if k not in RUN_KEYS})
 
     @classmethod
     def from_dict(cls, d: dict) -> AuditConfig:

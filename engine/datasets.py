@@ -155,23 +155,37 @@ def _decode(path: Path, where: str, mode: str, size: int) -> np.ndarray:
     return _convert(_read_image(path, where), mode, size)
 
 
-def _common_format(modes: list[str], sizes: set[tuple[int, int]], image_size: int | None) -> tuple[str, int]:
-    """Common mode (L if all are grey, else RGB) and square side (``image_size``, else the common square size, else 32)."""
+def resize_warning(sizes: set[tuple[int, int]], side: int) -> str | None:
+    """The note recorded when images of other sizes than ``side`` x ``side`` are resized (None when none are)."""
+    other = sorted(s for s in sizes if s != (side, side))
+    if not other:
+        return None
+    shown = ", ".join(f"{w}x{h}" for w, h in other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+    return (f"images of {len(sizes)} different sizes ({shown}) were resized to {side}x{side} (bilinear); "
+            "choose the size with --image-size, or give images of one square size")
+
+
+def _common_format(modes: list[str], sizes: set[tuple[int, int]], image_size: int | None) -> tuple[str, int, list[str]]:
+    """Common mode (L if all are grey, else RGB), square side (``image_size``, else the common square size, else 32)
+    and the warnings to record (images resized without ``image_size`` asking for it)."""
     grey = all(m in GREY_MODES for m in modes)
+    warnings = []
     if image_size is None:
         (w, h), = sizes if len(sizes) == 1 else {(32, 32)}
         image_size = w if w == h else 32
-    return ("L" if grey else "RGB"), image_size
+        if (note := resize_warning(sizes, image_size)) is not None:
+            warnings.append(note)
+    return ("L" if grey else "RGB"), image_size, warnings
 
 
-def _stack_images(paths: list[Path], wheres: list[str], image_size: int | None) -> np.ndarray:
-    """Decode, convert to a common mode and size, stack to uint8 NHWC."""
+def _stack_images(paths: list[Path], wheres: list[str], image_size: int | None) -> tuple[np.ndarray, list[str]]:
+    """Decode, convert to a common mode and size, stack to uint8 NHWC; also the warnings of ``_common_format``."""
     imgs = [_read_image(p, w) for p, w in zip(paths, wheres, strict=True)]
-    mode, size = _common_format([im.mode for im in imgs], {im.size for im in imgs}, image_size)
+    mode, size, warnings = _common_format([im.mode for im in imgs], {im.size for im in imgs}, image_size)
     out = np.empty((len(imgs), size, size, 1 if mode == "L" else 3), dtype=np.uint8)
     for i, im in enumerate(imgs):
         out[i] = _convert(im, mode, size)
-    return out
+    return out, warnings
 
 
 def _headers(paths: list[Path], wheres: list[str]) -> tuple[list[str], set[tuple[int, int]]]:
@@ -242,12 +256,13 @@ def take(images, key):
 
 
 def _image_array(paths: list[Path], wheres: list[str], image_size: int | None, lazy: bool):
-    """Decoded uint8 NHWC images, or, when ``lazy``, a ``FileImages`` after checking every file's header."""
+    """Decoded uint8 NHWC images, or, when ``lazy``, a ``FileImages`` after checking every file's header;
+    with the warnings to record in the dataset's ``info``."""
     if not lazy:
         return _stack_images(paths, wheres, image_size)
     modes, sizes = _headers(paths, wheres)
-    mode, size = _common_format(modes, sizes, image_size)
-    return FileImages([str(p) for p in paths], wheres, mode, size)
+    mode, size, warnings = _common_format(modes, sizes, image_size)
+    return FileImages([str(p) for p in paths], wheres, mode, size), warnings
 
 
 def load_folder(root: str | os.PathLike, image_size: int | None = None, lazy: bool = False) -> IndexedDataset:
@@ -279,7 +294,7 @@ def load_folder(root: str | os.PathLike, image_size: int | None = None, lazy: bo
             paths.append(f)
             labels.append(ci)
     rel = [p.relative_to(root_p).as_posix() for p in paths]
-    images = _image_array(paths, list(rel), image_size, lazy)
+    images, warnings = _image_array(paths, list(rel), image_size, lazy)
     return IndexedDataset(
         name=root_p.name,
         sample_ids=np.array(rel, dtype=object),
@@ -288,6 +303,7 @@ def load_folder(root: str | os.PathLike, image_size: int | None = None, lazy: bo
         classes=[c.name for c in class_dirs],
         images=images,
         root=str(root_p.resolve()),
+        info={"warnings": warnings} if warnings else {},
     )
 
 
@@ -334,7 +350,7 @@ def load_manifest(csv_path: str | os.PathLike, image_size: int | None = None, la
     if len(classes) < 2:
         raise DatasetError(f"{csv_p}: only one class ({classes[0]!r}); an audit needs at least 2 classes.")
     index = {c: k for k, c in enumerate(classes)}
-    images = _image_array(paths, wheres, image_size, lazy)
+    images, warnings = _image_array(paths, wheres, image_size, lazy)
     return IndexedDataset(
         name=csv_p.stem,
         sample_ids=np.array(ids, dtype=object),
@@ -343,6 +359,7 @@ def load_manifest(csv_path: str | os.PathLike, image_size: int | None = None, la
         classes=classes,
         images=images,
         root=str(root),
+        info={"warnings": warnings} if warnings else {},
     )
 
 

@@ -16,9 +16,6 @@ from .runs import Run, atomic_write_parquet
 from .scores import REGISTRY
 
 EXTRA = tuple(name for name, spec in REGISTRY.items() if spec.cost == "extra")
-# Above this many samples the RBF SVC gives way to a calibrated linear SVM. Measured here (2 cores, 128-d
-# features, 10 classes, Platt probabilities): 1,000 -> 0.4 s, 2,000 -> 1.3 s, 4,000 -> 5.4 s, 8,000 -> 22 s.
-SVC_MAX = 5_000
 PD_REFERENCE_MAX = 100_000  # above this, prediction-depth k-NN probes search a seeded subsample of references
 
 Progress = Callable[[float, str], None]
@@ -29,17 +26,20 @@ class ScoreError(ValueError):
 
 
 def _cfg(run: Run) -> AuditConfig:
-    raw = run.config()
-    return AuditConfig.from_dict({k: v for k, v in raw.items() if k in AuditConfig().to_dict()})
+    return AuditConfig.from_run_config(run.config())
 
 
 def _dataset(run: Run):
+    """The run's config and its trained samples (in ``Run.trained_rows`` order), with the run's normalisation."""
     from .audit import load_run_dataset
+    from .pipeline import run_stats
 
     cfg = _cfg(run)
-    ds, _ = load_run_dataset(cfg)
-    if not (ds.sample_ids.astype(str) == run.samples(["sample_id"])["sample_id"].to_numpy()).all():
+    ds = load_run_dataset(cfg).train
+    ids = run.samples(["sample_id"])["sample_id"].to_numpy()[run.trained_rows()]
+    if len(ids) != len(ds) or not (ds.sample_ids.astype(str) == ids).all():
         raise ScoreError(f"the dataset {cfg.dataset} changed since the run was made; audit it again")
+    ds.stats = run_stats(run.config())
     return cfg, ds
 
 
@@ -48,37 +48,59 @@ def random_score(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random(n)
 
 
-def cross_validated_probs(run: Run, folds: int = 3, progress: Progress | None = None,
-                          cancel: threading.Event | None = None) -> np.ndarray:
-    """Out-of-sample softmax probabilities of a run's samples (see ``out_of_sample_probs``)."""
+def cross_validated_log_probs(run: Run, folds: int = 3, progress: Progress | None = None,
+                              cancel: threading.Event | None = None) -> np.ndarray:
+    """Out-of-sample log-probabilities of a run's trained samples (see ``out_of_sample_log_probs``)."""
     cfg, ds = _dataset(run)
-    return out_of_sample_probs(cfg, ds, folds, progress, cancel)
+    return out_of_sample_log_probs(cfg, ds, folds, progress, cancel, stats=ds.stats)
+
+
+def log_probs(logits) -> np.ndarray:
+    """``log_softmax`` of a batch of logits (a torch tensor), in float64: exact far into the tail, where
+    ``log(softmax)`` in float32 underflows (``-log p`` of two very wrong samples would tie at ``-log(1e-12)``)."""
+    import torch
+
+    return torch.log_softmax(logits.double(), dim=1).cpu().numpy()
 
 
 def out_of_sample_probs(cfg: AuditConfig, ds, folds: int = 3, progress: Progress | None = None,
-                        cancel: threading.Event | None = None) -> np.ndarray:
+                        cancel: threading.Event | None = None, stats: tuple | None = None) -> np.ndarray:
+    """``exp`` of ``out_of_sample_log_probs``: ``(N, classes)`` softmax probabilities."""
+    return np.exp(out_of_sample_log_probs(cfg, ds, folds, progress, cancel, stats))
+
+
+def out_of_sample_log_probs(cfg: AuditConfig, ds, folds: int = 3, progress: Progress | None = None,
+                            cancel: threading.Event | None = None, stats: tuple | None = None) -> np.ndarray:
     """k models, each trained on k-1 folds with the recipe of ``cfg`` (no threshold samples, no capture),
-    predicting the held-out fold. Returns ``(N, classes)`` softmax probabilities."""
+    predicting the held-out fold. Returns ``(N, classes)`` log-probabilities (``log_probs`` of the logits).
+    ``stats``: the run's normalisation (None: each fold measures its own training images)."""
     from .datasets import take
 
     if folds < 2:
         raise ScoreError(f"cross-validation needs at least 2 folds, got {folds}")
     fold_of = np.random.default_rng(cfg.seed + 101).permutation(len(ds)) % folds
-    probs = np.zeros((len(ds), ds.n_classes))
+    logp = np.zeros((len(ds), ds.n_classes))
     for f in range(folds):
         if progress:
             progress(f / folds, f"fold {f + 1} of {folds}: training on {int((fold_of != f).sum())} samples")
         tr, te = fold_of != f, fold_of == f
-        probs[te] = fit_predict(cfg, take(ds.images, tr), ds.labels[tr], take(ds.images, te), ds.n_classes,
-                                100 + f, cancel)
-    return probs
+        logp[te] = fit_predict_log(cfg, take(ds.images, tr), ds.labels[tr], take(ds.images, te), ds.n_classes,
+                                   100 + f, cancel, stats)
+    return logp
 
 
 def fit_predict(cfg: AuditConfig, train_images, train_labels: np.ndarray, test_images, n_classes: int,
-                pass_idx: int, cancel: threading.Event | None = None) -> np.ndarray:
+                pass_idx: int, cancel: threading.Event | None = None, stats: tuple | None = None) -> np.ndarray:
+    """``exp`` of ``fit_predict_log``: the ``(len(test_images), n_classes)`` softmax probabilities."""
+    return np.exp(fit_predict_log(cfg, train_images, train_labels, test_images, n_classes, pass_idx, cancel, stats))
+
+
+def fit_predict_log(cfg: AuditConfig, train_images, train_labels: np.ndarray, test_images, n_classes: int,
+                    pass_idx: int, cancel: threading.Event | None = None, stats: tuple | None = None) -> np.ndarray:
     """Train one model with the recipe of ``cfg`` (``train_pass`` without capture; ``pass_idx`` seeds it) on
-    ``train_images`` / ``train_labels`` and return its ``(len(test_images), n_classes)`` softmax
-    probabilities, the test images normalised with the training images' statistics."""
+    ``train_images`` / ``train_labels`` and return its ``(len(test_images), n_classes)`` log-probabilities
+    (``log_probs`` of the logits), train and test images normalised with ``stats`` (None: the training
+    images' own statistics)."""
     import torch
 
     from .models import pick_device
@@ -86,26 +108,25 @@ def fit_predict(cfg: AuditConfig, train_images, train_labels: np.ndarray, test_i
     from .training import train_pass
 
     device = pick_device(cfg.device)
-    with make_source(train_images, device, cfg.loader, cfg.workers, seed=cfg.seed) as train:
+    with make_source(train_images, device, cfg.loader, cfg.workers, stats=stats, seed=cfg.seed) as train:
         model = train_pass(cfg, train, torch.from_numpy(np.asarray(train_labels)).to(device), n_classes,
                            n_classes, pass_idx, writer=None, capture=False, cancel=cancel)
         stats = (train.mean, train.std)
     model.eval()
     with make_source(test_images, device, cfg.loader, cfg.workers, stats=stats) as held, torch.inference_mode():
-        out = [torch.softmax(model((x.float() / 255 - held.mean) / held.std).float(), 1).cpu()
-               for _, x in sequential(held, 1024)]
-    return torch.cat(out).numpy()
+        out = [log_probs(model((x.float() / 255 - held.mean) / held.std).float()) for _, x in sequential(held, 1024)]
+    return np.concatenate(out)
 
 
-def cv_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """aucurriculum CVLoss: held-out cross-entropy ``-log p(y)`` from k-fold out-of-sample probabilities."""
-    p = probs[np.arange(len(labels)), labels]
-    return -np.log(np.clip(p, 1e-12, 1.0))
+def cv_loss(log_p: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """aucurriculum CVLoss: held-out cross-entropy ``-log p(y)`` from k-fold out-of-sample log-probabilities
+    (``log_softmax`` of the logits: no clipping, no cap)."""
+    return -log_p[np.arange(len(labels)), labels]
 
 
-def self_confidence(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def self_confidence(log_p: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """cleanlab's self-confidence label quality ``p(y)`` on out-of-sample probabilities, oriented: ``1 - p(y)``."""
-    return 1.0 - probs[np.arange(len(labels)), labels]
+    return 1.0 - np.exp(log_p[np.arange(len(labels)), labels])
 
 
 def _probe_features(run: Run, progress: Progress | None = None):
@@ -123,7 +144,7 @@ def _probe_features(run: Run, progress: Progress | None = None):
     cfg, ds = _dataset(run)
     device = pick_device(cfg.device)
     n_out = ds.n_classes + 1 if cfg.threshold_samples else ds.n_classes
-    with make_source(ds.images, device, cfg.loader, cfg.workers, seed=cfg.seed) as source:
+    with make_source(ds.images, device, cfg.loader, cfg.workers, stats=ds.stats, seed=cfg.seed) as source:
         model = load_final_model(run.path / "checkpoints", cfg, source.channels, n_out, device)
         if isinstance(model, SmallCNN):
             blocks = [m for m in model.body if isinstance(m, torch.nn.ReLU)]
@@ -199,35 +220,44 @@ def prediction_depth(run: Run, k: int = 30, leave_one_out: bool = True, progress
     return prediction_depth_from(preds, prediction)
 
 
-def transfer_teacher(run: Run, teacher: str = "self", seed: int = 0, progress: Progress | None = None) -> np.ndarray:
-    """aucurriculum TransferTeacher: an SVM on a teacher's embeddings, ``1 - P(given label)`` (Platt probabilities).
+def transfer_teacher(run: Run, teacher: str = "self", seed: int = 0, progress: Progress | None = None,
+                     folds: int = 5) -> np.ndarray:
+    """aucurriculum TransferTeacher: an SVM on a teacher's embeddings, ``1 - P(given label)``, for the trained
+    samples (``Run.trained_rows`` order).
 
     teacher ``self`` = the run's own final model (``features.npy``); ``resnet18:/path/weights.pt`` (or another
     torchvision architecture) = that network with weights from a local file, its penultimate layer.
-    RBF SVC up to ``SVC_MAX`` samples (its cost grows quadratically); above, a linear SVM with sigmoid calibration.
+    One scheme at every size (no switch of model or calibration at some sample count): a linear SVM with
+    sigmoid (Platt) calibration fitted by 3-fold CV, and each sample's probability is **out of fold** (seeded
+    stratified ``folds``-fold: the SVM that scores a sample never saw it). Choices of ours: aucurriculum
+    fits and scores the same samples; a linear kernel keeps the cost linear in N (an RBF SVC is quadratic).
     """
     from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC, LinearSVC
+    from sklearn.svm import LinearSVC
 
-    labels = run.samples(["label"])["label"].to_numpy()
+    rows = run.trained_rows()
+    labels = run.samples(["label"])["label"].to_numpy()[rows]
     if teacher == "self":
         path = run.path / "features.npy"
         if not path.is_file():
             raise ScoreError("the run has no features.npy yet (it is written when the audit finishes)")
-        emb = np.load(path).astype(np.float32)
+        emb = np.load(path)[rows].astype(np.float32)
     else:
         emb = _torchvision_embeddings(run, teacher)
     emb = StandardScaler().fit_transform(emb)
+    counts = np.bincount(labels)
+    smallest = int(counts[counts > 0].min())
+    if smallest < 2:
+        raise ScoreError("transfer_teacher needs at least 2 samples of every trained class (out-of-fold SVM)")
+    k = min(folds, smallest)
     if progress:
-        progress(0.2, f"fitting an SVM on {emb.shape[0]:,} x {emb.shape[1]} embeddings")
-    if len(labels) <= SVC_MAX:  # Platt scaling = sigmoid calibration, fitted by internal 5-fold CV
-        clf = CalibratedClassifierCV(SVC(kernel="rbf", random_state=seed), method="sigmoid", ensemble=False,
-                                     cv=5).fit(emb, labels)
-    else:
-        clf = CalibratedClassifierCV(LinearSVC(random_state=seed), method="sigmoid", cv=3).fit(emb, labels)
-    proba = clf.predict_proba(emb)
-    col = {c: i for i, c in enumerate(clf.classes_)}
+        progress(0.2, f"fitting {k} out-of-fold SVMs on {emb.shape[0]:,} x {emb.shape[1]} embeddings")
+    clf = CalibratedClassifierCV(LinearSVC(random_state=seed), method="sigmoid", cv=min(3, max(2, smallest - 1)))
+    proba = cross_val_predict(clf, emb, labels, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
+                              method="predict_proba")
+    col = {c: i for i, c in enumerate(np.unique(labels))}
     return 1.0 - proba[np.arange(len(labels)), [col[y] for y in labels]]
 
 
@@ -275,23 +305,26 @@ def compute(run: Run, names: list[str], folds: int = 3, k: int = 30, teacher: st
     table = run.scores()
     if table is None:
         raise ScoreError("the run has no scores yet; wait until its first epoch has finished")
-    labels = run.samples(["label"])["label"].to_numpy()
+    rows = run.trained_rows()  # every score below is one value per trained sample; the others stay NaN
+    labels = run.samples(["label"])["label"].to_numpy()[rows]
     out: dict[str, np.ndarray] = {}
     if "random" in names:
         out["random"] = random_score(len(labels), seed)
     if {"cv_loss", "self_confidence"} & set(names):
-        probs = cross_validated_probs(run, folds, progress, cancel)
+        log_p = cross_validated_log_probs(run, folds, progress, cancel)
         if "cv_loss" in names:
-            out["cv_loss"] = cv_loss(probs, labels)
+            out["cv_loss"] = cv_loss(log_p, labels)
         if "self_confidence" in names:
-            out["self_confidence"] = self_confidence(probs, labels)
+            out["self_confidence"] = self_confidence(log_p, labels)
     if "prediction_depth" in names:
         out["prediction_depth"] = prediction_depth(run, k, leave_one_out, progress)
     if "transfer_teacher" in names:
         out["transfer_teacher"] = transfer_teacher(run, teacher, seed, progress)
     table = run.scores()  # re-read: training may have refreshed it meanwhile
     for name, values in out.items():
-        table[name] = values
+        column = np.full(len(table), np.nan)
+        column[rows] = values
+        table[name] = column
     atomic_write_parquet(run.path / "scores.parquet", table)
     if progress:
         progress(1.0, f"wrote {', '.join(out)}")

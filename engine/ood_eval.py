@@ -76,9 +76,35 @@ class Corrupted:
         return np.stack([corrupt(self.base[int(i) : int(i) + 1], self.kind, self.seed * 1_000_003 + int(i))[0] for i in idx])
 
 
-def split(ds: IndexedDataset, cfg: AuditConfig) -> tuple[IndexedDataset, EvalSets]:
-    """Training set and evaluation sets for ``cfg`` (holdout classes, ID eval split, OoD folder, corruptions)."""
-    sets = EvalSets()
+@dataclass
+class RunData:
+    """A run's dataset: every sample (``full``, in dataset order = ``samples.parquet`` order), each one's
+    ``roles`` before threshold samples are drawn (``train``, ``id_eval``, ``ood_holdout``, ``holdout_label``)
+    and the evaluation sets made from the held-out ones."""
+
+    full: IndexedDataset
+    roles: np.ndarray
+    sets: EvalSets
+    _train: IndexedDataset | None = None
+
+    @property
+    def trained(self) -> np.ndarray:
+        """Mask of the samples the models train on."""
+        return self.roles == "train"
+
+    @property
+    def train(self) -> IndexedDataset:
+        """The training samples (same class list and label indices as ``full``)."""
+        if self._train is None:
+            self._train = self.full.subset(self.trained)
+        return self._train
+
+
+def assign_roles(ds: IndexedDataset, cfg: AuditConfig) -> np.ndarray:
+    """Each sample's role for ``cfg``: ``ood_holdout`` (its class is held out: an OoD set), ``holdout_label``
+    (given a held-out class as label but of a kept class, e.g. an injected flip: neither trained nor OoD),
+    ``id_eval`` (a seeded stratified ``eval_share`` of the rest, held out for OoD / calibration), else ``train``."""
+    roles = np.full(len(ds), "train", dtype=object)
     if cfg.holdout_classes:
         bad = [c for c in cfg.holdout_classes if not 0 <= c < ds.n_classes]
         if bad or len(set(cfg.holdout_classes)) >= ds.n_classes - 1:
@@ -86,28 +112,34 @@ def split(ds: IndexedDataset, cfg: AuditConfig) -> tuple[IndexedDataset, EvalSet
                               "leaving at least 2 classes to train on")
         basis = ds.true_labels if ds.true_labels is not None else ds.labels
         out = np.isin(basis, cfg.holdout_classes)
-        sets.ood["held-out classes " + ",".join(ds.classes[c] for c in cfg.holdout_classes)] = take(ds.images, out)
-        keep = ~out & ~np.isin(ds.labels, cfg.holdout_classes)  # a kept digit labelled as a held-out class: dropped
-        kept_classes = [k for k in range(ds.n_classes) if k not in cfg.holdout_classes]
-        remap = np.full(ds.n_classes, -1)
-        remap[kept_classes] = np.arange(len(kept_classes))
-        ds = ds.subset(keep)
-        ds.labels = remap[ds.labels]
-        if ds.true_labels is not None:
-            ds.true_labels = remap[ds.true_labels]
-        ds.classes = [ds.classes[k] for k in kept_classes]
-        ds.info = ds.info | {"holdout_classes": cfg.holdout_classes, "n_noisy": int((ds.labels != ds.true_labels).sum())
-                             if ds.true_labels is not None else None}
+        roles[out] = "ood_holdout"
+        roles[~out & np.isin(ds.labels, cfg.holdout_classes)] = "holdout_label"
     share = cfg.eval_share
     if share > 0:
         rng = np.random.default_rng(cfg.seed + 202)
-        held = np.zeros(len(ds), dtype=bool)
         for k in range(ds.n_classes):  # stratified by given label
-            members = np.flatnonzero(ds.labels == k)
-            held[rng.choice(members, int(round(share * members.size)), replace=False)] = True
+            members = np.flatnonzero((ds.labels == k) & (roles == "train"))
+            if members.size:
+                roles[rng.choice(members, int(round(share * members.size)), replace=False)] = "id_eval"
+    return roles
+
+
+def split(ds: IndexedDataset, cfg: AuditConfig) -> RunData:
+    """Roles and evaluation sets for ``cfg`` (holdout classes, ID eval split, OoD folder, corruptions).
+
+    Nothing is removed from ``ds``: held-out samples keep their row (``samples.parquet`` lists every
+    sample of the dataset) and their class keeps its index (the model keeps an output for a held-out
+    class that no training sample targets, so labels and class names mean the same in every table).
+    """
+    roles = assign_roles(ds, cfg)
+    sets = EvalSets()
+    if cfg.holdout_classes:
+        name = "held-out classes " + ",".join(ds.classes[c] for c in cfg.holdout_classes)
+        sets.ood[name] = take(ds.images, roles == "ood_holdout")
+    held = roles == "id_eval"
+    if held.any():
         truth = ds.true_labels if ds.true_labels is not None else ds.labels
         sets.id_images, sets.id_labels = take(ds.images, held), truth[held]
-        ds = ds.subset(~held)
         for kind in cfg.corruptions or []:
             lazy = isinstance(sets.id_images, FileImages)
             sets.ood[f"corrupted: {kind}"] = (Corrupted(sets.id_images, kind, cfg.seed) if lazy
@@ -115,7 +147,7 @@ def split(ds: IndexedDataset, cfg: AuditConfig) -> tuple[IndexedDataset, EvalSet
     if cfg.ood_folder:
         other = load_folder(cfg.ood_folder, image_size=ds.images.shape[1])
         sets.ood[f"folder {other.name}"] = _match_shape(other.images, ds.images)
-    return ds, sets
+    return RunData(ds, roles, sets)
 
 
 def final_outputs(run: Run, cfg: AuditConfig, source, n_out: int, n_real: int,
@@ -146,40 +178,75 @@ def _outputs_on(run: Run, cfg: AuditConfig, images, train_source, n_out: int, n_
 
 
 def evaluate(run: Run, cfg: AuditConfig, train_source, train_labels: np.ndarray, fit_mask: np.ndarray,
-             sets: EvalSets, n_out: int, n_real: int) -> dict:
+             sets: EvalSets, n_out: int, n_real: int, rows: np.ndarray | None = None, n_all: int | None = None) -> dict:
     """DDU on the final model. Writes ``features.npy``, ``ood/results.npz``, ``ood/report.json``; returns the report.
 
     The Gaussians are fitted on the training samples in ``fit_mask`` (threshold samples of the last
-    pass are left out: they were trained towards the fake class).
+    pass are left out: they were trained towards the fake class). ``rows``: where the training samples
+    sit among the run's ``n_all`` samples (every per-sample array written has one entry per run sample).
     """
     feats, logits = final_outputs(run, cfg, train_source, n_out, n_real)
+    rows = np.arange(len(feats)) if rows is None else np.asarray(rows)
+    n_all = len(feats) if n_all is None else n_all
+    full = np.full((n_all, feats.shape[1]), np.nan, dtype=np.float16)
+    full[rows] = feats.astype(np.float16)
     buf = io.BytesIO()
-    np.save(buf, feats.astype(np.float16))
+    np.save(buf, full)
     atomic_write_bytes(run.path / "features.npy", buf.getvalue())
     id_test = None
     if sets.id_images is not None and len(sets.id_images):
         id_test = (*_outputs_on(run, cfg, sets.id_images, train_source, n_out, n_real), sets.id_labels)
     others = {name: _outputs_on(run, cfg, images, train_source, n_out, n_real) for name, images in sets.ood.items()}
-    return write_report(run, feats, logits, train_labels, fit_mask, n_real, id_test, others)
+    return write_report(run, feats, logits, train_labels, fit_mask, n_real, id_test, others, rows, n_all, cfg.seed)
+
+
+def calibration_split(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the temperature-fitting half and the ECE half of a labelled set: a seeded permutation within
+    each class, its first ``floor(n_k / 2)`` samples to the fitting half, so both halves hold every class with
+    at least 2 samples in the same proportions (never split by position: a folder's set is sorted by class)."""
+    y = np.asarray(labels)
+    rng = np.random.default_rng(seed + 303)
+    fit, test = [], []
+    for k in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == k))
+        half = len(members) // 2
+        fit.append(members[:half])
+        test.append(members[half:])
+    return np.sort(np.concatenate(fit)).astype(np.int64), np.sort(np.concatenate(test)).astype(np.int64)
+
+
+def _per_sample(values: np.ndarray, rows: np.ndarray, keep: np.ndarray, n_all: int) -> np.ndarray:
+    """One value per run sample: ``values[keep]`` at ``rows[keep]``, NaN elsewhere."""
+    out = np.full(n_all, np.nan)
+    out[rows[keep]] = values[keep]
+    return out
 
 
 def write_report(run: Run, feats: np.ndarray, logits: np.ndarray, train_labels: np.ndarray, fit_mask: np.ndarray,
-                 n_real: int, id_test: tuple | None, others: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
+                 n_real: int, id_test: tuple | None, others: dict[str, tuple[np.ndarray, np.ndarray]],
+                 rows: np.ndarray | None = None, n_all: int | None = None, seed: int = 0) -> dict:
     """DDU from the final model's outputs: Gaussians on ``feats[fit_mask]``, densities and entropies of the
-    training set, the ID test set ``(features, logits, labels)`` (calibration, risk-coverage) and each OoD
-    set ``name -> (features, logits)`` (AUROC / AUPRC against the ID test set). Writes ``ood/``."""
+    training set, the ID test set ``(features, logits, labels)`` (calibration on a stratified split,
+    risk-coverage) and each OoD set ``name -> (features, logits)`` (AUROC / AUPRC against the ID test set).
+    Writes ``ood/``. The training set's ``train_*`` arrays have one entry per run sample (``rows`` of
+    ``n_all``, default: the training samples are the run), NaN outside ``fit_mask``: the final model
+    trained those towards the fake class."""
+    rows = np.arange(len(feats)) if rows is None else np.asarray(rows)
+    n_all = len(feats) if n_all is None else n_all
     gda = ood.fit_gda(feats[fit_mask], train_labels[fit_mask], n_real)
-    results = {"train_log_density": gda.log_density(feats), "train_entropy": ood.entropy(ood.softmax(logits)),
-               "train_max_softmax": ood.softmax(logits).max(axis=1)}
+    probs = ood.softmax(logits)
+    keep = np.asarray(fit_mask, dtype=bool)
+    results = {"train_log_density": _per_sample(gda.log_density(feats), rows, keep, n_all),
+               "train_entropy": _per_sample(ood.entropy(probs), rows, keep, n_all),
+               "train_max_softmax": _per_sample(probs.max(axis=1), rows, keep, n_all)}
     report: dict = {"jitter": gda.jitter, "sets": {}}
     named = {}
     if id_test is not None:
         f_id, l_id, y_id = id_test
         named["ID test"] = (f_id, l_id)
         p_id = ood.softmax(l_id)
-        half = len(l_id) // 2
-        t = ood.fit_temperature(l_id[:half], y_id[:half]) if half >= 10 else 1.0
-        test = slice(half, None)
+        fit, test = calibration_split(y_id, seed)
+        t = ood.fit_temperature(l_id[fit], y_id[fit]) if len(fit) >= 10 else 1.0
         before, diag_before = ood.ece(p_id[test], y_id[test])
         after, diag_after = ood.ece(ood.softmax(l_id[test], t), y_id[test])
         cov, risk, aurc = ood.risk_coverage(p_id.max(axis=1), p_id.argmax(axis=1) == y_id)
@@ -187,8 +254,8 @@ def write_report(run: Run, feats: np.ndarray, logits: np.ndarray, train_labels: 
             "temperature": t, "ece_before": before, "ece_after": after,
             "nll_before": ood.nll(l_id[test], y_id[test]), "nll_after": ood.nll(l_id[test], y_id[test], t),
             "reliability_before": diag_before, "reliability_after": diag_after,
-            "accuracy": float((p_id.argmax(axis=1) == y_id).mean()), "n_validation": half,
-            "n_test": len(l_id) - half,
+            "accuracy": float((p_id.argmax(axis=1) == y_id).mean()), "n_validation": len(fit),
+            "n_test": len(test),
         }
         step = max(1, len(cov) // 200)
         report["risk_coverage"] = {"coverage": cov[::step].tolist(), "risk": risk[::step].tolist(), "aurc": aurc}

@@ -12,8 +12,11 @@ Two sources give the same uint8 NCHW batches for the same order of sample indice
 
 ``--loader auto`` (the default) streams when the decoded images would take more than
 ``IN_MEMORY_LIMIT`` bytes (on a GPU, more than a quarter of its free memory), else decodes
-everything once (in parallel worker processes) and keeps it in memory. Channel statistics are exact integer sums, so both sources normalise identically and
-train to the same model.
+everything once (in parallel worker processes) and keeps it in memory. A run's channel statistics are
+measured once when it is prepared (``normalization_stats``: exact integer sums over the same seeded
+sample of at most ``STATS_SAMPLES`` images, whatever the loader), recorded in its config and given to
+every source, so both sources normalise identically, train to the same model, and ``--resume`` with
+another ``--loader`` keeps them.
 """
 
 from __future__ import annotations
@@ -254,10 +257,27 @@ def materialize(images, workers: int | None = None) -> np.ndarray:
 
 
 def normalization_stats(images, workers: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-channel (mean, std) a streamed source normalises with: exact over ``STATS_SAMPLES`` images
-    drawn with ``seed`` (all of them when fewer), read by ``workers`` decoding processes."""
+    """The per-channel (mean, std) of a run, whatever its loader: exact over ``STATS_SAMPLES`` images drawn
+    with ``seed`` (all of them when fewer), read by ``workers`` decoding processes. Measured once when the run
+    is prepared (``audit.prepare``) and recorded in its config (``stats_record`` / ``run_stats``)."""
     with StreamImages(images, torch.device("cpu"), workers, seed=seed) as src:
         return src.mean, src.std
+
+
+def stats_record(stats: tuple, n_images: int) -> dict:
+    """The ``normalization`` entry of a run's config: per-channel mean and std (in [0, 1] units) and the number of
+    images they were measured on."""
+    mean, std = stats
+    return {"mean": [float(v) for v in mean.flatten()], "std": [float(v) for v in std.flatten()], "images": int(n_images)}
+
+
+def run_stats(config: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The normalisation statistics a run recorded when it was prepared (None for a run made before they were)."""
+    rec = config.get("normalization")
+    if not rec:
+        return None
+    return (torch.tensor(rec["mean"], dtype=torch.float32).view(1, -1, 1, 1),
+            torch.tensor(rec["std"], dtype=torch.float32).view(1, -1, 1, 1))
 
 
 def make_source(images, device: torch.device, loader: str = "auto", workers: int | None = None,

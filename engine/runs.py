@@ -4,12 +4,39 @@ Layout of ``<runs root>/<run id>/``::
 
     config.json              the AuditConfig (enough to reproduce the run)
     status.json              state, pass, epochs done, per-epoch metrics, error (rewritten atomically)
-    samples.parquet          sample_id, source, label, true_label (-1 unknown), threshold_pass (-1 never)
-    classes.json             class names, index = label
-    dynamics/pass<P>/<name>.npy  (epochs, samples) arrays, one row written per finished epoch
-    scores.parquet           sample_id + one column per score, higher = harder (see engine.scores)
-    summary.json             n_samples, n_flagged, cutoff and, when true labels are known,
-                             precision, recall, f1, auroc
+    samples.parquet          EVERY sample of the dataset, in dataset order: sample_id, source, label,
+                             true_label (-1 unknown), threshold_pass (-1 never), is_threshold, role
+    classes.json             class names of the whole dataset, index = label (held-out classes included)
+    dynamics/pass<P>/<name>.npy  (epochs, samples) arrays, one row written per finished epoch; one
+                             column per samples.parquet row (NaN / -1 for a sample not trained on)
+    scores.parquet           sample_id + one column per score, one row per samples.parquet row, in the
+                             same order (NaN where a sample was not scored; such a sample is never flagged)
+    features.npy             penultimate features of the final model, one row per samples.parquet row
+                             (NaN for samples not trained on)
+    ood/results.npz          DDU densities / entropies: ``train_*`` one value per samples.parquet row (NaN
+                             where not trained on, or a threshold sample of the final model's pass)
+    summary.json             n_samples, n_trained, n_flagged, cutoff, ``warnings`` (list of strings: what
+                             the engine changed or assumed, e.g. images resized) and, when true labels are
+                             known, precision, recall, f1, auroc over the trained samples
+
+``role`` (``ROLES``) says which part of the run a sample belongs to:
+
+- ``train``: trained on with its given label in every pass;
+- ``threshold``: a threshold sample (Pleiss et al. 2020) of pass ``threshold_pass`` (relabelled to the
+  fake class there), trained with its given label in the other passes;
+- ``id_eval``: in-distribution, held out of training (``eval_fraction``) for OoD evaluation and calibration;
+- ``ood_holdout``: of a class held out of training (``holdout_classes``): an OoD set;
+- ``holdout_label``: given a held-out class as label but not of one (e.g. an injected flip): neither
+  trained on nor an OoD sample.
+
+The per-epoch arrays are sized to every sample (not only the trained ones) so that row ``i`` of
+``samples.parquet``, column ``i`` of the dynamics, row ``i`` of ``scores.parquet`` and of
+``features.npy`` are the same sample for every consumer; the training loop itself works on the
+trained samples and ``DynamicsWriter`` scatters its values into their columns (``trained_rows``).
+
+``config.json`` also records ``normalization`` (``mean`` and ``std`` per channel, in [0, 1] units, and
+the number of ``images`` measured): computed once when the run is prepared and reused by every image
+source of the run and by ``--resume``.
     checkpoints/pass<P>.pt   model + optimizer state after the last finished epoch (resume)
 
 Every file except the per-epoch arrays is written to a temporary name and renamed into place;
@@ -42,6 +69,8 @@ DYNAMICS = {
     "pred": np.int16,
     "other": np.int16,
 }
+ROLES = ("train", "threshold", "id_eval", "ood_holdout", "holdout_label")
+TRAINED_ROLES = ("train", "threshold")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -157,6 +186,15 @@ class Run:
         """One row per sample, in run order; ``columns`` reads only those (a million ids cost memory)."""
         return pd.read_parquet(self.path / "samples.parquet", columns=columns)
 
+    def trained_rows(self) -> np.ndarray:
+        """Row positions (in ``samples`` order) of the samples the models trained on (roles ``TRAINED_ROLES``)."""
+        return trained_rows(self.samples(["role"] if "role" in self.sample_columns() else ["sample_id"]))
+
+    def sample_columns(self) -> list[str]:
+        import pyarrow.parquet as pq
+
+        return pq.read_schema(self.path / "samples.parquet").names
+
     def scores(self, columns: list[str] | None = None) -> pd.DataFrame | None:
         """The scores table (same row order as ``samples``), or None before the first scoring."""
         p = self.path / "scores.parquet"
@@ -179,6 +217,13 @@ class Run:
 
     def n_passes(self) -> int:
         return int(self.raw_status().get("passes", 1))
+
+
+def trained_rows(samples: pd.DataFrame) -> np.ndarray:
+    """Positions of the trained samples in a samples table (every row for a run made before roles existed)."""
+    if "role" not in samples:
+        return np.arange(len(samples))
+    return np.flatnonzero(samples["role"].isin(TRAINED_ROLES).to_numpy())
 
 
 _BOOT_CACHE: dict[int, str | None] = {}
@@ -257,7 +302,11 @@ def list_runs(root: str | os.PathLike | None = None) -> list[Run]:
 class DynamicsWriter:
     """Pre-allocated memory-mapped ``(epochs, samples)`` arrays of one pass, one epoch row at a time."""
 
-    def __init__(self, run: Run, pass_idx: int, epochs: int, n_samples: int, resume: bool = False):
+    def __init__(self, run: Run, pass_idx: int, epochs: int, n_samples: int, resume: bool = False,
+                 columns: np.ndarray | None = None):
+        """``n_samples`` columns (every sample of the run); ``columns``: where the trained samples' values go
+        (None: the values cover every column)."""
+        self.columns = None if columns is None else np.asarray(columns)
         self.arrays: dict[str, np.memmap] = {}
         for name, dtype in DYNAMICS.items():
             path = run.dynamics_path(pass_idx, name)
@@ -271,7 +320,10 @@ class DynamicsWriter:
 
     def write_epoch(self, epoch: int, values: dict[str, np.ndarray]) -> None:
         for name, arr in self.arrays.items():
-            arr[epoch] = values[name]
+            if self.columns is None:
+                arr[epoch] = values[name]
+            else:
+                arr[epoch, self.columns] = values[name]
             arr.flush()
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import dynamics as dyn
-from .runs import Run
+from .runs import Run, trained_rows
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,8 @@ def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:
     n = len(samples)
     labels = samples["label"].to_numpy()
     tpass = samples["threshold_pass"].to_numpy()
+    trained = np.zeros(n, dtype=bool)
+    trained[trained_rows(samples)] = True  # held-out samples (roles id_eval, ood_holdout, ...) stay NaN, unflagged
     n_classes = len(run.classes())
     window = (int(cfg.get("aum_start", 1)), cfg.get("aum_end"))
     acc: dict[str, list[np.ndarray]] = {}
@@ -167,7 +169,7 @@ def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:
         s = _pass_scores(run, p, window, targets)
         if not s:
             continue
-        kept = ~in_thr
+        kept = ~in_thr & trained
         cut = pass_cutoff(
             cfg.get("cutoff", "auto"),
             s["aum_raw"][kept],
