@@ -48,9 +48,9 @@ class AuditConfig:
     el2n_epoch: int | None = None
     spectral_norm: float | None = None  # soft spectral normalisation coefficient (DDU), e.g. 3.0
     sat: str | None = None  # self-adaptive training: "paper" (Huang et al. 2020) or "incerto"
-    sat_warmup: int = 5  # epochs of plain cross-entropy before self-adaptive targets
+    sat_warmup: int = 5  # warm-up epochs: plain cross-entropy (paper form), alpha = sat_alpha_start (incerto form)
     sat_momentum: float = 0.9  # paper form: t <- m t + (1 - m) softmax
-    sat_alpha_start: float = 0.0  # incerto form: alpha ramped linearly from start to end after warm-up
+    sat_alpha_start: float = 0.0  # incerto form: alpha during warm-up, then linear towards end (incerto schedule)
     sat_alpha_end: float = 0.9
     holdout_classes: list[int] | None = None  # trained without; their images become an OoD set
     ood_folder: str | None = None  # another image folder as an OoD set

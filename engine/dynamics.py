@@ -25,7 +25,7 @@ class BatchCapture:
     margin: torch.Tensor  # Pleiss margin
     margin_yang: torch.Tensor  # Yang margin
     prob: torch.Tensor  # softmax probability of the target
-    pred: torch.Tensor  # argmax class over all logits
+    pred: torch.Tensor  # argmax class (over the real classes for a real target in a threshold pass)
     other: torch.Tensor  # largest logit among the real classes other than the target
     loss: torch.Tensor  # per-sample cross-entropy
     el2n: torch.Tensor  # ||softmax - onehot(target)||_2 (Paul et al. 2021)
@@ -76,6 +76,14 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
     ``lse = log sum_k exp(z_k)``; ``el2n`` is the error L2 norm
     ``||softmax(z) - onehot(y)||_2 = sqrt(sum_{k != y} p_k^2 + (1 - p_y)^2)`` (Paul et al. 2021).
 
+    In a threshold pass (``n_real_classes < C``) the scores a paper defines on a c-way classifier are
+    read for a real-labelled sample from the softmax **renormalised over the real classes**
+    (``softmax(z[:, :c])``): ``prob`` (cartography confidence), ``el2n`` and ``pred`` (cumulative
+    accuracy, forgetting, first iteration: argmax over the real classes). ``loss`` stays the
+    ``(c+1)``-way cross-entropy the pass trains on, and the margins compete with every logit, fake
+    class included, as the ``aum`` package does. A threshold sample (target = the fake class) is
+    read over all ``C`` outputs.
+
     ``other`` is the class with the largest logit among the first ``n_real_classes``
     classes other than the target (the threshold-sample fake class is excluded): the
     suggested relabel. ``pred`` is the argmax over all logits; a target tied with the largest
@@ -125,11 +133,22 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
     # EL2N^2 = sum_{k != y} p_k^2 + (1 - p_y)^2, each term without cancellation when p_y is near 1
     p_others = torch.linalg.vector_norm(p.scatter_(1, y, 0.0), dim=1)
     el2n = torch.hypot(p_others, -torch.expm1(-loss))
+    pred_read = pred
+    if n_real < c:  # a threshold pass: a real-labelled sample's c-way scores read over the real classes only
+        real = targets < n_real
+        yr = targets.clamp(max=n_real - 1).view(-1, 1)
+        pr = torch.softmax(floored[:, :n_real], dim=1)
+        pr_target = pr.gather(1, yr).squeeze(1)
+        el2n_real = torch.hypot(torch.linalg.vector_norm(pr.scatter(1, yr, 0.0), dim=1), 1.0 - pr_target)
+        pred_real = torch.where(target_logit >= z.gather(1, other.view(-1, 1)).squeeze(1), targets, other)
+        p_target = torch.where(real, pr_target, p_target)
+        el2n = torch.where(real, el2n_real, el2n)
+        pred_read = torch.where(real, pred_real, pred)
     return BatchCapture(
         margin=margin,
         margin_yang=margin_yang,
         prob=p_target,
-        pred=pred,
+        pred=pred_read,
         other=other,
         loss=loss,
         el2n=el2n,

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-JITTERS = (0.0,) + tuple(10.0 ** e for e in range(-308, 0, 10)) + (1e-3, 1e-2, 1e-1, 1.0)
+# DDU's ladder (``gmm_fit``): 0, the smallest normal double, then every decade 1e-308 ... 1e-1.
+JITTERS = (0.0, float(np.finfo(np.float64).tiny)) + tuple(10.0 ** e for e in range(-308, 0))
 
 
 class GDAError(ValueError):
@@ -60,8 +61,14 @@ class GaussianDA:
 
 def fit_gda(features: np.ndarray, labels: np.ndarray, n_classes: int | None = None,
             max_dim: int | str = "auto") -> GaussianDA:
-    """Fit one Gaussian per class in float64 (maximum likelihood covariance), adding the smallest jitter
-    ``j * I`` from ``JITTERS`` for which every class covariance has a Cholesky factor.
+    """Fit one Gaussian per class in float64, adding the smallest jitter ``j * I`` from ``JITTERS`` (DDU's
+    one-decade ladder) for which every class covariance has a Cholesky factor.
+
+    Two choices of ours where DDU's ``gmm_fit`` differs: the covariance is the maximum-likelihood ``1/n``
+    estimate (DDU: ``1/(n - 1)``; the same up to a factor ``n/(n-1)`` per class, which shifts a class's
+    log density by a constant, negligible at the class sizes a density is fitted on), and the mixture
+    weights are the class frequencies ``log pi_c = log(n_c / N)`` (DDU sums the class densities with
+    equal weights), so an imbalanced dataset's rare class does not count as much as a common one.
 
     ``max_dim="auto"``: when a class has fewer than twice as many samples as the feature has dimensions,
     the features are first projected by PCA to half the smallest class size. A covariance estimated

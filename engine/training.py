@@ -111,8 +111,8 @@ def train_pass(
     ``paper`` (Huang et al. 2020): per-sample targets ``t <- m t + (1 - m) softmax(z)``, loss
     ``sum_i w_i CE(t_i, z_i) / sum_i w_i`` with ``w_i = max_k t_ik``; the final targets go to
     ``sat_out["targets"]``. ``incerto`` (incerto's SelfAdaptiveTraining): targets
-    ``(1 - a) onehot + a softmax(z)`` of the batch, ``a`` ramped linearly from ``sat_alpha_start`` to
-    ``sat_alpha_end`` over the epochs after warm-up, no per-sample memory.
+    ``(1 - a) onehot + a softmax(z)`` of the batch with incerto's schedule ``a = sat_alpha(cfg, epoch)``
+    (``sat_alpha_start`` during warm-up, then linear towards ``sat_alpha_end``), no per-sample memory.
     """
     from .distributed import shard, world
 
@@ -216,16 +216,22 @@ def train_pass(
 
 
 def sat_alpha(cfg: AuditConfig, epoch: int) -> float:
-    """incerto form: alpha ramped linearly from ``sat_alpha_start`` (first epoch after warm-up) to ``sat_alpha_end`` (last)."""
-    span = max(1, cfg.epochs - cfg.sat_warmup - 1)
-    frac = min(1.0, max(0.0, (epoch - cfg.sat_warmup) / span))
-    return cfg.sat_alpha_start + (cfg.sat_alpha_end - cfg.sat_alpha_start) * frac
+    """incerto's ``SelfAdaptiveTraining.get_alpha`` schedule: ``alpha_start`` during the ``w`` warm-up epochs,
+    then ``alpha = start + (end - start) (e - w) / (T - w)`` (never above ``alpha_end``), with ``T`` the epochs."""
+    w = cfg.sat_warmup
+    if epoch < w:
+        return cfg.sat_alpha_start
+    alpha = cfg.sat_alpha_start + (cfg.sat_alpha_end - cfg.sat_alpha_start) * (epoch - w) / max(cfg.epochs - w, 1)
+    return min(alpha, cfg.sat_alpha_end)
 
 
 def _loss(cfg: AuditConfig, logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int,
           sat_targets: torch.Tensor | None, n_outputs: int) -> torch.Tensor:
-    """Cross-entropy, or a self-adaptive training loss after warm-up (see ``train_pass``)."""
-    if cfg.sat is None or epoch < cfg.sat_warmup:
+    """Cross-entropy, or a self-adaptive training loss (see ``train_pass``): the paper form after warm-up,
+    incerto's form at every epoch with ``sat_alpha`` (plain cross-entropy while alpha is 0)."""
+    if cfg.sat is None or (cfg.sat == "paper" and epoch < cfg.sat_warmup):
+        return F.cross_entropy(logits, y)
+    if cfg.sat == "incerto" and sat_alpha(cfg, epoch) == 0.0:
         return F.cross_entropy(logits, y)
     probs = torch.softmax(logits.detach(), dim=1)
     logp = torch.log_softmax(logits, dim=1)
