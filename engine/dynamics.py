@@ -171,8 +171,10 @@ def area_under_margin(margins: np.ndarray, start: int = 0, end: int | None = Non
     window = np.asarray(margins, dtype=np.float64)[start:end]
     if window.shape[0] == 0:
         raise ValueError(f"empty AUM window: epochs {start}..{end} of {np.shape(margins)[0]}")
-    with np.errstate(invalid="ignore"):
-        return np.nanmean(window, axis=0) if np.isnan(window).any() else window.mean(axis=0)
+    if not np.isnan(window).any():
+        return window.mean(axis=0)
+    seen = (~np.isnan(window)).sum(axis=0)  # a sample never captured (not trained on) stays NaN, silently
+    return np.where(seen > 0, np.nansum(window, axis=0) / np.maximum(seen, 1), np.nan)
 
 
 def threshold_cutoff(threshold_aum: np.ndarray, percentile: float = 99.0) -> float:

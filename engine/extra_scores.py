@@ -232,11 +232,6 @@ def transfer_teacher(run: Run, teacher: str = "self", seed: int = 0, progress: P
     stratified ``folds``-fold: the SVM that scores a sample never saw it). Choices of ours: aucurriculum
     fits and scores the same samples; a linear kernel keeps the cost linear in N (an RBF SVC is quadratic).
     """
-    from sklearn.calibration import CalibratedClassifierCV
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import LinearSVC
-
     rows = run.trained_rows()
     labels = run.samples(["label"])["label"].to_numpy()[rows]
     if teacher == "self":
@@ -246,15 +241,27 @@ def transfer_teacher(run: Run, teacher: str = "self", seed: int = 0, progress: P
         emb = np.load(path)[rows].astype(np.float32)
     else:
         emb = _torchvision_embeddings(run, teacher)
-    emb = StandardScaler().fit_transform(emb)
+    if progress:
+        progress(0.2, f"fitting out-of-fold SVMs on {emb.shape[0]:,} x {emb.shape[1]} embeddings")
+    return svm_out_of_fold(emb, labels, seed, folds)
+
+
+def svm_out_of_fold(emb: np.ndarray, labels: np.ndarray, seed: int = 0, folds: int = 5) -> np.ndarray:
+    """``1 - P(given label)`` of each sample from a standardised linear SVM with sigmoid (Platt) calibration
+    (3-fold internal CV) that never saw it: seeded stratified ``folds``-fold cross-fitting."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
     counts = np.bincount(labels)
     smallest = int(counts[counts > 0].min())
-    if smallest < 2:
-        raise ScoreError("transfer_teacher needs at least 2 samples of every trained class (out-of-fold SVM)")
+    if smallest < 3:
+        raise ScoreError("transfer_teacher needs at least 3 samples of every trained class (out-of-fold SVM)")
     k = min(folds, smallest)
-    if progress:
-        progress(0.2, f"fitting {k} out-of-fold SVMs on {emb.shape[0]:,} x {emb.shape[1]} embeddings")
-    clf = CalibratedClassifierCV(LinearSVC(random_state=seed), method="sigmoid", cv=min(3, max(2, smallest - 1)))
+    inner = min(3, max(2, (smallest * (k - 1)) // k))
+    clf = make_pipeline(StandardScaler(), CalibratedClassifierCV(LinearSVC(random_state=seed), method="sigmoid", cv=inner))
     proba = cross_val_predict(clf, emb, labels, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
                               method="predict_proba")
     col = {c: i for i, c in enumerate(np.unique(labels))}

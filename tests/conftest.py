@@ -30,3 +30,13 @@ def small_run(tmp_path_factory):
     run, ds = audit.prepare(cfg, tmp_path_factory.mktemp("runs"))
     audit.execute(run, ds)
     return run
+
+
+@pytest.fixture
+def own_small_run(small_run, tmp_path):
+    """A copy of ``small_run`` in this test's runs root, for tests that write into a run (scores, decisions)."""
+    import shutil
+
+    from engine.runs import Run
+
+    return Run(shutil.copytree(small_run.path, tmp_path / "runs" / small_run.id))

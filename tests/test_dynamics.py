@@ -30,6 +30,22 @@ def test_other_excludes_threshold_class():
     assert c.other.item() == 1  # the suggested relabel never is the fake class
 
 
+def test_threshold_pass_reads_confidence_el2n_and_accuracy_over_the_real_classes():
+    """In a threshold pass the c+1-way softmax gives the fake class mass; the c-way scores are renormalised."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, 3.0], [0.0, 1.0, 0.5, 2.0], [0.0, 0.0, 0.0, 4.0]])
+    targets = torch.tensor([0, 1, 3])  # the third is a threshold sample (fake class 3)
+    c = dyn.batch_capture(logits, targets, n_real_classes=3)
+    real = torch.softmax(logits[:2, :3], 1)
+    assert c.prob[:2].tolist() == pytest.approx(real[torch.arange(2), targets[:2]].tolist(), rel=1e-6)
+    onehot = torch.nn.functional.one_hot(targets[:2], 3).float()
+    assert c.el2n[:2].tolist() == pytest.approx((real - onehot).norm(dim=1).tolist(), rel=1e-5)
+    assert c.pred.tolist() == [0, 1, 3]  # argmax over the real classes (the fake class leads both rows)
+    full = torch.softmax(logits, 1)
+    assert c.prob[2].item() == pytest.approx(full[2, 3].item(), rel=1e-6)  # a threshold sample: all outputs
+    assert c.loss.tolist() == pytest.approx((-full[torch.arange(3), targets].log()).tolist(), rel=1e-5)  # as trained
+    assert c.margin[0].item() == pytest.approx(2.0 - 3.0)  # margins still compete with the fake class
+
+
 def test_suggested_class_is_never_the_target_or_the_fake_class():
     g = torch.Generator().manual_seed(1)
     z = torch.randn(2000, 11, generator=g)

@@ -28,12 +28,26 @@ def test_gda_matches_scipy_densities():
     np.testing.assert_allclose(g.log_density(z), logsumexp(ref + priors, axis=1), rtol=1e-9)
 
 
-def test_gda_class_means_match_sklearn_lda():
+def test_gda_matches_sklearn_qda_means_covariances_and_priors():
+    """Means, class covariances (maximum likelihood, 1/n) and priors of scikit-learn's QDA on the same data."""
     from sklearn.discriminant_analysis import QuadraticDiscriminantAnalysis
 
     z, y = _blobs(1)
     qda = QuadraticDiscriminantAnalysis(store_covariance=True).fit(z, y)
-    np.testing.assert_allclose(ood.fit_gda(z, y).means, qda.means_)
+    g = ood.fit_gda(z, y)
+    assert g.jitter == 0.0 and g.components is None
+    np.testing.assert_allclose(g.means, qda.means_)
+    for k in range(3):
+        np.testing.assert_allclose(g.chol[k] @ g.chol[k].T, qda.covariance_[k], rtol=1e-10)
+        np.testing.assert_allclose(qda.covariance_[k], np.cov(z[y == k], rowvar=False, bias=True), rtol=1e-10)
+    np.testing.assert_allclose(np.exp(g.log_priors), qda.priors_)
+
+
+def test_jitter_ladder_is_ddus_one_decade_ladder():
+    j = np.array(ood.JITTERS)
+    assert j[0] == 0.0 and j[1] == np.finfo(np.float64).tiny and j[2] == 1e-308 and j[-1] == 0.1
+    np.testing.assert_allclose(j[3:] / j[2:-1], 10.0, rtol=1e-9)  # every decade, none skipped
+    assert len(j) == 2 + 308
 
 
 def test_singular_covariance_gets_the_smallest_working_jitter():
@@ -101,15 +115,18 @@ def test_audit_with_held_out_classes_and_corruptions(tmp_path, monkeypatch):
 
     cfg = AuditConfig(holdout_classes=[8, 9], corruptions=["invert"], epochs=8, noise=0.1)
     run, ds = audit.prepare(cfg, tmp_path)
-    assert set(ds.classes) == {str(c) for c in range(8)} and len(ds) < 0.8 * 0.85 * 1797
+    assert len(ds) < 0.8 * 0.85 * 1797 and not np.isin(ds.labels, [8, 9]).any()  # trained on classes 0-7 only
+    assert len(run.samples()) == 1797  # the run still lists every sample (role column)
     summary = audit.execute(run, ds)
     assert set(summary["ood"]) == {"held-out classes 8,9", "corrupted: invert"}
     for entry in summary["ood"].values():
         assert set(entry) == {f"{m}_{s}" for m in ("auroc", "auprc") for s in ("density", "entropy", "max_softmax")}
     assert summary["ood"]["held-out classes 8,9"]["auroc_density"] > 0.8
     assert json.loads((run.path / "summary.json").read_text())["calibration"]["temperature"] > 0
-    scores = run.scores()
-    assert np.isfinite(scores["ood_density"]).all() and (scores["entropy"] >= 0).all()
+    scores, samples = run.scores(), run.samples()
+    scored = samples["role"].isin(["train", "threshold"]) & (samples["threshold_pass"] != run.n_passes() - 1)
+    assert np.isfinite(scores["ood_density"][scored]).all() and (scores["entropy"][scored] >= 0).all()
+    assert scores["ood_density"][~scored].isna().all() and scores["entropy"][~scored].isna().all()
     monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(tmp_path))
     at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60)
     at.run()
@@ -158,7 +175,11 @@ def test_self_adaptive_losses_by_hand():
     per = -(expect_t * torch.log_softmax(logits, 1)).sum(1)
     assert loss.item() == pytest.approx(((w * per).sum() / w.sum()).item())
     inc = AuditConfig(sat="incerto", sat_warmup=2, sat_alpha_start=0.1, sat_alpha_end=0.9, epochs=10)
-    assert [round(sat_alpha(inc, e), 3) for e in (2, 6, 9)] == [0.1, 0.557, 0.9]
+    # incerto's get_alpha: start during warm-up, then start + (end - start)(e - w)/(T - w), T = 10, w = 2
+    assert [round(sat_alpha(inc, e), 6) for e in (0, 1, 2, 6, 9)] == [0.1, 0.1, 0.1, 0.5, 0.8]
+    blend = 0.9 * torch.nn.functional.one_hot(y, 2).float() + 0.1 * p  # alpha_start = 0.1 applies in warm-up too
+    assert _loss(inc, logits, y, torch.tensor([0, 1]), 0, None, 2).item() == pytest.approx(
+        (-(blend * torch.log_softmax(logits, 1)).sum(1).mean()).item())
 
 
 def test_audits_with_self_adaptive_training(tmp_path):
@@ -177,3 +198,38 @@ def test_audits_with_self_adaptive_training(tmp_path):
     (paper_run,) = [r for r in list_runs(tmp_path) if r.config()["sat"] == "paper"]
     paper = paper_run.scores()["sat_disagreement"]
     assert paper[err].mean() > paper[~err].mean()
+
+
+def test_calibration_split_is_stratified_seeded_and_disjoint():
+    """A folder's held-out set comes sorted by class: the first half would be classes 0-4, the second 5-9."""
+    from engine.ood_eval import calibration_split
+
+    y = np.repeat(np.arange(10), [30, 31, 29, 30, 30, 30, 30, 30, 30, 3])
+    fit, test = calibration_split(y, seed=0)
+    assert sorted(np.r_[fit, test].tolist()) == list(range(len(y)))  # a partition of the set
+    for k in range(10):
+        n_k = (y == k).sum()
+        assert (y[fit] == k).sum() == n_k // 2 and (y[test] == k).sum() == n_k - n_k // 2
+    again, _ = calibration_split(y, seed=0)
+    other, _ = calibration_split(y, seed=1)
+    assert (again == fit).all() and not (other == fit).all()
+    assert not (fit == np.arange(len(fit))).all()  # not the first half by position
+
+
+def test_temperature_is_fitted_on_every_class_of_a_sorted_set(tmp_path):
+    """``write_report`` on a class-sorted ID set: fitting and ECE halves both hold all classes."""
+    import pandas as pd
+
+    from engine.ood_eval import write_report
+    from engine.runs import create_run
+
+    rng = np.random.default_rng(0)
+    feats, labels = rng.normal(size=(60, 4)) + np.repeat(np.arange(3), 20)[:, None] * 3, np.repeat(np.arange(3), 20)
+    logits = np.eye(3)[labels] * 2.0
+    y_id = np.repeat(np.arange(3), 20)  # sorted by class
+    l_id = np.eye(3)[y_id] * 3.0 + rng.normal(size=(60, 3))
+    run = create_run(tmp_path, {"dataset": "x"}, pd.DataFrame({"sample_id": [str(i) for i in range(60)]}), ["a", "b", "c"])
+    report = write_report(run, feats, logits, labels, np.ones(60, bool), 3, (feats, l_id, y_id), {})
+    cal = report["calibration"]
+    assert cal["n_validation"] == 30 and cal["n_test"] == 30
+    assert cal["reliability_after"]["count"] and sum(cal["reliability_after"]["count"]) == 30
