@@ -152,6 +152,39 @@ def test_cancel_while_streaming_then_resume_equals_an_uninterrupted_run(tmp_path
         assert np.array_equal(run.dynamics(p, "margin"), whole.dynamics(p, "margin"))
 
 
+def test_normalisation_is_measured_once_whatever_the_loader(tmp_path, monkeypatch):
+    """A streamed source measured 4,096 images and an in-memory one all of them; now one rule, in the config."""
+    stats = {}
+    for loader in ("memory", "stream"):
+        run, ds = audit.prepare(AuditConfig(dataset=str(FOLDER), loader=loader, workers=1), tmp_path / loader)
+        stats[loader] = run.config()["normalization"]
+    assert stats["memory"] == stats["stream"]
+    pixels = load_dataset(str(FOLDER)).images.astype(np.float64) / 255.0  # 300 images: all are measured
+    assert stats["memory"]["images"] == 300
+    assert stats["memory"]["mean"] == pytest.approx([pixels.mean()], abs=1e-6)
+    assert stats["memory"]["std"] == pytest.approx([pixels.std(ddof=1)], abs=1e-6)
+
+
+def test_resume_with_another_loader_keeps_the_runs_normalisation(tmp_path, monkeypatch):
+    """``--loader auto`` may pick another source on resume (another GPU's free memory): the statistics stay the
+    run's, so the resumed run trains exactly like the uninterrupted one."""
+    monkeypatch.setattr(pipeline, "STATS_SAMPLES", 16)  # a sample's statistics differ from all images'
+    cfg = dict(dataset=str(FOLDER), noise=0.0, epochs=3, loader="stream", workers=0, device="cpu")
+    run, ds = audit.prepare(AuditConfig(**cfg), tmp_path / "runs")
+    assert run.config()["normalization"]["images"] == 16
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        audit.execute(run, ds, on_epoch=lambda r: cancel.set(), cancel=cancel)
+    raw = run.config() | {"loader": "memory"}  # as if auto now chose the in-memory source
+    (run.path / "config.json").write_text(json.dumps(raw))
+    audit.execute(run, None, resume=True)
+    assert run.status()["input_pipeline"]["loader"] == "memory"
+    whole, ds2 = audit.prepare(AuditConfig(**cfg), tmp_path / "whole")
+    audit.execute(whole, ds2)
+    for p in range(2):
+        assert np.array_equal(run.dynamics(p, "margin"), whole.dynamics(p, "margin"))
+
+
 def test_streamed_audit_with_corruption_sets_evaluates_them(tmp_path):
     images = load_dataset(str(FOLDER), lazy=True).images.select(np.arange(12))
     noisy = Corrupted(images, "noise", seed=4)  # per-image seeds: batching does not change the noise
@@ -161,14 +194,23 @@ def test_streamed_audit_with_corruption_sets_evaluates_them(tmp_path):
                       corruptions=["noise", "invert"])
     run, ds = audit.prepare(cfg, tmp_path / "runs")
     held = 300 - len(ds)
-    assert 55 <= held <= 65  # 20% held out per class for the OoD comparison
+    per_class = np.bincount(load_dataset(str(FOLDER)).labels)
+    assert held == sum(round(0.2 * n) for n in per_class)  # 20% of each class held out for the OoD comparison
     audit.execute(run, ds)
 
 
     report = json.loads((run.path / "ood" / "report.json").read_text())
     assert {"ID test", "corrupted: noise", "corrupted: invert"} <= set(report["sets"])
     assert report["sets"]["ID test"]["n"] == report["sets"]["corrupted: noise"]["n"] == held
-    assert 0.0 <= report["ood"]["corrupted: noise"]["auroc_density"] <= 1.0
+    from scipy.stats import mannwhitneyu
+
+    from engine.ood_eval import load_results
+
+    res = load_results(run)  # AUROC = Mann-Whitney U / (n_ood n_id) of low density meaning OoD
+    k_id, k_noise = report["sets"]["ID test"]["key"], report["sets"]["corrupted: noise"]["key"]
+    u = mannwhitneyu(-res[f"{k_noise}_log_density"], -res[f"{k_id}_log_density"]).statistic
+    assert report["ood"]["corrupted: noise"]["auroc_density"] == pytest.approx(u / held**2, rel=1e-9)
+    assert report["ood"]["corrupted: noise"]["auroc_density"] > 0.9  # Gaussian noise of half the range is far from digits
 
 
 def test_decoding_workers_do_not_rerun_the_main_script(tmp_path):
