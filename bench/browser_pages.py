@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from render_pages import ROOT, make_run  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("DIFFICULTY_AUDIT_CHROMIUM") or "/usr/bin/chromium"  # as the browser tests
 PAGES = ["audit", "aum", "flagged", "scores", "datamap", "ood"]  # app.py's st.Page entries, in sidebar order
 WATCH = """() => {  // records that a script run started after this point (page switches stay in one document)
   window.__ran = false;

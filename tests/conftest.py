@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from engine import audit
 from engine.config import AuditConfig
+
+# Tests that read a run trained for them are slow (``make test-fast`` leaves them out, ``make test`` runs them).
+TRAINED_RUN_FIXTURES = {"digits_run", "small_run", "own_small_run", "held_out_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINED_RUN_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
@@ -40,3 +52,22 @@ def own_small_run(small_run, tmp_path):
     from engine.runs import Run
 
     return Run(shutil.copytree(small_run.path, tmp_path / "runs" / small_run.id))
+
+
+CHROMIUM_ENV = "DIFFICULTY_AUDIT_CHROMIUM"  # the browser the end-to-end tests drive (default: Debian's)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of the Chromium for browser tests: ``$DIFFICULTY_AUDIT_CHROMIUM``, else /usr/bin/chromium.
+
+    Missing, the test is skipped on a developer's machine but FAILS when ``CI`` is set (a CI without the
+    browser must not pass by skipping every end-to-end test).
+    """
+    path = os.environ.get(CHROMIUM_ENV) or "/usr/bin/chromium"
+    if not Path(path).is_file():
+        msg = f"no Chromium at {path}: set ${CHROMIUM_ENV} or install Debian's (make chromium, as root)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{msg}; CI is set, so a missing browser fails the browser tests")
+        pytest.skip(msg)
+    return path

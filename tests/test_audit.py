@@ -44,8 +44,10 @@ def test_run_directory_contract(digits_run):
     scores = digits_run.scores()
     assert scores["sample_id"].tolist() == samples["sample_id"].tolist()
     assert sorted(scores["rank"]) == list(range(1, 1798))
+    assert (samples["role"] == np.where(tp >= 0, "threshold", "train")).all()  # nothing held out
     cfg = digits_run.config()
-    assert AuditConfig.from_dict({k: cfg[k] for k in AuditConfig().to_dict()}) == AuditConfig(dataset="digits", noise=0.2, epochs=30)
+    assert AuditConfig.from_run_config(cfg) == AuditConfig(dataset="digits", noise=0.2, epochs=30, aum_start=1)
+    assert cfg["normalization"]["images"] == 1797 and len(cfg["normalization"]["mean"]) == 1
 
 
 def test_suggested_label_recovers_true_label(digits_run):
@@ -76,6 +78,7 @@ def test_csv_formula_cells_are_neutralised():
     assert out["aum"].tolist() == [-1.5, 2.0, 0.0, 1.0]
 
 
+@pytest.mark.slow
 def test_cli_audit_and_export_from_a_fresh_folder(tmp_path):
     env = {"DIFFICULTY_AUDIT_RUNS": str(tmp_path / "runs"), "PATH": "/usr/bin:/bin"}
     r = subprocess.run(
@@ -113,6 +116,7 @@ def test_bad_configs_fail_before_training(changes, message, tmp_path):
         audit.prepare(AuditConfig(epochs=2, **changes), tmp_path)
 
 
+@pytest.mark.slow
 def test_cancel_keeps_epochs_and_resume_matches_uninterrupted(tmp_path):
     cfg = AuditConfig(noise=0.1, epochs=5, seed=11)
     full, ds = audit.prepare(cfg, tmp_path / "a")
@@ -153,6 +157,7 @@ class _ExplodingEvent:
         return False
 
 
+@pytest.mark.slow
 def test_exception_mid_epoch_marks_run_failed_and_keeps_finished_epochs(tmp_path):
     run, ds = audit.prepare(AuditConfig(noise=0.1, epochs=4), tmp_path)
     batches = len(range(0, 1797, 64))

@@ -29,6 +29,7 @@ def test_shard_pads_like_distributed_sampler_and_captures_each_once():
     assert sorted(captured.tolist()) == list(range(7))
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_matches_single_process(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -63,6 +64,7 @@ def test_torchrun_two_processes_matches_single_process(tmp_path):
     pd.testing.assert_series_equal(a.dtypes, b.dtypes)
 
 
+@pytest.mark.slow
 def test_torchrun_streaming_image_files_equals_torchrun_in_memory(tmp_path):
     """Under torchrun each rank streams its shard through DataLoader workers: bit for bit the in-memory result."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))

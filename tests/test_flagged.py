@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from engine import audit
@@ -124,6 +125,7 @@ def test_concurrent_reviewers_lose_nothing(small_run, tmp_path):
     assert (current.loc[ids, "decision"] == last.loc[ids, "decision"]).all()  # last write wins
 
 
+@pytest.mark.slow
 def test_cleaned_manifest_reaudit_flags_fewer(tmp_path):
     """A reviewer relabels the flagged samples to their suggestion; the same audit of the cleaned data flags fewer."""
     data = tmp_path / "digits_folder"

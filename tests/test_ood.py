@@ -103,6 +103,7 @@ def test_small_classes_are_projected_before_fitting():
     assert ood.fit_gda(z, y, max_dim=50).components is None
 
 
+@pytest.mark.slow
 def test_audit_with_held_out_classes_and_corruptions(tmp_path, monkeypatch):
     """The documented OoD audit end to end: summary.json gets one entry per OoD set; scores get density and entropy."""
     import json
@@ -182,6 +183,7 @@ def test_self_adaptive_losses_by_hand():
         (-(blend * torch.log_softmax(logits, 1)).sum(1).mean()).item())
 
 
+@pytest.mark.slow
 def test_audits_with_self_adaptive_training(tmp_path):
     from engine import audit
     from engine.config import AuditConfig

@@ -63,6 +63,7 @@ def test_moving_the_cutoff_changes_the_flagged_count(monkeypatch, small_run):
     assert 0.0 < float(precision) < 0.2  # flagging everything: precision = noise rate 0.1
 
 
+@pytest.mark.slow
 def test_start_an_audit_from_the_audit_page(monkeypatch, tmp_path):
     root = tmp_path / "runs"
     at = _app(monkeypatch, root)
@@ -90,6 +91,7 @@ def test_bad_folder_path_says_what_to_fix(monkeypatch, tmp_path):
     assert not list_runs(tmp_path / "runs")  # nothing was created
 
 
+@pytest.mark.slow
 def test_sample_folder_audit_from_the_page(monkeypatch, tmp_path):
     at = _app(monkeypatch, tmp_path / "runs")
     at.radio(key="source").set_value("Image folder on this machine").run()

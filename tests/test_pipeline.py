@@ -86,6 +86,7 @@ def test_auto_picks_stream_above_the_memory_limit(monkeypatch):
         AuditConfig(workers=-1).validate()
 
 
+@pytest.mark.slow
 def test_streamed_audit_with_worker_processes_equals_the_in_memory_audit(tmp_path, monkeypatch):
     """Same files, seed and batches: the DataLoader path (2 decoding processes) trains bit for bit like the tensor path."""
     runs = {}
@@ -105,6 +106,7 @@ def test_streamed_audit_with_worker_processes_equals_the_in_memory_audit(tmp_pat
     assert np.array_equal(np.load(runs["memory"].path / "features.npy"), np.load(runs["stream"].path / "features.npy"))
 
 
+@pytest.mark.slow
 def test_a_file_corrupt_past_its_header_fails_the_streamed_run_with_its_name(tmp_path, monkeypatch):
     root = _copy_folder(tmp_path)
     files = sorted((root / "6").iterdir())
@@ -129,6 +131,7 @@ def test_a_file_corrupt_past_its_header_fails_the_streamed_run_with_its_name(tmp
     assert run.status()["state"] == "failed" and bad.name in run.status()["error"]
 
 
+@pytest.mark.slow
 def test_cancel_while_streaming_then_resume_equals_an_uninterrupted_run(tmp_path):
     cfg = AuditConfig(dataset=str(FOLDER), noise=0.0, epochs=4, loader="stream", workers=1, device="cpu")
     run, ds = audit.prepare(cfg, tmp_path / "runs")
@@ -165,6 +168,7 @@ def test_normalisation_is_measured_once_whatever_the_loader(tmp_path, monkeypatc
     assert stats["memory"]["std"] == pytest.approx([pixels.std(ddof=1)], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_with_another_loader_keeps_the_runs_normalisation(tmp_path, monkeypatch):
     """``--loader auto`` may pick another source on resume (another GPU's free memory): the statistics stay the
     run's, so the resumed run trains exactly like the uninterrupted one."""
@@ -185,6 +189,7 @@ def test_resume_with_another_loader_keeps_the_runs_normalisation(tmp_path, monke
         assert np.array_equal(run.dynamics(p, "margin"), whole.dynamics(p, "margin"))
 
 
+@pytest.mark.slow
 def test_streamed_audit_with_corruption_sets_evaluates_them(tmp_path):
     images = load_dataset(str(FOLDER), lazy=True).images.select(np.arange(12))
     noisy = Corrupted(images, "noise", seed=4)  # per-image seeds: batching does not change the noise

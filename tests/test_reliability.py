@@ -36,6 +36,7 @@ def _wait_for_epochs(root: Path, epochs: int, timeout: float = 120):
     raise AssertionError(f"the audit never reached epoch {epochs}")
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     """SIGKILL a headless audit mid-training; the run reads as interrupted and --resume finishes it identically.
 
@@ -63,6 +64,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow
 def test_ctrl_c_or_sigterm_marks_the_run_interrupted_and_says_how_to_resume(tmp_path, sig, code):
     """Ctrl-C and a scheduler's SIGTERM stop a headless audit the same way: interrupted (not failed), partial
     scores from the finished epochs, the resume command printed; --resume then finishes it."""
@@ -123,6 +125,7 @@ def test_not_a_zip_and_a_good_zip(tmp_path):
     assert root.name == "data" and sorted(p.name for p in root.iterdir()) == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_config_edge_cases(tmp_path):
     for bad, msg in [({"epochs": -3}, "epochs"), ({"noise": 1.0}, "noise"), ({"threshold_runs": 0}, "threshold runs")]:
         with pytest.raises(ConfigError, match=msg):
@@ -199,6 +202,7 @@ def test_unwritable_runs_folder_is_a_clear_error(tmp_path):
     assert not target.exists()
 
 
+@pytest.mark.slow
 def test_write_failure_mid_training_marks_the_run_failed(tmp_path):
     """A file-size limit makes the first checkpoint write fail for real (EFBIG, as a full disk would fail it)."""
     code = (
