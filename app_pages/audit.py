@@ -193,5 +193,7 @@ if state == "done" and summary:
     if "precision" in summary and summary.get("n_label_errors"):
         detection_row(summary)
         st.caption(f"Against the {summary['n_label_errors']} labels that were flipped on purpose.")
+    for warning in summary.get("warnings") or []:  # what the engine changed about the data (e.g. resized images)
+        st.warning(warning, icon=":material/warning:")
     st.page_link("app_pages/aum.py", label="See the AUM distribution and the cut-off", icon=":material/show_chart:")
     retrain_section(run)

@@ -67,3 +67,21 @@ def test_mixed_image_sizes_are_resized_with_a_warning_in_the_summary(tmp_path):
     same, ds2 = audit.prepare(AuditConfig(dataset=str(root), epochs=1, image_size=16, threshold_samples=False),
                               tmp_path / "runs")
     assert audit.execute(same, ds2)["warnings"] == []  # a size the user asked for is no surprise
+
+
+def test_the_audit_page_shows_the_summary_warnings(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    root = tmp_path / "data"
+    for i in range(4):
+        _image(root / "a" / f"{i}.png", (8, 8), 20 * i)
+        _image(root / "b" / f"{i}.png", (10, 10), 200 - 20 * i)
+    run, ds = audit.prepare(AuditConfig(dataset=str(root), epochs=1, threshold_samples=False), tmp_path / "runs")
+    audit.execute(run, ds)
+    monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    assert any("resized to 32x32" in w.value for w in at.warning), [w.value for w in at.warning]
