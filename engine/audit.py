@@ -186,7 +186,7 @@ def execute(
     device = pick_device(cfg.device)
     source = None
     n_real = ds.n_classes
-    n_out = n_real + 1 if cfg.threshold_samples else n_real
+    n_out = cfg.n_outputs(n_real)
     tpass = samples["threshold_pass"].to_numpy()[rows]
     import torch
 

@@ -148,6 +148,10 @@ class AuditConfig:
         """Training passes: one per disjoint threshold set, or a single pass without threshold samples."""
         return self.threshold_runs if self.threshold_samples else 1
 
+    def n_outputs(self, n_classes: int) -> int:
+        """Outputs of the model: one per class, plus the fake class of threshold samples when they are on."""
+        return n_classes + 1 if self.threshold_samples else n_classes
+
     def to_dict(self) -> dict:
         return asdict(self)
 

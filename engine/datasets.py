@@ -89,13 +89,18 @@ def inject_noise(labels: np.ndarray, rate: float, kind: str, n_classes: int, see
     return noisy
 
 
-def load_digits_dataset(noise: float = 0.0, noise_kind: str = "symmetric", seed: int = 0) -> IndexedDataset:
-    """scikit-learn's real 8x8 handwritten digits (1,797 images, 10 classes), with seeded noise."""
+def digits_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as uint8 ``(1797, 8, 8)`` images (0..16 scaled to 0..255) and their labels."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    images = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]
-    true = d.target.astype(np.int64)
+    return np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8), d.target.astype(np.int64)
+
+
+def load_digits_dataset(noise: float = 0.0, noise_kind: str = "symmetric", seed: int = 0) -> IndexedDataset:
+    """scikit-learn's real 8x8 handwritten digits (1,797 images, 10 classes), with seeded noise."""
+    pixels, true = digits_images()
+    images = pixels[..., None]
     labels = inject_noise(true, noise, noise_kind, 10, seed)
     n = len(true)
     return IndexedDataset(

@@ -155,6 +155,12 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
     )
 
 
+def trailing_streak(flags: np.ndarray) -> np.ndarray:
+    """Per column of a boolean ``(T, N)`` array, the length of the run of True at its end (0..T)."""
+    rev = np.asarray(flags, dtype=bool)[::-1]
+    return np.where(rev.all(axis=0), rev.shape[0], np.argmin(rev, axis=0))
+
+
 def pleiss_margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Pleiss et al. 2020 margin alone, ``z_y - max_{k != y} z_k`` (the quantity the ``aum`` package tracks)."""
     z = logits.detach()

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .config import AuditConfig
+from .dynamics import trailing_streak
 from .runs import Run, atomic_write_parquet
 from .scores import REGISTRY
 
@@ -104,7 +105,7 @@ def fit_predict_log(cfg: AuditConfig, train_images, train_labels: np.ndarray, te
     import torch
 
     from .models import pick_device
-    from .pipeline import make_source, sequential
+    from .pipeline import make_source, normalize, sequential
     from .training import train_pass
 
     device = pick_device(cfg.device)
@@ -114,7 +115,7 @@ def fit_predict_log(cfg: AuditConfig, train_images, train_labels: np.ndarray, te
         stats = (train.mean, train.std)
     model.eval()
     with make_source(test_images, device, cfg.loader, cfg.workers, stats=stats) as held, torch.inference_mode():
-        out = [log_probs(model((x.float() / 255 - held.mean) / held.std).float()) for _, x in sequential(held, 1024)]
+        out = [log_probs(model(normalize(x, held.mean, held.std)).float()) for _, x in sequential(held, 1024)]
     return np.concatenate(out)
 
 
@@ -138,12 +139,12 @@ def _probe_features(run: Run, progress: Progress | None = None):
     import torch
 
     from .models import SmallCNN, pick_device
-    from .pipeline import make_source, sequential
+    from .pipeline import make_source, normalize, sequential
     from .training import load_final_model
 
     cfg, ds = _dataset(run)
     device = pick_device(cfg.device)
-    n_out = ds.n_classes + 1 if cfg.threshold_samples else ds.n_classes
+    n_out = cfg.n_outputs(ds.n_classes)
     with make_source(ds.images, device, cfg.loader, cfg.workers, stats=ds.stats, seed=cfg.seed) as source:
         model = load_final_model(run.path / "checkpoints", cfg, source.channels, n_out, device)
         if isinstance(model, SmallCNN):
@@ -157,7 +158,7 @@ def _probe_features(run: Run, progress: Progress | None = None):
         with torch.inference_mode():
             for _, x in sequential(source, 512):
                 pixels.append(x.reshape(len(x), -1).float().cpu() / 255.0)
-                logits.append(model((x.float() / 255 - source.mean) / source.std).float().cpu())
+                logits.append(model(normalize(x, source.mean, source.std)).float().cpu())
         for h in hooks:
             h.remove()
     out = torch.cat(logits)
@@ -196,9 +197,7 @@ def prediction_depth_from(knn_preds: list[np.ndarray], prediction: np.ndarray) -
     prediction) / P`` over the P probes (Baldock et al. 2021: the depth after which every probe agrees)."""
     agree = np.stack([p == prediction for p in knn_preds])  # (P, N)
     p = agree.shape[0]
-    rev = agree[::-1]
-    trailing = np.where(rev.all(axis=0), p, np.argmin(rev, axis=0))
-    return (p - trailing) / p
+    return (p - trailing_streak(agree)) / p
 
 
 def prediction_depth(run: Run, k: int = 30, leave_one_out: bool = True, progress: Progress | None = None) -> np.ndarray:

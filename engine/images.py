@@ -20,9 +20,9 @@ class ImageError(ValueError):
 
 @lru_cache(maxsize=2)
 def _digits_images() -> np.ndarray:
-    from sklearn.datasets import load_digits
+    from .datasets import digits_images
 
-    return np.clip(np.round(load_digits().images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return digits_images()[0]
 
 
 @lru_cache(maxsize=1)

@@ -155,14 +155,14 @@ def final_outputs(run: Run, cfg: AuditConfig, source, n_out: int, n_real: int,
     """Penultimate features and real-class logits of the last pass's final model on an image ``source``."""
     import torch
 
-    from .pipeline import sequential
+    from .pipeline import normalize, sequential
     from .training import load_final_model
 
     model = load_final_model(run.path / "checkpoints", cfg, source.channels, n_out, source.device)
     feats, logits = [], []
     with torch.inference_mode():
         for _, x in sequential(source, batch):
-            f = model.features((x.float() / 255.0 - source.mean) / source.std)
+            f = model.features(normalize(x, source.mean, source.std))
             feats.append(f.float().cpu())
             logits.append(model.head(f).float().cpu()[:, :n_real])
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()

@@ -102,6 +102,11 @@ def stats_sample(n: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, STATS_SAMPLES, replace=False))
 
 
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A uint8 NCHW batch as the model sees it: ``(x / 255 - mean) / std`` in float32 (the one place this is written)."""
+    return (x.float() / 255.0 - mean) / std
+
+
 def fixed_slices(n: int, size: int) -> list[slice]:
     return [slice(s, min(n, s + size)) for s in range(0, n, size)]
 

@@ -80,12 +80,8 @@ def forgetting_events(correct: np.ndarray) -> np.ndarray:
 
 def first_iteration(correct: np.ndarray) -> np.ndarray:
     """aucurriculum FirstIteration: ``(T - length of the trailing run of correct epochs) / T``."""
-    c = np.asarray(correct, dtype=bool)
-    t = c.shape[0]
-    # trailing streak: number of True at the end of each column
-    rev = c[::-1]
-    streak = np.where(rev.all(axis=0), t, np.argmin(rev, axis=0))
-    return (t - streak) / t
+    t = np.shape(correct)[0]
+    return (t - dyn.trailing_streak(correct)) / t
 
 
 def _pass_scores(run: Run, p: int, window: tuple[int, int | None], targets_override=None) -> dict[str, np.ndarray]:

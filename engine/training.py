@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .config import AuditConfig
 from .dynamics import batch_capture
 from .models import model_for
-from .pipeline import DeviceImages, StreamImages
+from .pipeline import DeviceImages, StreamImages, normalize
 from .runs import DYNAMICS, DynamicsWriter, atomic_write_bytes
 
 ImageSource = DeviceImages | StreamImages
@@ -164,7 +164,7 @@ def train_pass(
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
             idx = perm[sl]
-            x = random_shift((xb.float().div_(255.0) - mean) / std, max_shift, gen)
+            x = random_shift(normalize(xb, mean, std), max_shift, gen)
             if use_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = targets[idx]

@@ -90,3 +90,21 @@ def test_threshold_samples_do_not_crowd_either_end_of_ood_density(held_out_run):
 
     dens = load_results(held_out_run)["train_log_density"]
     assert len(dens) == len(s) and np.isnan(dens[(table["tp"] == last).to_numpy()]).all()
+
+
+@pytest.mark.slow
+def test_every_page_renders_a_run_with_held_out_samples(held_out_run, monkeypatch):
+    """NaN scores of held-out samples reach every page (histograms, data map, gallery, OoD grid, correlations)."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(held_out_run.path.parent))
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=90)
+    at.run()
+    assert not at.exception, at.exception
+    for page in ("aum", "datamap", "flagged", "ood", "scores"):
+        at.switch_page(f"app_pages/{page}.py").run()
+        assert not at.exception, (page, at.exception)
+    at.switch_page("app_pages/ood.py").run()
+    assert len(at.get("image")) == 12  # the lowest-density grid is full: NaN (unscored) samples sort last
