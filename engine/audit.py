@@ -156,39 +156,20 @@ def execute(
         raise ConfigError(problem)
     raw = run.config()
     cfg = AuditConfig.from_run_config(raw)
-    wants_sets = cfg.eval_share > 0 or cfg.ood_folder
-    if ds is None or wants_sets:  # (a second read only when OoD sets are asked for)
-        data = load_run_dataset(cfg)
-        ds = data.train if ds is None else ds
-        sets = data.sets
-    else:
-        from .ood_eval import EvalSets
-
-        sets = EvalSets()
+    ds, sets = _run_data(cfg, ds)
     samples = run.samples()
-    rows = trained_rows(samples)  # the trained samples' rows: columns of the dynamics arrays
-    if len(rows) != len(ds) or not (samples["sample_id"].to_numpy()[rows] == ds.sample_ids.astype(str)).all():
-        raise ConfigError(f"the dataset {cfg.dataset} changed since run {run.id} was created; start a new audit")
+    rows = _check_same_dataset(run, cfg, samples, ds)
     stats = run_stats(raw) or ds.stats  # the run's own statistics, whatever the loader (also on --resume)
-    passes = cfg.passes
-    prev = run.raw_status()
-    epochs_done = list(prev.get("epochs_done") or [0] * passes) if resume else [0] * passes
-    if resume:  # a kill between an epoch's checkpoint and its status update: the checkpoint is the truth
-        epochs_done = [max(done, checkpoint_epoch(run, p) + 1) for p, done in enumerate(epochs_done)]
-    history = list(prev.get("history") or []) if resume else []
-    history = [h for h in history if h["epoch"] < epochs_done[h["pass"]]]
-    started = time.time()
+    epochs_done, history = _progress(run, cfg.passes, resume)
     status = run.update_status if main else (lambda **kw: None)
     status(
-        state="running", passes=passes, epochs=cfg.epochs, epochs_done=epochs_done, history=history,
-        pass_idx=0, error=None, started_at=started, world_size=world_size, **owner_fields(),
+        state="running", passes=cfg.passes, epochs=cfg.epochs, epochs_done=epochs_done, history=history,
+        pass_idx=0, error=None, started_at=time.time(), world_size=world_size, **owner_fields(),
     )
     device = pick_device(cfg.device)
     source = None
-    n_real = ds.n_classes
-    n_out = cfg.n_outputs(n_real)
+    n_out = cfg.n_outputs(ds.n_classes)
     tpass = samples["threshold_pass"].to_numpy()[rows]
-    import torch
 
     def record(r: EpochResult) -> None:
         epochs_done[r.pass_idx] = r.epoch + 1
@@ -200,21 +181,9 @@ def execute(
     try:
         source = make_source(ds.images, device, cfg.loader, cfg.workers, stats=stats, seed=cfg.seed)
         status(input_pipeline={"loader": source.kind, "workers": source.workers, "device": str(device)})
-        for p in range(passes):
-            start = epochs_done[p]
-            if start >= cfg.epochs:
-                continue
-            targets = ds.labels.copy()
-            targets[tpass == p] = n_real
-            writer = DynamicsWriter(run, p, cfg.epochs, len(samples), resume=start > 0, columns=rows) if main else None
-            sat_out: dict = {}
-            train_pass(
-                cfg, source, torch.from_numpy(targets).to(device), n_out, n_real, p, writer,
-                checkpoint=run.path / "checkpoints" / f"pass{p}.pt", start_epoch=start,
-                on_epoch=record, cancel=cancel, sat_out=sat_out,
-            )
-            if "targets" in sat_out and main:
-                save_sat_disagreement(run, p, sat_out["targets"], ds.labels, tpass, rows, len(samples))
+        for p in range(cfg.passes):
+            if epochs_done[p] < cfg.epochs:
+                _train_one_pass(run, cfg, ds, source, p, epochs_done[p], tpass, rows, len(samples), main, record, cancel)
         summary = {}
         if main:
             evaluate_final_model(run, cfg, ds, sets, tpass, source, n_out, rows, len(samples))
@@ -243,6 +212,56 @@ def execute(
     finally:
         if source is not None:
             source.close()
+
+
+def _run_data(cfg: AuditConfig, ds: IndexedDataset | None):
+    """The training samples (``ds`` when the caller has them) and the OoD evaluation sets of ``cfg``."""
+    if ds is None or cfg.eval_share > 0 or cfg.ood_folder:  # (a second read only when OoD sets are asked for)
+        data = load_run_dataset(cfg)
+        return (data.train if ds is None else ds), data.sets
+    from .ood_eval import EvalSets
+
+    return ds, EvalSets()
+
+
+def _check_same_dataset(run: Run, cfg: AuditConfig, samples: pd.DataFrame, ds: IndexedDataset) -> np.ndarray:
+    """The trained samples' rows of ``samples`` (the columns of the dynamics arrays), after checking that they
+    are still the dataset's training samples."""
+    rows = trained_rows(samples)
+    if len(rows) != len(ds) or not (samples["sample_id"].to_numpy()[rows] == ds.sample_ids.astype(str)).all():
+        raise ConfigError(f"the dataset {cfg.dataset} changed since run {run.id} was created; start a new audit")
+    return rows
+
+
+def _progress(run: Run, passes: int, resume: bool) -> tuple[list[int], list[dict]]:
+    """Epochs done per pass and the per-epoch history to continue from (none unless ``resume``)."""
+    if not resume:
+        return [0] * passes, []
+    prev = run.raw_status()
+    epochs_done = list(prev.get("epochs_done") or [0] * passes)
+    # a kill between an epoch's checkpoint and its status update: the checkpoint is the truth
+    epochs_done = [max(done, checkpoint_epoch(run, p) + 1) for p, done in enumerate(epochs_done)]
+    history = [h for h in prev.get("history") or [] if h["epoch"] < epochs_done[h["pass"]]]
+    return epochs_done, history
+
+
+def _train_one_pass(run: Run, cfg: AuditConfig, ds: IndexedDataset, source, p: int, start: int, tpass: np.ndarray,
+                    rows: np.ndarray, n_all: int, main: bool, record, cancel) -> None:
+    """Pass ``p`` from epoch ``start``: its threshold samples relabelled to the fake class, dynamics written into
+    the run's columns ``rows`` (rank 0 only), self-adaptive targets saved at the end."""
+    import torch
+
+    targets = ds.labels.copy()
+    targets[tpass == p] = ds.n_classes
+    writer = DynamicsWriter(run, p, cfg.epochs, n_all, resume=start > 0, columns=rows) if main else None
+    sat_out: dict = {}
+    train_pass(
+        cfg, source, torch.from_numpy(targets).to(source.device), cfg.n_outputs(ds.n_classes), ds.n_classes, p,
+        writer, checkpoint=run.path / "checkpoints" / f"pass{p}.pt", start_epoch=start,
+        on_epoch=record, cancel=cancel, sat_out=sat_out,
+    )
+    if "targets" in sat_out and main:
+        save_sat_disagreement(run, p, sat_out["targets"], ds.labels, tpass, rows, n_all)
 
 
 def save_sat_disagreement(run: Run, pass_idx: int, targets: np.ndarray, labels: np.ndarray, tpass: np.ndarray,

@@ -118,35 +118,16 @@ def train_pass(
 
     device, n, mean, std = source.device, source.n, source.mean, source.std
     rank, size = world()
-    torch.manual_seed(cfg.seed * 7919 + pass_idx)
-    model = model_for(cfg, source.channels, n_outputs).to(device)
-    use_cuda = device.type == "cuda"
-    if use_cuda:
-        model = model.to(memory_format=torch.channels_last)
-    net = model
-    if size > 1:  # torchrun: gradients averaged across ranks; `model` stays the unwrapped module
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    model, net, opt = _new_model(cfg, source, n_outputs, pass_idx, size)
     sat_targets = F.one_hot(targets, n_outputs).float() if cfg.sat == "paper" else None
     if cfg.sat == "paper" and size > 1:
         raise ValueError("self-adaptive training (paper form) keeps per-sample targets: run it in one process")
     if start_epoch > 0 and checkpoint is not None:
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if sat_targets is not None:
-            sat_targets = state["sat_targets"].to(device)
-        if int(state["epoch"]) != start_epoch - 1:
-            raise RuntimeError(f"checkpoint {checkpoint} holds epoch {state['epoch']}, not {start_epoch - 1}: cannot resume")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-    float_names = [k for k, dt in DYNAMICS.items() if np.issubdtype(dt, np.floating)]
-    int_names = [k for k in DYNAMICS if k not in float_names]
-    fbuf = torch.zeros((len(float_names), n), dtype=torch.float32, device=device)
-    ibuf = torch.zeros((len(int_names), n), dtype=torch.int64, device=device)
-    count = torch.zeros(n, dtype=torch.int32, device=device) if size > 1 else None
+        sat_targets = _restore(checkpoint, start_epoch, model, opt, sat_targets, device)
+    buffers = _CaptureBuffers(n, device, distributed=size > 1)
     real = targets < n_real
     max_shift = max(1, source.side // 8) if cfg.augment else 0
+    use_cuda = device.type == "cuda"
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -156,7 +137,7 @@ def train_pass(
         if size > 1:
             mine, keep = shard(perm.numpy(), rank, size)
             perm, keep_all = torch.from_numpy(mine), torch.from_numpy(keep).to(device)
-            fbuf.zero_(), ibuf.zero_(), count.zero_()
+            buffers.zero()
         slices = batch_slices(len(perm), cfg.batch_size)
         batches = source.batches(perm.numpy(), slices)
         perm = perm.to(device)
@@ -174,27 +155,11 @@ def train_pass(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if capture:
-                c = vars(batch_capture(logits, y, n_real))
-                fvals = torch.stack([c[k] for k in float_names])
-                ivals = torch.stack([c[k] for k in int_names])
-                if keep_all is not None:  # padded repeats of DistributedSampler are trained, not captured
-                    keep = keep_all[sl]
-                    idx, fvals, ivals = idx[keep], fvals[:, keep], ivals[:, keep]
-                    count[idx] += 1
-                fbuf[:, idx] = fvals
-                ibuf[:, idx] = ivals
+            if capture:  # padded repeats of DistributedSampler are trained, not captured
+                buffers.add(idx, batch_capture(logits, y, n_real), None if keep_all is None else keep_all[sl])
         if not capture:
             continue
-        if size > 1:  # every rank holds its samples' values, zeros elsewhere: one sum gathers them
-            import torch.distributed as dist
-
-            for t in (fbuf, ibuf, count):
-                dist.all_reduce(t)
-            if not bool((count == 1).all()):
-                raise RuntimeError(f"distributed capture: {int((count != 1).sum())} samples not captured exactly once")
-        fh, ih = fbuf.cpu().numpy(), ibuf.cpu().numpy()  # one transfer per epoch
-        host = dict(zip(float_names, fh, strict=True)) | dict(zip(int_names, ih, strict=True))
+        host = buffers.gather()
         if writer is not None:
             writer.write_epoch(epoch, {k: v.astype(DYNAMICS[k], copy=False) for k, v in host.items()})
         if checkpoint is not None and rank == 0:
@@ -213,6 +178,75 @@ def train_pass(
     if sat_out is not None and sat_targets is not None:
         sat_out["targets"] = sat_targets.cpu().numpy()
     return model
+
+
+def _new_model(cfg: AuditConfig, source: ImageSource, n_outputs: int, pass_idx: int, world_size: int):
+    """The pass's freshly initialised model (seeded by seed and pass), the module that trains it (wrapped in
+    DistributedDataParallel under torchrun) and its SGD optimiser."""
+    device = source.device
+    torch.manual_seed(cfg.seed * 7919 + pass_idx)
+    model = model_for(cfg, source.channels, n_outputs).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    net = model
+    if world_size > 1:  # torchrun: gradients averaged across ranks; `model` stays the unwrapped module
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return model, net, opt
+
+
+def _restore(checkpoint: Path, start_epoch: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+             sat_targets: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Model, optimiser and self-adaptive targets after epoch ``start_epoch - 1`` (weights_only load)."""
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    if int(state["epoch"]) != start_epoch - 1:
+        raise RuntimeError(f"checkpoint {checkpoint} holds epoch {state['epoch']}, not {start_epoch - 1}: cannot resume")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return state["sat_targets"].to(device) if sat_targets is not None else None
+
+
+class _CaptureBuffers:
+    """Device buffers of length N for one epoch's captured values, copied to the host once per epoch.
+
+    Under torchrun every rank holds its own samples' values and zeros elsewhere; ``gather`` sums them
+    across ranks and checks that every sample was captured exactly once.
+    """
+
+    def __init__(self, n: int, device: torch.device, distributed: bool):
+        self.float_names = [k for k, dt in DYNAMICS.items() if np.issubdtype(dt, np.floating)]
+        self.int_names = [k for k in DYNAMICS if k not in self.float_names]
+        self.fbuf = torch.zeros((len(self.float_names), n), dtype=torch.float32, device=device)
+        self.ibuf = torch.zeros((len(self.int_names), n), dtype=torch.int64, device=device)
+        self.count = torch.zeros(n, dtype=torch.int32, device=device) if distributed else None
+
+    def zero(self) -> None:
+        for t in (self.fbuf, self.ibuf, self.count):
+            if t is not None:
+                t.zero_()
+
+    def add(self, idx: torch.Tensor, capture, keep: torch.Tensor | None) -> None:
+        c = vars(capture)
+        fvals = torch.stack([c[k] for k in self.float_names])
+        ivals = torch.stack([c[k] for k in self.int_names])
+        if keep is not None:
+            idx, fvals, ivals = idx[keep], fvals[:, keep], ivals[:, keep]
+            self.count[idx] += 1
+        self.fbuf[:, idx] = fvals
+        self.ibuf[:, idx] = ivals
+
+    def gather(self) -> dict[str, np.ndarray]:
+        if self.count is not None:  # one sum gathers every rank's samples
+            import torch.distributed as dist
+
+            for t in (self.fbuf, self.ibuf, self.count):
+                dist.all_reduce(t)
+            if not bool((self.count == 1).all()):
+                raise RuntimeError(f"distributed capture: {int((self.count != 1).sum())} samples not captured exactly once")
+        fh, ih = self.fbuf.cpu().numpy(), self.ibuf.cpu().numpy()  # one transfer per epoch
+        return dict(zip(self.float_names, fh, strict=True)) | dict(zip(self.int_names, ih, strict=True))
 
 
 def sat_alpha(cfg: AuditConfig, epoch: int) -> float:
