@@ -286,7 +286,7 @@ def _audit(args: argparse.Namespace) -> int:
         else:
             run = created
     cfg = run.config()
-    passes = cfg["threshold_runs"] if cfg["threshold_samples"] else 1
+    passes = AuditConfig.from_run_config(cfg).passes
     total = cfg["epochs"] * passes
     initial = sum(run.raw_status().get("epochs_done") or []) if args.resume else 0
     bar = tqdm(total=total, initial=initial, unit="epoch", disable=args.quiet or not is_main(),

@@ -59,6 +59,11 @@ CHROMIUM_ENV = "DIFFICULTY_AUDIT_CHROMIUM"  # the browser the end-to-end tests d
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
+    """The browser for the end-to-end tests (``chromium_path``)."""
+    return chromium_path()
+
+
+def chromium_path() -> str:
     """Path of the Chromium for browser tests: ``$DIFFICULTY_AUDIT_CHROMIUM``, else /usr/bin/chromium.
 
     Missing, the test is skipped on a developer's machine but FAILS when ``CI`` is set (a CI without the
