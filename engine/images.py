@@ -50,13 +50,17 @@ class SampleImages:
         return self.sources[int(i)].as_py()
 
     def image(self, i: int) -> np.ndarray:
+        """Sample ``i``'s pixels; array datasets are indexed by the source's ``name[index]``, never by run row."""
         if self.spec == "digits":
-            return _digits_images()[int(self.source(i).split("[")[1].rstrip("]"))]
+            return _digits_images()[self._array_index(i)]
         if self.spec.startswith("torchvision:"):
-            return _torchvision_images(self.spec)[i]
+            return _torchvision_images(self.spec)[self._array_index(i)]
         if self.root is None:
             raise ImageError("this run records no dataset root")
         return read_under_root(self.root, self.source(i))
+
+    def _array_index(self, i: int) -> int:
+        return int(self.source(i).rsplit("[", 1)[1].rstrip("]"))
 
     def png(self, i: int, size: int = 96) -> bytes:
         """PNG thumbnail, upscaled without smoothing when the image is small (8x8 digits stay crisp)."""
