@@ -33,6 +33,12 @@ def test_holding_out_keeps_every_sample_with_its_role(tmp_path):
     assert ((role == "threshold") == (s["threshold_pass"].to_numpy() >= 0)).all()
     assert (role == "threshold").sum() == 2 * (trained.sum() // 9)  # N / (c + 1) per pass, c = 8 trained classes
     assert run.classes() == [str(c) for c in range(10)]  # class indices mean the same in every table
+    from engine.datasets import digits_images
+
+    pixels = digits_images()[0]
+    images = SampleImages(run)
+    for i in (0, *np.flatnonzero(role == "ood_holdout")[:3], *np.flatnonzero(role == "id_eval")[-3:]):
+        assert (images.image(int(i)) == pixels[i]).all()  # a row's own image, whatever its role
 
 
 @pytest.fixture(scope="module")
