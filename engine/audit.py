@@ -84,13 +84,13 @@ def load_run_dataset(cfg: AuditConfig):
     from .models import input_spec
     from .ood_eval import split
 
-    ds, sets = split(load_dataset(cfg.dataset, cfg.noise, cfg.noise_kind, cfg.seed, cfg.image_size, lazy=True), cfg)
-    _, norm = input_spec(cfg.model, cfg.weights, cfg.weights_enum, ds.images.shape[-1])
+    data = split(load_dataset(cfg.dataset, cfg.noise, cfg.noise_kind, cfg.seed, cfg.image_size, lazy=True), cfg)
+    _, norm = input_spec(cfg.model, cfg.weights, cfg.weights_enum, data.full.images.shape[-1])
     if norm is not None:  # a pretrained network is fed its weights' normalisation, not the dataset's
         import torch
 
-        ds.stats = tuple(torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in norm)
-    return ds, sets
+        data.train.stats = tuple(torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in norm)
+    return data
 
 
 def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None) -> tuple[Run, IndexedDataset]:

@@ -12,7 +12,7 @@ CORRUPTIONS = ("noise", "blur", "invert")
 
 
 # Keys of a run's config.json that describe the prepared run rather than the audit settings.
-RUN_KEYS = ("dataset_root", "dataset_info", "image_shape", "normalization")
+RUN_KEYS = ("dataset_root", "dataset_info", "image_shape", "normalization", "origin")
 
 
 class ConfigError(ValueError):

@@ -40,7 +40,7 @@ def _dataset(run: Run):
     ids = run.samples(["sample_id"])["sample_id"].to_numpy()[run.trained_rows()]
     if len(ids) != len(ds) or not (ds.sample_ids.astype(str) == ids).all():
         raise ScoreError(f"the dataset {cfg.dataset} changed since the run was made; audit it again")
-    ds.stats = run_stats(run.config())
+    ds.stats = run_stats(run.config()) or ds.stats
     return cfg, ds
 
 

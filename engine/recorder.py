@@ -153,14 +153,15 @@ def new_external_run(runs_dir: str | os.PathLike, samples: pd.DataFrame, classes
         raise ConfigError(f"epochs must be at least 1, got {epochs}")
     if cfg.cutoff not in ("auto", "threshold"):
         raise ConfigError(f"cutoff must be auto or threshold, got {cfg.cutoff!r}")
-    if cfg.aum_start >= cfg.epochs:
-        cfg.aum_start = 0
+    if cfg.aum_start is not None and not 0 <= cfg.aum_start < cfg.epochs:
+        raise ConfigError(f"aum start {cfg.aum_start} must be in 0..{cfg.epochs - 1} (0-based, below the {cfg.epochs} "
+                          "epochs); leave it out for the automatic start (1, or 0 for a 1-epoch run)")
     root = None
     if images_root is not None:
         root = Path(images_root).expanduser().resolve()
         if not root.is_dir():
             raise ConfigError(f"images root {images_root} is not a folder")
-    config = cfg.to_dict() | {"dataset_root": str(root) if root else None, "origin": origin}
+    config = cfg.run_dict() | {"dataset_root": str(root) if root else None, "origin": origin}
     return create_run(runs_dir, config, samples, classes)
 
 

@@ -175,11 +175,18 @@ def test_batch_capture_matches_direct_formulas():
         p = torch.softmax(zd, 1)
         np.testing.assert_allclose(cap.margin, zy - others.amax(1), rtol=1e-6, atol=1e-5)
         np.testing.assert_allclose(cap.margin_yang, zy - srt[:, 1], rtol=1e-6, atol=1e-5)
-        np.testing.assert_array_equal(cap.pred, zd.argmax(1))
         np.testing.assert_array_equal(cap.other, others[:, :n_real].argmax(1))
         np.testing.assert_allclose(cap.loss, F.cross_entropy(zd, y, reduction="none"), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(cap.prob, p.gather(1, y.view(-1, 1)).squeeze(1), rtol=1e-5, atol=1e-7)
         el2n = (p - F.one_hot(y, c).double()).norm(dim=1)
+        prob, pred = p.gather(1, y.view(-1, 1)).squeeze(1), zd.argmax(1)
+        if n_real < c:  # a threshold pass: a real-labelled sample's prob, EL2N and prediction over the real classes
+            real, yr = y < n_real, y.clamp(max=n_real - 1)
+            pr = torch.softmax(zd[:, :n_real], 1)
+            prob = torch.where(real, pr.gather(1, yr.view(-1, 1)).squeeze(1), prob)
+            el2n = torch.where(real, (pr - F.one_hot(yr, n_real).double()).norm(dim=1), el2n)
+            pred = torch.where(real, zd[:, :n_real].argmax(1), pred)
+        np.testing.assert_array_equal(cap.pred, pred)
+        np.testing.assert_allclose(cap.prob, prob, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(cap.el2n, el2n, rtol=1e-5, atol=1e-6)
 
 
