@@ -21,7 +21,6 @@ import pandas as pd
 
 from .config import AuditConfig, ConfigError
 from .datasets import IndexedDataset, load_dataset
-from .metrics import detection_metrics
 from .models import pick_device
 from .noise import noise_estimate
 from .pipeline import (
@@ -338,7 +337,7 @@ def finalize(run: Run, partial: bool = False) -> dict:
 
     ood_results = load_results(run)
     if "train_log_density" in ood_results and len(ood_results["train_log_density"]) == len(table):
-        table["ood_density"] = -ood_results["train_log_density"]  # higher = less like the training data
+        table["ood_density"] = ood_results["train_log_density"]  # log density: low = unlike the training data
         table["entropy"] = ood_results["train_entropy"]
     if (run.path / "sat.npy").is_file():
         with np.errstate(invalid="ignore"):
@@ -348,6 +347,9 @@ def finalize(run: Run, partial: bool = False) -> dict:
         for name, spec in REGISTRY.items():
             if spec.cost == "extra" and name in previous.columns:
                 table[name] = previous[name].to_numpy()
+    from .policy import apply_to_table, summary_counts
+
+    info = info | apply_to_table(run, table, info)  # the saved policy may rank by a score added above
     atomic_write_parquet(run.path / "scores.parquet", table)
     if not partial:
         from .views import save_margin_sample
@@ -367,12 +369,12 @@ def finalize(run: Run, partial: bool = False) -> dict:
     }
     if "role" in samples:
         summary["roles"] = {str(k): int(v) for k, v in samples["role"].value_counts().sort_index().items()}
+    summary.update(summary_counts(run, table, info["policy"]))  # n_flagged; P / R / F1 / AUROC over the trained rows
     true = samples["true_label"].to_numpy()[rows]
-    if (true >= 0).all():  # detection quality over the samples the audit could judge: the trained ones
+    if (true >= 0).all():
         is_error = samples["label"].to_numpy()[rows] != true
         aum = table["aum"].to_numpy()[rows]
         summary["n_label_errors"] = int(is_error.sum())
-        summary.update(detection_metrics(table["flagged"].to_numpy()[rows], aum, is_error))
         summary["n_label_errors_scored"] = int((is_error & np.isfinite(aum)).sum())
     summary["noise_estimate"] = noise_estimate(  # over the trained samples (the others are never flagged)
         samples["label"].to_numpy()[rows], table["flagged"].to_numpy()[rows],

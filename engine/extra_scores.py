@@ -1,7 +1,8 @@
 """Scores that need more compute than the captured dynamics: run on demand, with progress, into scores.parquet.
 
 ``compute(run, names)`` is what ``python -m engine score RUN NAME...`` and the dashboard's
-background job call. Each function returns one value per sample, oriented higher = harder.
+background job call. Each function returns one value per sample with its natural sign (the registry,
+``engine.scores.REGISTRY``, says which end is suspicious).
 """
 
 from __future__ import annotations
@@ -126,8 +127,8 @@ def cv_loss(log_p: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def self_confidence(log_p: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """cleanlab's self-confidence label quality ``p(y)`` on out-of-sample probabilities, oriented: ``1 - p(y)``."""
-    return 1.0 - np.exp(log_p[np.arange(len(labels)), labels])
+    """cleanlab's self-confidence label quality ``p(y)`` on out-of-sample probabilities (low = suspicious)."""
+    return np.exp(log_p[np.arange(len(labels)), labels])
 
 
 def _probe_features(run: Run, progress: Progress | None = None):
@@ -221,7 +222,7 @@ def prediction_depth(run: Run, k: int = 30, leave_one_out: bool = True, progress
 
 def transfer_teacher(run: Run, teacher: str = "self", seed: int = 0, progress: Progress | None = None,
                      folds: int = 5) -> np.ndarray:
-    """aucurriculum TransferTeacher: an SVM on a teacher's embeddings, ``1 - P(given label)``, for the trained
+    """aucurriculum TransferTeacher: an SVM on a teacher's embeddings, ``P(given label)`` (low = suspicious), for the trained
     samples (``Run.trained_rows`` order).
 
     teacher ``self`` = the run's own final model (``features.npy``); ``resnet18:/path/weights.pt`` (or another
@@ -246,7 +247,7 @@ def transfer_teacher(run: Run, teacher: str = "self", seed: int = 0, progress: P
 
 
 def svm_out_of_fold(emb: np.ndarray, labels: np.ndarray, seed: int = 0, folds: int = 5) -> np.ndarray:
-    """``1 - P(given label)`` of each sample from a standardised linear SVM with sigmoid (Platt) calibration
+    """``P(given label)`` (low = suspicious) of each sample from a standardised linear SVM with sigmoid (Platt) calibration
     (3-fold internal CV) that never saw it: seeded stratified ``folds``-fold cross-fitting."""
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -264,7 +265,7 @@ def svm_out_of_fold(emb: np.ndarray, labels: np.ndarray, seed: int = 0, folds: i
     proba = cross_val_predict(clf, emb, labels, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
                               method="predict_proba")
     col = {c: i for i, c in enumerate(np.unique(labels))}
-    return 1.0 - proba[np.arange(len(labels)), [col[y] for y in labels]]
+    return proba[np.arange(len(labels)), [col[y] for y in labels]]
 
 
 def _torchvision_embeddings(run: Run, teacher: str) -> np.ndarray:

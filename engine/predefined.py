@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -113,8 +113,10 @@ def guess_columns(df: pd.DataFrame) -> tuple[str | None, str | None, list[str]]:
 
 def validate(df: pd.DataFrame, id_col: str | None, score_cols: list[str], higher_is_harder: dict[str, bool] | None = None,
              ) -> pd.DataFrame:
-    """A frame ``sample_id`` + one float column per score, oriented higher = harder; or ``PredefinedError``.
+    """A frame ``sample_id`` + one float column per score, values as in the file; or ``PredefinedError``.
 
+    ``higher_is_harder[c]`` says which end of column ``c`` is suspicious (default: high); it is kept in
+    ``out.attrs["suspicious"]`` ("high" / "low" per column), never applied to the values.
     ``id_col=None`` keeps row order (the caller joins by position only when the row counts match).
     """
     if not score_cols:
@@ -123,6 +125,7 @@ def validate(df: pd.DataFrame, id_col: str | None, score_cols: list[str], higher
     if missing:
         raise PredefinedError(f"column(s) {missing} not in the file (columns: {list(df.columns)}).")
     out = pd.DataFrame()
+    suspicious: dict[str, str] = {}
     if id_col is not None:
         ids = df[id_col].str.strip()
         empty = np.flatnonzero((ids == "").to_numpy())
@@ -146,7 +149,9 @@ def validate(df: pd.DataFrame, id_col: str | None, score_cols: list[str], higher
             raise PredefinedError(f"column {c!r}: {nonfinite.size} value(s) are empty, NaN or infinite "
                                   f"(rows {_rows(nonfinite)}); fill or drop those rows.")
         harder = True if higher_is_harder is None else higher_is_harder.get(c, True)
-        out[c] = vals if harder else -vals
+        out[c] = vals
+        suspicious[c] = "high" if harder else "low"
+    out.attrs["suspicious"] = suspicious
     return out
 
 
@@ -157,6 +162,7 @@ class Joined:
     n_unknown: int  # ids in the file that the run does not have
     unknown_examples: list[str]
     by_position: bool
+    suspicious: dict[str, str] = field(default_factory=dict)  # "high" / "low" = suspicious, per column
 
 
 def join_to_run(scores: pd.DataFrame, run_ids: np.ndarray) -> Joined:
@@ -166,7 +172,7 @@ def join_to_run(scores: pd.DataFrame, run_ids: np.ndarray) -> Joined:
         if len(scores) != len(run_ids):
             raise PredefinedError(f"the file has no id column and {len(scores)} rows, the run {len(run_ids)} samples: "
                                   "without ids rows cannot be matched. Add a sample_id column.")
-        return Joined(scores[cols].reset_index(drop=True), len(run_ids), 0, [], True)
+        return Joined(scores[cols].reset_index(drop=True), len(run_ids), 0, [], True, _ends(scores, cols))
     run_index = pd.Index(run_ids.astype(str))
     pos = run_index.get_indexer(scores["sample_id"])
     known = pos >= 0
@@ -176,24 +182,54 @@ def join_to_run(scores: pd.DataFrame, run_ids: np.ndarray) -> Joined:
     if known.sum() == 0:
         raise PredefinedError(f"none of the file's {len(scores)} ids is a sample of this run (e.g. {unknown.iat[0]!r} "
                               f"vs the run's {run_ids[0]!r}); choose the right id column or run.")
-    return Joined(values, int(known.sum()), int((~known).sum()), unknown.head(5).tolist(), False)
+    return Joined(values, int(known.sum()), int((~known).sum()), unknown.head(5).tolist(), False, _ends(scores, cols))
+
+
+def _ends(scores: pd.DataFrame, cols: list[str]) -> dict[str, str]:
+    ends = scores.attrs.get("suspicious", {})
+    return {c: ends.get(c, "high") for c in cols}
 
 
 PREDEFINED_FILE = "predefined.parquet"
+DIRECTIONS_FILE = "predefined.json"  # {"suspicious": {column: "high" | "low"}}
 
 
 def save_to_run(run_dir, joined: Joined) -> list[str]:
-    """Merge the joined columns into ``<run>/predefined.parquet`` (same name replaces), atomically; returns all names."""
+    """Merge the joined columns into ``<run>/predefined.parquet`` (same name replaces) and their suspicious ends
+    into ``<run>/predefined.json``, atomically; returns all names. Values are stored as in the file."""
     from pathlib import Path
 
-    from .runs import atomic_write_parquet
+    from .runs import atomic_write_json, atomic_write_parquet
 
     path = Path(run_dir) / PREDEFINED_FILE
     current = pd.read_parquet(path) if path.is_file() else pd.DataFrame(index=range(len(joined.values)))
+    ends = directions(run_dir)
     for c in joined.values.columns:
         current[c] = joined.values[c].to_numpy()
+        ends[c] = joined.suspicious.get(c, "high")
+    atomic_write_json(Path(run_dir) / DIRECTIONS_FILE, {"suspicious": {c: ends.get(c, "high") for c in current.columns}})
     atomic_write_parquet(path, current)
     return list(current.columns)
+
+
+def directions(run_dir) -> dict[str, str]:
+    """Which end ("high" / "low") of each imported column is suspicious; "high" for columns imported before this
+    was recorded (they were stored turned to higher = harder)."""
+    import json
+    from pathlib import Path
+
+    if run_dir is None:
+        return {}
+    imported = Path(run_dir) / PREDEFINED_FILE
+    if imported.is_file():
+        import pyarrow.parquet as pq
+
+        names = [c for c in pq.read_schema(imported).names if not c.startswith("__")]
+    else:
+        names = []
+    side = Path(run_dir) / DIRECTIONS_FILE
+    saved = json.loads(side.read_text()).get("suspicious", {}) if side.is_file() else {}
+    return {c: saved.get(c, "high") for c in names}
 
 
 def load_from_run(run_dir) -> pd.DataFrame:

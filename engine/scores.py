@@ -1,8 +1,10 @@
 """The score registry and the per-sample scores table of a run.
 
-Every score column is oriented so that **higher = harder / more suspicious**. The registry
-records, for each, the paper it comes from and its natural orientation before flipping (for
-example AUM is low for mislabeled samples, so the ``aum`` column holds ``-AUM``).
+Every score column holds **the quantity its paper defines, with its natural sign** (``aum`` =
+mean margin, low = suspicious, as the ``aum`` package writes it; ``confidence`` = mean
+p(given label), low = suspicious). Which end of a column is suspicious lives here, in
+``ScoreSpec.suspicious``; ``oriented`` turns values so that higher = more suspicious, for
+sorting and ranking only (never store or show the turned values).
 
 Scores of a sample are computed only from the training passes in which it kept its given
 label (a threshold sample's margins in its own pass refer to the fake class).
@@ -18,45 +20,76 @@ import pandas as pd
 from . import dynamics as dyn
 from .runs import Run, trained_rows
 
+SUSPICIOUS = ("low", "high")
+
 
 @dataclass(frozen=True)
 class ScoreSpec:
     name: str
-    title: str
+    title: str  # what the column holds, in words
     paper: str
-    natural_orientation: str  # what a high raw value meant before flipping
-    flipped: bool  # True when the column holds the negated / complemented raw value
+    suspicious: str  # "low" or "high": which end of the column is suspicious (mislabeled / hard / OoD)
     cost: str  # "free" (from captured dynamics) or "extra" (needs more compute)
+
+    @property
+    def direction(self) -> str:
+        """``"low = suspicious"`` or ``"high = suspicious"``, for labels and exports."""
+        return f"{self.suspicious} = suspicious"
 
 
 REGISTRY: dict[str, ScoreSpec] = {
     s.name: s
     for s in [
-        ScoreSpec("aum", "Area Under the Margin (Pleiss)", "Pleiss et al. 2020", "high = clean", True, "free"),
-        ScoreSpec("aum_yang", "Area Under the Margin (Yang variant)", "Pleiss et al. 2020; peerannot", "high = clean", True, "free"),
-        ScoreSpec("confidence", "1 - cartography confidence", "Swayamdipta et al. 2020", "high = easy", True, "free"),
-        ScoreSpec("variability", "cartography variability", "Swayamdipta et al. 2020", "high = ambiguous", False, "free"),
-        ScoreSpec("cumulative_accuracy", "1 - fraction of epochs predicted right", "aucurriculum", "high = easy", True, "free"),
-        ScoreSpec("first_iteration", "(T - trailing correct streak) / T", "aucurriculum", "high = hard", False, "free"),
-        ScoreSpec("forgetting", "forgetting events", "Toneva et al. 2019", "high = hard", False, "free"),
-        ScoreSpec("el2n", "EL2N ||softmax - onehot|| at an early epoch", "Paul et al. 2021", "high = hard", False, "free"),
-        ScoreSpec("ce_loss", "cross-entropy at the last epoch", "aucurriculum CELoss", "high = hard", False, "free"),
-        ScoreSpec("ood_density", "-log feature density (DDU)", "Mukhoti et al. 2021", "high = in-distribution",
-                  True, "free"),
-        ScoreSpec("entropy", "softmax entropy of the final model", "Mukhoti et al. 2021", "high = ambiguous", False,
+        ScoreSpec("aum", "Area Under the Margin: mean margin z_y - max other logit over epochs", "Pleiss et al. 2020",
+                  "low", "free"),
+        ScoreSpec("aum_yang", "AUM, Yang variant: mean of z_y - max logit left after masking the argmax",
+                  "Pleiss et al. 2020; peerannot", "low", "free"),
+        ScoreSpec("confidence", "cartography confidence: mean p(given label) over epochs", "Swayamdipta et al. 2020",
+                  "low", "free"),
+        ScoreSpec("variability", "cartography variability: std of p(given label) over epochs",
+                  "Swayamdipta et al. 2020", "high", "free"),
+        ScoreSpec("cumulative_accuracy", "fraction of epochs predicted right (cartography correctness)",
+                  "aucurriculum CumulativeAccuracy", "low", "free"),
+        ScoreSpec("first_iteration", "(T - trailing correct streak) / T", "aucurriculum FirstIteration", "high", "free"),
+        ScoreSpec("forgetting", "forgetting events (correct -> wrong) in one pass: the first pass where the sample kept "
+                  "its label; never learned = T", "Toneva et al. 2019", "high", "free"),
+        ScoreSpec("el2n", "EL2N ||softmax - onehot|| at an early epoch", "Paul et al. 2021", "high", "free"),
+        ScoreSpec("ce_loss", "cross-entropy at the last epoch", "aucurriculum CELoss", "high", "free"),
+        ScoreSpec("ood_density", "log feature density of the final model (DDU); low = unlike the training data",
+                  "Mukhoti et al. 2021", "low", "free"),
+        ScoreSpec("entropy", "softmax entropy of the final model", "Mukhoti et al. 2021", "high", "free"),
+        ScoreSpec("sat_disagreement", "1 - self-adaptive target of the given label", "Huang et al. 2020", "high",
                   "free"),
-        ScoreSpec("sat_disagreement", "1 - self-adaptive target of the given label", "Huang et al. 2020",
-                  "high = mislabeled", False, "free"),
-        ScoreSpec("cv_loss", "held-out cross-entropy, k-fold", "aucurriculum CVLoss", "high = hard", False, "extra"),
-        ScoreSpec("self_confidence", "1 - held-out p(given label)", "cleanlab rank (Northcutt et al. 2021)",
-                  "high = clean", True, "extra"),
+        ScoreSpec("cv_loss", "held-out cross-entropy, k-fold", "aucurriculum CVLoss", "high", "extra"),
+        ScoreSpec("self_confidence", "held-out p(given label) (cleanlab self-confidence label quality)",
+                  "cleanlab rank (Northcutt et al. 2021)", "low", "extra"),
         ScoreSpec("prediction_depth", "prediction depth, k-NN probes", "Baldock et al. 2021; aucurriculum",
-                  "high = hard", False, "extra"),
-        ScoreSpec("transfer_teacher", "1 - teacher SVM P(given label)", "aucurriculum TransferTeacher",
-                  "high = hard", False, "extra"),
-        ScoreSpec("random", "seeded uniform noise (a baseline)", "aucurriculum Random", "none", False, "extra"),
+                  "high", "extra"),
+        ScoreSpec("transfer_teacher", "teacher SVM P(given label)", "aucurriculum TransferTeacher", "low", "extra"),
+        ScoreSpec("random", "seeded uniform noise (a baseline)", "aucurriculum Random", "high", "extra"),
     ]
 }
+
+
+def suspicious_end(name: str) -> str:
+    """``"low"`` or ``"high"``: which end of score ``name`` is suspicious (registry scores only)."""
+    spec = REGISTRY.get(name)
+    if spec is None:
+        raise KeyError(f"{name!r} is not a score of the registry ({', '.join(REGISTRY)})")
+    return spec.suspicious
+
+
+def oriented(values: np.ndarray, name: str, suspicious: str | None = None) -> np.ndarray:
+    """``values`` of score ``name`` turned so that higher = more suspicious (negated when low is suspicious).
+
+    For sorting and ranking only: never store or show the result. ``suspicious`` ("low" / "high")
+    overrides the registry, for scores outside it (imported ``csv:`` columns, ensembles). NaN stays NaN.
+    """
+    end = suspicious or suspicious_end(name)
+    if end not in SUSPICIOUS:
+        raise ValueError(f"suspicious must be 'low' or 'high', got {end!r}")
+    v = np.asarray(values, dtype=np.float64)
+    return -v if end == "low" else v.copy()
 
 
 def el2n_epoch(cfg: dict) -> int:
@@ -104,11 +137,11 @@ def _pass_scores(run: Run, p: int, window: tuple[int, int | None], targets_overr
     correct = pred == targets[None, :]
     conf, var, acc = dyn.cartography(prob, correct)
     return {
-        "aum_raw": dyn.area_under_margin(margin, lo_eff, hi),
-        "aum_yang_raw": dyn.area_under_margin(yang, lo_eff, hi),
-        "confidence": 1.0 - conf,
+        "aum": dyn.area_under_margin(margin, lo_eff, hi),
+        "aum_yang": dyn.area_under_margin(yang, lo_eff, hi),
+        "confidence": conf,
         "variability": var,
-        "cumulative_accuracy": 1.0 - acc,
+        "cumulative_accuracy": acc,
         "first_iteration": first_iteration(correct),
         "forgetting": forgetting_events(correct),
         "ce_loss": loss[-1],
@@ -141,8 +174,24 @@ def pass_cutoff(method: str, aum_kept: np.ndarray, aum_threshold: np.ndarray | N
     return thr if not np.isfinite(cut) else min(cut, thr)
 
 
+PASS_AUM = "aum_pass{}"  # per-pass AUM columns of the scores table (NaN where the sample was a threshold sample)
+# Averaged over the passes where a sample kept its label (NaN elsewhere). Counts are not averaged:
+FIRST_KEPT_PASS_ONLY = ("forgetting",)
+
+
 def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:
-    """Scores table (one row per sample) and the cut-off details, from the finished epochs of every pass."""
+    """Scores table (one row per sample, natural values) and the cut-off details, from the finished epochs.
+
+    Columns: the registry's free scores, ``aum_pass<p>`` (a pass's AUM for the samples that kept
+    their label in it; what the threshold rule compares with that pass's own cut-off),
+    ``threshold_aum`` (a threshold sample's AUM against its fake class: not a score),
+    ``suggested_label``, and ``flagged`` / ``rank`` under the run's review policy
+    (``engine.policy.apply_to_table``).
+
+    A score seen in two passes is the mean of the passes where the sample kept its label, except
+    ``forgetting``, a count: the events of the first pass in which the sample kept its label (so
+    every sample's count is over one training of ``T`` epochs, and stays an integer).
+    """
     cfg = run.config()
     samples = run.samples()
     n = len(samples)
@@ -153,10 +202,11 @@ def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:
     n_classes = len(run.classes())
     window = (int(cfg.get("aum_start", 1)), cfg.get("aum_end"))
     acc: dict[str, list[np.ndarray]] = {}
-    flagged_all = np.ones(n, dtype=bool)
+    first: dict[str, np.ndarray] = {}
     kept_any = np.zeros(n, dtype=bool)
     others = []
-    cutoffs = []
+    auto_cutoffs: list[float] = []
+    pass_aum: dict[int, np.ndarray] = {}
     threshold_aum = np.full(n, np.nan)
     for p in range(run.n_passes()):
         targets = labels.copy()
@@ -166,19 +216,21 @@ def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:
         if not s:
             continue
         kept = ~in_thr & trained
-        cut = pass_cutoff(
-            cfg.get("cutoff", "auto"),
-            s["aum_raw"][kept],
-            s["aum_raw"][in_thr] if in_thr.any() else None,
+        auto_cutoffs.append(pass_cutoff(
+            "auto",
+            s["aum"][kept],
+            s["aum"][in_thr] if in_thr.any() else None,
             float(cfg.get("threshold_percentile", 99.0)),
             int(cfg.get("seed", 0)),
-        )
-        cutoffs.append(cut)
-        threshold_aum[in_thr] = s["aum_raw"][in_thr]
-        flagged_all &= np.where(kept, s["aum_raw"] < cut, True)
+        ))
+        threshold_aum[in_thr] = s["aum"][in_thr]
+        pass_aum[p] = np.where(kept, s["aum"], np.nan)
+        for k in FIRST_KEPT_PASS_ONLY:
+            take = kept & ~kept_any
+            first.setdefault(k, np.full(n, np.nan))[take] = s[k][take]
         kept_any |= kept
         for k, v in s.items():
-            if k in ("other", "epochs"):
+            if k in ("other", "epochs") or k in FIRST_KEPT_PASS_ONLY:
                 continue
             acc.setdefault(k, []).append(np.where(kept, v, np.nan))
         others.append(np.where(kept[None, :], s["other"], -1))
@@ -186,33 +238,25 @@ def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:
         raise ValueError("no finished epoch yet: nothing to score")
     with np.errstate(invalid="ignore"):
         combined = {k: np.nanmean(np.stack(v), axis=0) if len(v) > 1 else v[0] for k, v in acc.items()}
+    combined.update(first)
     other_all = np.concatenate(others, axis=0)
     sug = _mode_ignoring(other_all, n_classes)
     table = pd.DataFrame({"sample_id": samples["sample_id"].to_numpy()})
-    table["aum"] = -combined["aum_raw"]
-    table["aum_yang"] = -combined["aum_yang_raw"]
-    for name in ("confidence", "variability", "cumulative_accuracy", "first_iteration", "forgetting", "el2n", "ce_loss"):
+    for name in ("aum", "aum_yang", "confidence", "variability", "cumulative_accuracy", "first_iteration", "forgetting",
+                 "el2n", "ce_loss"):
         table[name] = combined[name]
-    method = cfg.get("cutoff", "auto")
-    cutoff = float(np.mean(cutoffs))
-    if method == "threshold":  # Pleiss et al.: flagged in every pass where the sample kept its label
-        flagged = flagged_all & kept_any
-    else:  # auto: mean AUM over those passes against the mean per-pass cut-off
-        flagged = np.nan_to_num(combined["aum_raw"], nan=np.inf) < cutoff
-    table["flagged"] = flagged
     table["suggested_label"] = sug
-    order = (-table["aum"].fillna(-np.inf).to_numpy()).argsort(kind="stable")
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(1, n + 1)
-    table["rank"] = rank
+    for p, v in pass_aum.items():
+        table[PASS_AUM.format(p)] = v
     table["threshold_aum"] = threshold_aum  # not a score: a threshold sample's AUM against its fake class
     info = {
-        "cutoff_method": method,
-        "pass_cutoffs": cutoffs,
-        "cutoff": cutoff,
+        "auto_pass_cutoffs": auto_cutoffs,
+        "auto_cutoff": float(np.mean(auto_cutoffs)),
         "n_unscored": int((~kept_any).sum()),
     }
-    return table, info
+    from .policy import apply_to_table
+
+    return table, info | apply_to_table(run, table, info)
 
 
 def _mode_ignoring(values: np.ndarray, n_classes: int) -> np.ndarray:

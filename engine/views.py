@@ -13,19 +13,24 @@ from .scores import compute_scores
 
 
 def live_scores(run: Run, with_ids: bool = True) -> tuple[pd.DataFrame, dict]:
-    """The scores table and cut-off info: from ``scores.parquet`` for a finished run, else from the finished epochs.
+    """The scores table and cut-off info, ``flagged`` and ``rank`` under the run's saved review policy.
 
+    From ``scores.parquet`` for a finished run, else computed from the finished epochs. ``info`` holds
+    ``cutoff``, ``cutoff_method``, ``pass_cutoffs``, ``auto_cutoff``, ``n_unscored`` and ``policy`` (rule,
+    value, score, text, n_flagged: ``engine.policy.caption`` makes the line every page shows).
     ``with_ids=False`` leaves out the ``sample_id`` column (rows are in run order, as ``samples``).
     """
+    from .policy import apply_to_table, run_info
+
     if run.status().get("state") == "done" and (run.path / "scores.parquet").is_file():
-        summary = run.summary() or {}
         columns = None
         if not with_ids:
             import pyarrow.parquet as pq
 
             columns = [c for c in pq.read_schema(run.path / "scores.parquet").names if c != "sample_id"]
-        info = {k: summary.get(k) for k in ("cutoff", "cutoff_method", "pass_cutoffs", "n_unscored")}
-        return run.scores(columns), info
+        table = run.scores(columns)
+        info = run_info(run)
+        return table, info | apply_to_table(run, table, info)
     table, info = compute_scores(run)
     return (table if with_ids else table.drop(columns="sample_id")), info
 
@@ -43,12 +48,6 @@ def common_edges(*arrays: np.ndarray, bins: int = 60) -> np.ndarray:
     if hi <= lo:
         hi = lo + 1.0
     return np.linspace(lo, hi, bins + 1)
-
-
-def flags_at(aum_natural: np.ndarray, cutoff: float) -> np.ndarray:
-    """Flagged = AUM below the cut-off (unscored samples are never flagged)."""
-    a = np.asarray(aum_natural, dtype=np.float64)
-    return np.isfinite(a) & (a < cutoff)
 
 
 def per_class(aum_natural: np.ndarray, labels: np.ndarray, flagged: np.ndarray, classes: list[str]) -> pd.DataFrame:
