@@ -11,6 +11,7 @@ from pathlib import Path
 from .config import CUTOFFS, LOADERS, MODELS, AuditConfig, ConfigError
 from .datasets import DatasetError
 from .extra_scores import ScoreError
+from .policy import PolicyError
 from .runs import RunError, open_run, resume_command, resume_problem, runs_root
 from .training import Cancelled
 
@@ -71,14 +72,27 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue an interrupted run from its last finished epoch")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    e = sub.add_parser("export", help="write the flagged samples (worst first), with review decisions, to CSV")
+    e = sub.add_parser("export", help="write the flagged samples (worst first), with review decisions, to CSV; or the "
+                       "cleaned dataset as an image folder",
+                       description="Exports follow the run's saved review policy (set on the AUM page). --cutoff and "
+                                   "--rank-by change this export only: they do not save the policy.")
     e.add_argument("run_dir", metavar="RUN_DIR")
-    e.add_argument("--out", required=True, help="CSV file to write")
+    e.add_argument("--out", default=None, help="CSV file to write (a description of its columns goes to OUT.json)")
     what = e.add_mutually_exclusive_group()
     what.add_argument("--all", action="store_true", help="every sample, not only the flagged ones")
     what.add_argument("--manifest", action="store_true",
-                      help="cleaned manifest path,label,sample_id: relabels applied, removed samples dropped")
+                      help="cleaned manifest path,label,sample_id of every sample: relabels applied, removed samples "
+                           "dropped (array datasets: the PNG images are written beside OUT, once)")
     what.add_argument("--decisions", action="store_true", help="the review decisions alone")
+    what.add_argument("--dataset-folder", metavar="OUT", default=None,
+                      help="the cleaned dataset as an image folder OUT/<class>/<file> (+ OUT/manifest.csv): every "
+                           "sample, relabels applied, removals dropped; audit it again with --dataset OUT")
+    e.add_argument("--cutoff", default=None, metavar="RULE",
+                   help="auto | threshold | value:V | quantile:Q (e.g. value:-0.5 flags AUM < -0.5; quantile:0.1 the "
+                        "10%% most suspicious by --rank-by). Default: the run's saved policy. Not saved")
+    e.add_argument("--rank-by", default=None, metavar="SCORE",
+                   help="score that ranks (and, with value:/quantile:, cuts): aum, confidence, ... or csv:NAME of an "
+                        "imported score. Default: the run's saved policy. Not saved")
     en = sub.add_parser("ensemble", help="average one score per sample over several runs (seeds) into a CSV")
     en.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
     en.add_argument("--score", default="aum")
@@ -340,12 +354,28 @@ def _import_logits(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .export import export_csv
+    from .policy import load_policy, make_policy
 
     run = open_run(args.run_dir)
-    kind = "all" if args.all else "manifest" if args.manifest else "decisions" if args.decisions else "flagged"
-    n = export_csv(run, args.out, kind=kind)
     state = run.status().get("state")
     note = "" if state == "done" else f"  WARNING: run is {state}, not done; scores cover its finished epochs only"
+    if args.dataset_folder:
+        if args.cutoff or args.rank_by or args.out:
+            raise ConfigError("--dataset-folder takes no --out, --cutoff or --rank-by: the cleaned dataset follows the "
+                              "review decisions (removals dropped, relabels applied), not the flags")
+        from .cleaned import write_cleaned_folder
+
+        n = write_cleaned_folder(run, args.dataset_folder)
+        print(f"wrote {n} images (cleaned dataset) to {args.dataset_folder}{note}")
+        return 0
+    if not args.out:
+        raise ConfigError("export needs --out FILE.csv (or --dataset-folder OUT for the cleaned image folder)")
+    policy = None
+    if args.cutoff or args.rank_by:
+        saved = load_policy(run)
+        policy = make_policy(args.cutoff or saved.cutoff, args.rank_by or saved.score)
+    kind = "all" if args.all else "manifest" if args.manifest else "decisions" if args.decisions else "flagged"
+    n = export_csv(run, args.out, kind=kind, policy=policy)
     print(f"wrote {n} rows ({kind}) to {args.out}{note}")
     return 0
 
@@ -374,7 +404,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "retrain":
             return _retrain(args)
         return _export(args)
-    except (ConfigError, DatasetError, RunError, ScoreError) as exc:
+    except (ConfigError, DatasetError, RunError, ScoreError, PolicyError) as exc:
         from .distributed import is_main
 
         if is_main():  # under torchrun every rank raises the same error: say it once
