@@ -7,12 +7,24 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages.cleaning import noise_estimate_section
-from app_pages.common import class_axis, detection_row, natural_aum, require_run, require_scores, stamp
+from app_pages.common import class_axis, detection_row, policy_caption, require_run, require_scores, stamp
 from engine.metrics import flag_metrics, ranking_auroc
+from engine.policy import (
+    POLICY_FILE,
+    Policy,
+    PolicyError,
+    available_scores,
+    decision_for,
+    direction_label,
+    load_policy,
+    save_policy,
+    score_values,
+    suspicious_of,
+)
+from engine.scores import oriented
 from engine.views import (
     common_edges,
     first_kept_pass,
-    flags_at,
     histogram,
     label_errors,
     margin_bands,
@@ -35,17 +47,16 @@ def sampled_margins(key: tuple) -> tuple[np.ndarray, np.ndarray]:
     return margin_sample(Run(key[0]))
 
 
-@st.cache_resource(max_entries=4)
+@st.cache_resource(max_entries=8)
 def auroc(key: tuple, _score: np.ndarray, _errors: np.ndarray) -> float:
     """AUROC does not depend on the cut-off: once per run state."""
     return ranking_auroc(_score, _errors)
 
 
 key = stamp(run)
-aum = natural_aum(scores)
+aum = scores["aum"].to_numpy(dtype=np.float64)
 thr_aum = scores["threshold_aum"].to_numpy()
 thr_aum = thr_aum[np.isfinite(thr_aum)]
-auto_cut = float(info.get("cutoff") if info.get("cutoff") is not None else np.nan)
 
 st.markdown(
     "AUM is a sample's margin (logit of its given label minus the largest other logit) averaged over epochs "
@@ -53,33 +64,73 @@ st.markdown(
     "purpose: their AUM shows what a mislabeled sample looks like in this very run."
 )
 
-# ---- cut-off control ---------------------------------------------------------
-modes = ["Automatic", "Percentile of threshold samples' AUM", "AUM value"]
+# ---- the review policy: cut-off rule and ranking score, saved with the run -----------------------
+saved = load_policy(run)
+st.info(policy_caption(run, info), icon=":material/rule:")
+rules = ["auto", "threshold", "value", "quantile"]
 if thr_aum.size == 0:
-    modes.remove("Percentile of threshold samples' AUM")
+    rules.remove("threshold")
+titles = {"auto": "Automatic", "threshold": "Percentile of threshold samples' AUM", "value": "Value",
+          "quantile": "Lowest fraction (peerannot cut_lowests)"}
+ver = (run.path / POLICY_FILE).stat().st_mtime_ns if (run.path / POLICY_FILE).is_file() else 0
+wk = f"{run.id}-{ver}"  # widgets start from the saved policy after each save
+names = available_scores(run, scores)
 c1, c2, c3 = st.columns([2, 3, 2])
-mode = c1.radio("Cut-off", modes, key=f"cutmode-{run.id}")
-finite = aum[np.isfinite(aum)]
-if mode == "Automatic":
-    cut = auto_cut
-    c2.write(f"Automatic cut-off ({info.get('cutoff_method')}): **{cut:.3f}**")
-elif mode == "AUM value":
+rule = c1.radio("Cut-off", rules, index=rules.index(saved.rule) if saved.rule in rules else 0, format_func=titles.get,
+                key=f"pol-rule-{wk}")
+score = c1.selectbox("Rank by (value / fraction cut it too)", names,
+                     index=names.index(saved.score) if saved.score in names else 0, format_func=lambda n: direction_label(run, n),
+                     key=f"pol-score-{wk}")
+cut_score = "aum" if rule in ("auto", "threshold") else score
+values = score_values(run, scores, cut_score)
+finite = values[np.isfinite(values)]
+value = None
+if rule == "threshold":
+    value = c2.slider("Percentile of the threshold samples' AUM (the paper uses 99)", 50.0, 100.0,
+                      float(saved.value if saved.rule == "threshold" and saved.value else
+                            run.config().get("threshold_percentile", 99.0)), 0.5, key=f"pol-pct-{wk}")
+elif rule == "value":
     lo, hi = float(np.floor(finite.min())), float(np.ceil(finite.max()))
-    default = float(np.clip(auto_cut if np.isfinite(auto_cut) else 0.0, lo, hi))
-    cut = c2.slider("Flag samples with AUM below", lo, hi, default, 0.01, key=f"cutval-{run.id}")
-else:
-    pct = c2.slider("Percentile of the threshold samples' AUM (the paper uses 99)", 50.0, 100.0, 99.0, 0.5,
-                    key=f"cutpct-{run.id}")
-    cut = float(np.percentile(thr_aum, pct))
-    c2.write(f"Cut-off: **{cut:.3f}**")
-flagged = flags_at(aum, cut)
+    start = saved.value if saved.rule == "value" and saved.score == score and saved.value is not None else \
+        (info.get("auto_cutoff") if score == "aum" and info.get("auto_cutoff") is not None else float(np.median(finite)))
+    value = c2.slider(f"Flag {direction_label(run, score)} beyond", lo, hi, float(np.clip(start, lo, hi)),
+                      (hi - lo) / 1000 or 0.01, key=f"pol-val-{wk}")
+elif rule == "quantile":
+    value = c2.slider("Fraction at the suspicious end", 0.001, 0.5,
+                      float(saved.value if saved.rule == "quantile" and saved.value else 0.1), 0.001, format="%.3f",
+                      key=f"pol-q-{wk}")
+if rule == "threshold" and not (saved.rule == "threshold" and saved.value) and \
+        value == float(run.config().get("threshold_percentile", 99.0)):
+    value = None  # the run's own percentile
+candidate = Policy(rule, None if value is None else float(value), score)
+try:
+    decision, fields = decision_for(run, scores, info, candidate)
+except PolicyError as exc:
+    st.error(f"This policy cannot be used: {exc}")
+    st.stop()
+flagged = decision.flagged
+cut = decision.cutoff if cut_score == "aum" else float("nan")  # drawn on the AUM axes only
+c2.write(f"Flags: **{fields['policy']['text']}**")
 c3.metric("Flagged", f"{int(flagged.sum()):,} of {len(aum):,}")
 c3.caption(f"{flagged.mean():.1%} of the samples")
+if candidate != saved:
+    c2.warning("Not saved: the Flagged page, exports and summary still use the saved policy.", icon=":material/edit:")
+    if c2.button("Save as the run's policy", type="primary", key=f"pol-save-{wk}"):
+        try:
+            save_policy(run, candidate)
+        except PolicyError as exc:
+            st.error(f"Not saved: {exc}")
+        else:
+            st.rerun()
+else:
+    c2.caption("This is the run's saved policy (its earlier ones are kept in policy.json's history).")
 errors = label_errors(samples)
 if errors is not None and errors.any():
-    m = flag_metrics(flagged, errors) | {"auroc": auroc(key, scores["aum"].to_numpy(), errors)}
+    ranked = oriented(score_values(run, scores, score), score, suspicious_of(run, score))
+    m = flag_metrics(flagged, errors) | {"auroc": auroc((key, score), ranked, errors)}
     detection_row(m)
-    st.caption(f"Against the {int(errors.sum())} labels known to be wrong (flipped on purpose), at this cut-off.")
+    st.caption(f"Against the {int(errors.sum())} labels known to be wrong (flipped on purpose), at this cut-off; "
+               f"AUROC of the ranking by {score}.")
 
 # ---- histogram ---------------------------------------------------------------
 edges = common_edges(aum, thr_aum, bins=70)
@@ -96,7 +147,7 @@ if thr_aum.size:
                 marker_color="rgba(120,120,120,0.55)")
 if np.isfinite(cut):
     fig.add_vline(x=cut, line_dash="dash", line_color="black", annotation_text=f"cut-off {cut:.2f}")
-fig.update_layout(barmode="overlay", height=380, xaxis_title="AUM", yaxis_title="samples",
+fig.update_layout(barmode="overlay", height=380, xaxis_title="AUM (low = suspicious)", yaxis_title="samples",
                   margin=dict(t=30, b=40), legend=dict(orientation="h", y=1.12))
 st.plotly_chart(fig, width="stretch", key="aum-hist")
 
@@ -109,7 +160,7 @@ if not pc.empty:
                            upperfence=pc["p95"], name="AUM", marker_color="#4c78a8"))
     if np.isfinite(cut):
         box.add_hline(y=cut, line_dash="dash", line_color="gray")
-    box.update_layout(height=320, xaxis_title="given label", yaxis_title="AUM (box: quartiles, whiskers: 5-95%)",
+    box.update_layout(height=320, xaxis_title="given label", yaxis_title="AUM, low = suspicious (box: quartiles, whiskers: 5-95%)",
                       margin=dict(t=20, b=40), xaxis=class_axis(pc["class"]))
     c1.plotly_chart(box, width="stretch", key="aum-class-box")
     bar = go.Figure(go.Bar(x=pc["class"], y=pc["flagged"], marker_color="#e45756",

@@ -14,6 +14,8 @@ import streamlit as st
 
 from engine.images import SampleImages
 from engine.jobs import JobManager
+from engine.policy import POLICY_FILE, summary_line
+from engine.predefined import PREDEFINED_FILE
 from engine.runs import Run, RunError, list_runs, runs_root
 from engine.views import live_scores
 
@@ -58,6 +60,8 @@ def sidebar_run_picker() -> Run | None:
         run = by_id[chosen]
         cfg = run.config()
         st.markdown(f"State: **{state_badge(run)}**")
+        st.caption(policy_caption(run), help="The review policy decides which samples are flagged and their rank on "
+                   "every page and in every export. Change it on the AUM page.")
         noise = f", {cfg['noise']:.0%} {cfg['noise_kind']} noise injected" if cfg.get("noise") else ""
         st.caption(f"Dataset **{cfg['dataset']}**{noise} · model **{cfg['model']}** · "
                    f"{cfg['epochs']} epochs × {cfg['threshold_runs'] if cfg['threshold_samples'] else 1} pass(es)")
@@ -77,6 +81,16 @@ def sample_images(run: Run) -> SampleImages:
     return _images(str(run.path))
 
 
+def policy_caption(run: Run, info: dict | None = None) -> str:
+    """``Policy: aum < -0.12 (automatic) - 177 flagged``: from a page's loaded scores info when given, else the
+    run's summary (cheap: no scores are read)."""
+    from engine.policy import caption
+
+    if info and info.get("policy"):
+        return caption(info["policy"])
+    return summary_line(run)
+
+
 def require_run(what: str) -> Run:
     """The current run, or an explanation of what to do next (and stop the page)."""
     run = current_run()
@@ -90,7 +104,8 @@ def require_run(what: str) -> Run:
 
 def _stamp(run: Run) -> tuple:
     st_ = run.raw_status()
-    return (str(run.path), st_.get("state"), tuple(st_.get("epochs_done") or ()), _mtime(run.path / "scores.parquet"))
+    return (str(run.path), st_.get("state"), tuple(st_.get("epochs_done") or ()), _mtime(run.path / "scores.parquet"),
+            _mtime(run.path / POLICY_FILE), _mtime(run.path / PREDEFINED_FILE))
 
 
 def _mtime(p) -> float:
@@ -130,8 +145,8 @@ def require_scores(run: Run, what: str) -> tuple[pd.DataFrame, dict, pd.DataFram
 
 
 def natural_aum(scores: pd.DataFrame) -> np.ndarray:
-    """AUM in the paper's units (the scores table stores -AUM so that higher = more suspicious)."""
-    return -scores["aum"].to_numpy(dtype=np.float64)
+    """The ``aum`` column as float64: it holds AUM itself (the paper's sign, low = suspicious)."""
+    return scores["aum"].to_numpy(dtype=np.float64)
 
 
 def stamp(run: Run) -> tuple:

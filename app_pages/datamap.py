@@ -31,9 +31,9 @@ st.markdown(
     "its standard deviation, colour = fraction of epochs predicted right. Easy samples sit top-left, ambiguous "
     "ones in the middle (high variability), hard-to-learn and often mislabeled ones at the bottom."
 )
-confidence = 1.0 - scores["confidence"].to_numpy()
+confidence = scores["confidence"].to_numpy()
 variability = scores["variability"].to_numpy()
-correct = 1.0 - scores["cumulative_accuracy"].to_numpy()
+correct = scores["cumulative_accuracy"].to_numpy()
 ok = np.isfinite(confidence)
 idx = np.flatnonzero(ok)
 sel = idx[subsample(idx.size, MAX_POINTS)]

@@ -29,11 +29,12 @@ from app_pages.common import (
     sample_images,
     stamp,
 )
+from engine.cleaned import cleaned_zip
 from engine.confusion import label_matrix, per_class_table
-from engine.export import export_filename, export_frame, to_csv_bytes
+from engine.export import export_bytes, export_filename, to_csv_bytes
 from engine.images import ImageError
 from engine.reviews import DECISION_CODES, DecisionArrays, ReviewStore, agreement, new_batch_id
-from engine.scores import REGISTRY
+from engine.scores import REGISTRY, oriented
 from engine.views import first_kept_pass, nearest_neighbours
 
 # decision -> (button label, badge colour, material icon, shortcut of the focused sample's button)
@@ -92,7 +93,7 @@ def agreement_summary(run_path: str, last_id: int) -> pd.DataFrame:
 
 def suspicion(name: str) -> np.ndarray:
     """Values of score ``name`` turned so that higher = more suspicious: the one place this page ranks."""
-    return np.nan_to_num(scores[name].to_numpy(dtype=np.float64), nan=-np.inf)
+    return np.nan_to_num(oriented(scores[name].to_numpy(dtype=np.float64), name), nan=-np.inf)
 
 
 arr = decision_arrays((str(run.path), len(ids)))
@@ -571,12 +572,17 @@ review_panel(sel)
 st.subheader(":material/download: Export")
 if state != "done":
     st.warning(f"The run is {state}: exported files are marked PARTIAL in their names.")
-e = st.columns(3)
+e = st.columns(4)
 for col, kind, label in [(e[0], "flagged", "Flagged list with scores and decisions"),
                          (e[1], "manifest", "Cleaned manifest (path,label)"),
                          (e[2], "decisions", "Decisions only")]:
-    col.download_button(label, icon=":material/download:", data=lambda kind=kind: to_csv_bytes(export_frame(run, kind)),
+    col.download_button(label, icon=":material/download:", data=lambda kind=kind: export_bytes(run, kind),
                         file_name=export_filename(run, kind), mime="text/csv", key=f"dl-{kind}", on_click="ignore")
-st.caption("Cleaned manifest: every sample not marked *remove*, with *relabel* decisions applied; paths are relative "
-           "to the dataset root, so save it there and audit it again with `--dataset <root>/manifest.csv`.")
+e[3].download_button("Cleaned dataset (image folder, zip)", icon=":material/download:", data=lambda: cleaned_zip(run),
+                     file_name=export_filename(run, "cleaned").removesuffix(".csv") + ".zip", mime="application/zip",
+                     key="dl-cleaned", on_click="ignore")
+st.caption("Cleaned manifest and dataset: every sample of the dataset not marked *remove*, with *relabel* decisions "
+           "applied. The zip is an image folder `<class>/<file>` with its own `manifest.csv`: unzip it and audit it "
+           "again with `--dataset <folder>`. The manifest's paths are relative to the dataset root (array datasets: "
+           "to the unzipped folder). Score columns hold their papers' values (aum: low = suspicious).")
 _log_decision_time()

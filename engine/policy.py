@@ -167,7 +167,6 @@ def summary_counts(run: Run, table: pd.DataFrame, policy_info: dict) -> dict:
     """``n_flagged`` and, with known label errors, precision / recall / F1 of the flags and AUROC of the ranking
     score (``policy_info`` is the ``policy`` block ``apply_to_table`` returned)."""
     from .metrics import detection_metrics
-
     from .runs import trained_rows
 
     out: dict = {"n_flagged": int(table["flagged"].sum())}
@@ -315,12 +314,13 @@ def decide(policy: Policy, values: np.ndarray, suspicious: str, *, aum: np.ndarr
     return Decision(flagged, rank, cut, passes, text)
 
 
-def apply_to_table(run: Run, table: pd.DataFrame, info: dict, policy: Policy | None = None) -> dict:
-    """Set ``table["flagged"]`` and ``table["rank"]`` under ``policy`` (default: the run's saved one) in place.
+def decision_for(run: Run, table: pd.DataFrame, info: dict, policy: Policy | None = None) -> tuple[Decision, dict]:
+    """``decide`` for ``policy`` (default: the run's saved policy) on a run's scores table, without changing it.
 
-    Returns the summary fields of the decision: ``cutoff``, ``cutoff_method``, ``pass_cutoffs`` and ``policy``
-    (rule, value, score, text, n_flagged). A saved policy whose score the table does not have yet (a
-    running audit, a score not computed) falls back to the run's default, and ``policy.note`` says so.
+    Returns the decision and the summary fields: ``cutoff``, ``cutoff_method``, ``pass_cutoffs`` and ``policy``
+    (rule, value, score, cutoff, text, n_flagged, suspicious). A saved policy whose score the table does not have
+    yet (a running audit, a score not computed) falls back to the run's default, and ``policy.note`` says so; a
+    policy given explicitly raises PolicyError instead.
     """
     chosen = policy or load_policy(run)
     note = None
@@ -343,13 +343,37 @@ def apply_to_table(run: Run, table: pd.DataFrame, info: dict, policy: Policy | N
         auto_cutoff=info.get("auto_cutoff"),
         percentile=float(run.config().get("threshold_percentile", 99.0)),
     )
-    table["flagged"] = d.flagged
-    table["rank"] = d.rank
     pol = chosen.to_dict() | {"cutoff": chosen.cutoff, "text": d.text, "n_flagged": int(d.flagged.sum()),
                               "suspicious": end}
     if note:
         pol["note"] = note
-    return {"cutoff": d.cutoff, "cutoff_method": chosen.rule, "pass_cutoffs": d.pass_cutoffs, "policy": pol}
+    return d, {"cutoff": d.cutoff, "cutoff_method": chosen.rule, "pass_cutoffs": d.pass_cutoffs, "policy": pol}
+
+
+def apply_to_table(run: Run, table: pd.DataFrame, info: dict, policy: Policy | None = None) -> dict:
+    """Set ``table["flagged"]`` and ``table["rank"]`` under ``policy`` (default: the run's saved one) in place;
+    returns the summary fields of ``decision_for``."""
+    d, fields = decision_for(run, table, info, policy)
+    table["flagged"] = d.flagged
+    table["rank"] = d.rank
+    return fields
+
+
+def direction_label(run: Run | None, name: str) -> str:
+    """``"aum (low = suspicious)"``: a score's name with its suspicious end, for axes, legends and choices."""
+    try:
+        return f"{name} ({suspicious_of(run, name)} = suspicious)"
+    except PolicyError:
+        return name
+
+
+def summary_line(run: Run) -> str:
+    """The policy line of a run without reading its scores: the saved summary's, else the rule alone."""
+    pol = (run.summary() or {}).get("policy")
+    if pol:
+        return caption(pol)
+    p = load_policy(run)
+    return f"Policy: {p.cutoff} ({RULE_TITLES.get(p.rule, p.rule)}), ranked by {p.score}; flags appear with the scores"
 
 
 def caption(policy_info: dict | None) -> str:
