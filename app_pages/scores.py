@@ -18,6 +18,7 @@ from engine.predefined import (
     MAX_BYTES,
     PREDEFINED_FILE,
     PredefinedError,
+    directions,
     guess_columns,
     join_to_run,
     load_from_run,
@@ -25,7 +26,7 @@ from engine.predefined import (
     save_to_run,
     validate,
 )
-from engine.scores import REGISTRY
+from engine.scores import REGISTRY, oriented
 from engine.views import subsample
 
 NO_ID = "(none: match rows by position)"
@@ -68,7 +69,9 @@ with st.expander("Import predefined scores from a CSV", expanded=run is None):
         id_col = c1.selectbox("Sample id column", id_options, index=id_options.index(id_guess) if id_guess else len(df.columns),
                               key=f"predef_id_{file_key}")
         cols = c2.multiselect("Score columns", [c for c in df.columns if c != id_col], default=numeric, key=f"predef_cols_{file_key}")
-        harder = {c: st.checkbox(f"higher {c} = harder / more suspicious", value=True, key=f"predef_dir_{c}_{file_key}") for c in cols}
+        harder = {c: st.checkbox(f"higher {c} = harder / more suspicious", value=True, key=f"predef_dir_{c}_{file_key}",
+                                 help="Values are kept as in the file; this records which end is suspicious, for "
+                                      "ranking and cut-offs.") for c in cols}
         label_col = None
         if run is None:
             label_opts = ["(none)"] + [c for c in df.columns if c not in cols and c != id_col]
@@ -107,6 +110,7 @@ with st.expander("Import predefined scores from a CSV", expanded=run is None):
                         raise PredefinedError(f"image folder {image_root.strip()!r} not found")
                     clean["path"] = df[path_col].str.strip().to_numpy()
                 st.session_state["csv_only"] = {"name": source, "frame": clean, "sha": file_key,
+                                                "suspicious": dict(clean.attrs.get("suspicious", {})),
                                                 "root": str(Path(image_root.strip()).expanduser()) if "path" in clean else None}
                 st.success(f"Loaded {len(clean):,} samples with scores {', '.join(cols)} (no run needed).")
         except PredefinedError as exc:
@@ -114,6 +118,7 @@ with st.expander("Import predefined scores from a CSV", expanded=run is None):
 
 # ---- the scores to compare --------------------------------------------------------------------
 frames: dict[str, np.ndarray] = {}
+ends: dict[str, str] = {}  # which end of each score is suspicious
 flagged = None
 labels = None
 ids = None
@@ -124,12 +129,15 @@ if run is not None:
         for c in REGISTRY:
             if c in scores.columns and np.isfinite(scores[c].to_numpy(dtype=np.float64)).any():
                 frames[c] = scores[c].to_numpy(dtype=np.float64)
+                ends[c] = REGISTRY[c].suspicious
         flagged = scores["flagged"].to_numpy()
         labels = np.array(classes)[samples["label"].to_numpy()]
         ids = samples["sample_id"].to_numpy()
     imported = load_from_run(run.path)
+    imported_ends = directions(run.path)
     for c in imported.columns:
         frames[f"csv:{c}"] = imported[c].to_numpy(dtype=np.float64)
+        ends[f"csv:{c}"] = imported_ends.get(c, "high")
 elif "csv_only" in st.session_state:
     only = st.session_state["csv_only"]
     f = only["frame"]
@@ -137,6 +145,7 @@ elif "csv_only" in st.session_state:
     for c in f.columns:
         if c not in ("sample_id", "label", "path"):
             frames[c] = f[c].to_numpy(dtype=np.float64)
+            ends[c] = only.get("suspicious", {}).get(c, "high")
     ids = f["sample_id"].to_numpy()
     labels = f["label"].to_numpy() if "label" in f else None
 else:
@@ -149,6 +158,16 @@ if not frames:
 
 table = pd.DataFrame(frames)
 names = list(table.columns)
+
+
+def label(name: str) -> str:
+    """A score's name with its suspicious end, wherever it is plotted or ranked."""
+    return f"{name} ({ends[name]} = suspicious)"
+
+
+def turned(df: pd.DataFrame) -> pd.DataFrame:
+    """Each column turned so that higher = more suspicious (``scores.oriented``): for top-k sets and ranking only."""
+    return pd.DataFrame({c: oriented(df[c].to_numpy(), c, ends[c]) for c in df.columns})
 if run is not None:  # what the table is made of: the run's state and its imported scores
     predefined = run.path / PREDEFINED_FILE
     data_key = (stamp(run), predefined.stat().st_mtime_ns if predefined.is_file() else 0)
@@ -204,21 +223,22 @@ if run is not None:
 
 if run is None:  # CSV alone: distributions and the ranked table
     st.subheader("Distributions")
-    pick = st.selectbox("Score", names, key="csv_hist")
+    pick = st.selectbox("Score", names, key="csv_hist", format_func=label)
     v = table[pick].to_numpy()
     counts, edges = np.histogram(v[np.isfinite(v)], bins=60)
     fig = go.Figure(go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=counts, width=edges[1] - edges[0]))
-    fig.update_layout(height=300, xaxis_title=pick, yaxis_title="samples", margin=dict(t=10))
+    fig.update_layout(height=300, xaxis_title=label(pick), yaxis_title="samples", margin=dict(t=10))
     st.plotly_chart(fig, width="stretch", key="csv-hist")
-    st.subheader("Ranked (hardest first)")
+    st.subheader(f"Ranked by {label(pick)}, most suspicious first")
     ranked = pd.DataFrame({"sample_id": ids, **({"label": labels} if labels is not None else {}), **frames})
-    st.dataframe(ranked.sort_values(pick, ascending=False).head(1000), hide_index=True, width="stretch")
+    order = np.argsort(-np.nan_to_num(oriented(table[pick].to_numpy(), pick, ends[pick]), nan=-np.inf), kind="stable")
+    st.dataframe(ranked.iloc[order[:1000]], hide_index=True, width="stretch")
     only = st.session_state["csv_only"]
     if only.get("root"):
         from engine.images import ImageError, read_under_root, thumbnail_png
 
         st.subheader(f"Hardest by {pick}: images")
-        top = np.argsort(-np.nan_to_num(table[pick].to_numpy(), nan=-np.inf), kind="stable")[:18]
+        top = order[:18]
         paths = only["frame"]["path"].to_numpy()
         row = st.columns(6)
         for n, i in enumerate(top):
@@ -231,23 +251,31 @@ if run is None:  # CSV alone: distributions and the ranked table
 
 st.subheader("Correlation between scores")
 c1, c2 = st.columns([3, 1])
-# keyed by the available names: a newly imported column starts out selected
-chosen = c1.multiselect("Scores", names, default=names[:12], key=f"corr_scores_{hashlib.md5(str(names).encode()).hexdigest()[:8]}")
+# Every score by default; the user's choice is kept across reruns and visits ("corr_selection"), and a score
+# imported or computed since starts out selected.
+previous, known = st.session_state.get("corr_selection"), st.session_state.get("corr_known", [])
+default = names if previous is None else [n for n in names if n in previous or n not in known]
+chosen = c1.multiselect("Scores", names, default=default, format_func=label,
+                        key=f"corr_scores_{hashlib.md5(str(names).encode()).hexdigest()[:8]}")
+st.session_state["corr_selection"], st.session_state["corr_known"] = list(chosen), list(names)
 method = c2.selectbox("Method", METHODS, key="corr_method", help="Spearman (rank) is the default, as aucurriculum")
 if len(chosen) >= 2:
     corr, used = cached_correlation((data_key, tuple(chosen)), table[chosen], method)
-    heat = px.imshow(corr, text_auto=".2f", zmin=-1, zmax=1, color_continuous_scale="RdBu", aspect="auto")
+    shown = corr.rename(index=label, columns=label)
+    heat = px.imshow(shown, text_auto=".2f", zmin=-1, zmax=1, color_continuous_scale="RdBu", aspect="auto")
     heat.update_layout(height=120 + 45 * len(chosen), margin=dict(t=20))
     st.plotly_chart(heat, width="stretch", key="corr-heat")
     note = f"over the {used:,} samples where every chosen score exists"
     if method == "kendall" and used < len(table):
         note += " (a seeded subsample: Kendall's tau is slow on more)"
-    st.caption(f"{method.capitalize()} correlation {note}. All scores are oriented higher = harder.")
+    st.caption(f"{method.capitalize()} correlation of the scores' own values {note}. Two scores that agree on "
+               "which samples are suspicious correlate positively when their suspicious ends match (aum and "
+               "confidence: both low) and negatively when they differ (aum low, ce_loss high).")
 
     st.markdown("**One pair, sample by sample** (the heatmap is not clickable: pick the pair here)")
     p1, p2 = st.columns(2)
-    x_name = p1.selectbox("x", chosen, index=0, key="pair_x")
-    y_name = p2.selectbox("y", chosen, index=1, key="pair_y")
+    x_name = p1.selectbox("x", chosen, index=0, key="pair_x", format_func=label)
+    y_name = p2.selectbox("y", chosen, index=1, key="pair_y", format_func=label)
     sel = subsample(len(table), 50_000)
     scatter = go.Figure()
     groups = [("flagged", flagged[sel], "#e45756"), ("not flagged", ~flagged[sel], "#4c78a8")] if flagged is not None \
@@ -257,16 +285,17 @@ if len(chosen) >= 2:
         scatter.add_trace(go.Scattergl(x=table[x_name].to_numpy()[idx], y=table[y_name].to_numpy()[idx], mode="markers",
                                        name=name, marker=dict(size=4, color=color, opacity=0.6),
                                        text=ids[idx] if ids is not None else None))
-    scatter.update_layout(height=420, xaxis_title=x_name, yaxis_title=y_name, margin=dict(t=10))
+    scatter.update_layout(height=420, xaxis_title=label(x_name), yaxis_title=label(y_name), margin=dict(t=10))
     st.plotly_chart(scatter, width="stretch", key="pair-scatter")
     if sel.size < len(table):
         st.caption(f"A random {sel.size:,} of {len(table):,} samples are drawn.")
 
-    st.markdown("**Agreement of the hardest samples** (Jaccard overlap of the top-k sets)")
+    st.markdown("**Agreement of the most suspicious samples** (Jaccard overlap of the k most suspicious by each "
+                "score, at its own suspicious end)")
     default_k = int(flagged.sum()) if flagged is not None and flagged.sum() else max(1, len(table) // 10)
     k = st.number_input("k", 1, len(table), min(default_k, len(table)), key="topk")
-    jac = cached_jaccard((data_key, tuple(chosen)), table[chosen], int(k))
-    jh = px.imshow(jac, text_auto=".2f", zmin=0, zmax=1, color_continuous_scale="Blues", aspect="auto")
+    jac = cached_jaccard((data_key, tuple(chosen)), turned(table[chosen]), int(k))
+    jh = px.imshow(jac.rename(index=label, columns=label), text_auto=".2f", zmin=0, zmax=1, color_continuous_scale="Blues", aspect="auto")
     jh.update_layout(height=120 + 45 * len(chosen), margin=dict(t=20))
     st.plotly_chart(jh, width="stretch", key="jaccard-heat")
 else:

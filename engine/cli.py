@@ -168,7 +168,8 @@ def _retrain(args: argparse.Namespace) -> int:
 def _ensemble(args: argparse.Namespace) -> int:
     from .correlations import ensemble, rank_and_normalize
     from .export import to_csv_bytes
-    from .runs import atomic_write_bytes
+    from .runs import atomic_write_bytes, atomic_write_json
+    from .scores import REGISTRY
 
     tables = []
     for ref in args.run_dirs:
@@ -182,6 +183,14 @@ def _ensemble(args: argparse.Namespace) -> int:
         tables.append(t)
     out = ensemble(tables, args.score)
     atomic_write_bytes(args.out, to_csv_bytes(out))
+    spec = REGISTRY.get(args.score)
+    meaning = spec.title if spec else args.score
+    atomic_write_json(Path(f"{args.out}.json"), {"kind": "ensemble", "runs": [str(r) for r in args.run_dirs], "columns": {
+        "sample_id": {"meaning": "the sample's id"},
+        args.score: {"meaning": f"mean over the runs of {meaning}" + (" after rank_and_normalize (rank in [0, 1])"
+                                                                      if args.normalize else ""),
+                     "paper": spec.paper if spec else None, "direction": spec.direction if spec else None},
+        "n_runs": {"meaning": "runs that scored the sample"}}})
     print(f"wrote {len(out):,} samples: {args.score} averaged over {len(tables)} runs to {args.out}")
     return 0
 
@@ -190,6 +199,7 @@ def _score(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .extra_scores import compute
+    from .scores import REGISTRY
 
     run = open_run(args.run_dir)
     bar = tqdm(total=100, unit="%", desc="scoring")
@@ -205,7 +215,7 @@ def _score(args: argparse.Namespace) -> int:
     table = run.scores()
     for name in written:
         v = table[name]
-        print(f"{name}: mean {v.mean():.4f}, min {v.min():.4f}, max {v.max():.4f} (higher = harder)")
+        print(f"{name}: mean {v.mean():.4f}, min {v.min():.4f}, max {v.max():.4f} ({REGISTRY[name].direction})")
     return 0
 
 

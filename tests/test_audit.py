@@ -64,7 +64,8 @@ def test_export_flagged_and_all(digits_run, tmp_path):
     assert n == len(df) == digits_run.summary()["n_flagged"]
     for col in ["sample_id", "source", "label", "suggested_label", "aum", "rank", "flagged", "true_label"]:
         assert col in df.columns
-    assert df["flagged"].all() and df["rank"].is_monotonic_increasing and df["aum"].is_monotonic_decreasing
+    # rank 1 = most suspicious = lowest AUM (the natural mean margin)
+    assert df["flagged"].all() and df["rank"].is_monotonic_increasing and df["aum"].is_monotonic_increasing
     scores = digits_run.scores().set_index("sample_id")
     np.testing.assert_allclose(df["aum"], scores.loc[df["sample_id"], "aum"])
     n_all = export_csv(digits_run, tmp_path / "all.csv", all_samples=True)

@@ -94,7 +94,9 @@ def test_exports_row_by_row(small_run):
     assert manifest.loc[a, "label"] == "7"
     untouched = manifest.index[~manifest.index.isin([a, b, c])]
     assert (manifest.loc[untouched, "label"] == samples.loc[untouched, "label"].astype(str)).all()
-    assert (manifest.loc[untouched, "path"] == samples.loc[untouched, "source"]).all()
+    # an array dataset's manifest points at the cleaned folder's PNGs (<class>/<sample_id>.png), readable again
+    assert (manifest.loc[untouched, "path"] == samples.loc[untouched, "label"].astype(str) + "/" + untouched + ".png").all()
+    assert manifest.loc[a, "path"] == f"7/{a}.png"
     decisions = export_frame(small_run, "decisions").set_index("sample_id")
     assert decisions.loc[[a, b, c], "decision"].tolist() == ["mislabeled", "remove", "unsure"]
     assert len(store.history()) >= 4

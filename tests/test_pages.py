@@ -53,8 +53,8 @@ def test_moving_the_cutoff_changes_the_flagged_count(monkeypatch, small_run):
     at.switch_page("app_pages/aum.py").run()
     flagged = next(m for m in at.metric if m.label == "Flagged")
     auto = flagged.value
-    at.radio(key=f"cutmode-{small_run.id}").set_value("AUM value").run()
-    slider = at.slider(key=f"cutval-{small_run.id}")
+    next(r for r in at.radio if r.label == "Cut-off").set_value("value").run()
+    slider = next(s for s in at.slider if s.label.startswith("Flag aum"))
     slider.set_value(slider.max).run()
     assert not at.exception, at.exception
     everything = next(m for m in at.metric if m.label == "Flagged").value

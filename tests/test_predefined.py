@@ -61,8 +61,10 @@ def test_orientation_and_join_by_id():
     clean = validate(parse_csv(b"id,easy,hard\nb,1,5\na,2,7\nzz,3,9\n").frame, "id", ["easy", "hard"],
                      {"easy": False, "hard": True})
     joined = join_to_run(clean, np.array(["a", "b", "c"], dtype=object))
-    assert joined.values["easy"].tolist()[:2] == [-2.0, -1.0] and np.isnan(joined.values["easy"].iat[2])
+    # values stay as in the file; which end is suspicious is recorded beside them
+    assert joined.values["easy"].tolist()[:2] == [2.0, 1.0] and np.isnan(joined.values["easy"].iat[2])
     assert joined.values["hard"].tolist()[:2] == [7.0, 5.0]
+    assert joined.suspicious == {"easy": "low", "hard": "high"}
     assert joined.n_matched == 2 and joined.n_unknown == 1 and joined.unknown_examples == ["zz"]
     with pytest.raises(PredefinedError, match="none of the file's"):
         join_to_run(clean, np.array(["x", "y"], dtype=object))
