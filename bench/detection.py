@@ -28,7 +28,8 @@ from engine.config import AuditConfig  # noqa: E402
 from engine.datasets import load_dataset  # noqa: E402
 from engine.extra_scores import out_of_sample_probs  # noqa: E402
 from engine.metrics import detection_metrics  # noqa: E402
-from engine.scores import compute_scores  # noqa: E402
+from engine.policy import Policy, decision_for  # noqa: E402
+from engine.scores import compute_scores, oriented  # noqa: E402
 
 
 def main() -> None:
@@ -50,12 +51,9 @@ def main() -> None:
             audit.execute(run, ds)
             s = run.summary()
             errors = ds.labels != ds.true_labels
-            cfg_paper = run.config() | {"cutoff": "threshold"}
-            import json
-
-            (run.path / "config.json").write_text(json.dumps(cfg_paper))
-            table, _ = compute_scores(run)
-            paper = detection_metrics(table["flagged"].to_numpy(), table["aum"].to_numpy(), errors)
+            table, info = compute_scores(run)
+            rule, _ = decision_for(run, table, info, Policy("threshold"))  # the paper's rule, not saved
+            paper = detection_metrics(rule.flagged, oriented(table["aum"].to_numpy(), "aum"), errors)
             oos_cfg = AuditConfig(noise=noise, noise_kind=kind, epochs=args.epochs, threshold_samples=False)
             oos_ds = load_dataset(oos_cfg.dataset, noise, kind, oos_cfg.seed)
             probs, labels = out_of_sample_probs(oos_cfg, oos_ds, folds=5), oos_ds.labels

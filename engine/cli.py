@@ -248,8 +248,8 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
 
 
 def format_summary(summary: dict, run_path: Path) -> str:
-    lines = [f"run: {run_path}", f"samples: {summary['n_samples']}", f"flagged: {summary['n_flagged']}"
-             f"  (cut-off {summary['cutoff']:.3f}, {summary['cutoff_method']})"]
+    rule = (summary.get("policy") or {}).get("text") or f"cut-off {summary['cutoff']:.3f}, {summary['cutoff_method']}"
+    lines = [f"run: {run_path}", f"samples: {summary['n_samples']}", f"flagged: {summary['n_flagged']}  ({rule})"]
     if summary.get("n_unscored"):
         lines.append(f"unscored: {summary['n_unscored']} (held out of training, or threshold samples of a single "
                      "threshold run; see the role column of samples.parquet)")

@@ -45,7 +45,7 @@ def test_gallery_shows_images_and_pages(monkeypatch, small_run):
     assert len(first) == min(12, int(small_run.scores()["flagged"].sum()))
     assert len(at.get("image")) >= len(first)  # Streamlit 1.67 names the element "image" (not "imgs")
     scores = small_run.scores().set_index("sample_id")
-    assert first == scores.loc[first].sort_values("aum", ascending=False).index.tolist()  # worst first
+    assert first == scores.loc[first].sort_values("aum", ascending=True).index.tolist()  # worst (lowest AUM) first
     at.selectbox(key="flt_flagged").set_value("all").run()
     at.number_input(key="page_no").set_value(2).run()
     second = _card_ids(at, small_run)

@@ -115,6 +115,11 @@ def test_correlations_by_hand():
     assert e.loc["y", "aum"] == 4.0 and e.loc["x", "n_runs"] == 1
 
 
+def load_scores_names(at: AppTest) -> list[str]:
+    """The score names behind the heatmap's options (options are shown as "name (low = suspicious)")."""
+    return [o.rsplit(" (", 1)[0] for o in next(m for m in at.multiselect if m.label == "Scores").options]
+
+
 def _scores_page(monkeypatch, root) -> AppTest:
     monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(root))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
@@ -139,7 +144,12 @@ def test_import_sample_csv_into_a_run_and_see_correlations(monkeypatch, small_ru
     ids = small_run.samples()["sample_id"]
     np.testing.assert_allclose(imported["knn_disagreement"], reference.loc[ids, "knn_disagreement"])
     at.run()
-    assert "csv:knn_disagreement" in next(m for m in at.multiselect if m.label == "Scores").options
+    heat = next(m for m in at.multiselect if m.label == "Scores")
+    assert "csv:knn_disagreement (high = suspicious)" in heat.options  # shown with its suspicious end
+    assert heat.value == list(load_scores_names(at)), "every score is in the heatmap by default"
+    heat.unselect("aum_yang").run()
+    at.run()  # the user's selection survives reruns
+    assert "aum_yang" not in next(m for m in at.multiselect if m.label == "Scores").value
 
 
 def test_malformed_upload_shows_the_error(monkeypatch, small_run, tmp_path):
