@@ -88,16 +88,19 @@ def test_first_audit_journey(server, page):
     expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=30_000)
     page.screenshot(path=ARTIFACTS / "03-aum.png", full_page=True)
     flagged_before = page.get_by_test_id("stMetric").filter(has_text="Flagged").inner_text()
-    page.get_by_text("AUM value", exact=True).click()
+    page.get_by_text("Value", exact=True).click()
     slider = page.get_by_role("slider").first
     slider.focus()
     for _ in range(40):
         page.keyboard.press("ArrowRight")
     expect(page.get_by_test_id("stMetric").filter(has_text="Flagged")).not_to_have_text(flagged_before, timeout=20_000)
     page.screenshot(path=ARTIFACTS / "04-aum-cutoff-moved.png", full_page=True)
+    page.get_by_role("button", name="Save as the run's policy").click()  # the cut-off becomes the run's policy
+    expect(page.get_by_text("This is the run's saved policy")).to_be_visible(timeout=20_000)
 
     page.get_by_role("link", name="Data map").click()
     expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("(value)").first).to_be_visible(timeout=20_000)  # the saved policy, on every page
     page.screenshot(path=ARTIFACTS / "05-datamap.png", full_page=True)
 
     page.reload()  # a reload keeps the chosen run (it is in the URL)
