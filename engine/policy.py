@@ -267,12 +267,10 @@ def decide(policy: Policy, values: np.ndarray, suspicious: str, *, aum: np.ndarr
     lt = "<" if suspicious == "low" else ">"
     passes: list[float] = []
     if policy.rule == "auto":
-        if auto_cutoff is None or not np.isfinite(auto_cutoff):
-            raise PolicyError("this run has no automatic cut-off (no two groups in AUM and no threshold samples); "
-                              "use value:V or quantile:Q")
-        cut = float(auto_cutoff)
-        flagged = np.isfinite(a) & (a < cut)
-        text = f"aum < {cut:.3g} (automatic)"
+        cut = float("nan") if auto_cutoff is None else float(auto_cutoff)
+        flagged = np.isfinite(a) & (a < cut)  # NaN cut-off: nothing flagged
+        text = f"aum < {cut:.3g} (automatic)" if np.isfinite(cut) else \
+            "automatic: no cut-off found (AUM has one group and there are no threshold samples); use value:V or quantile:Q"
     elif policy.rule == "threshold":
         pct = float(policy.value) if policy.value is not None else percentile
         flagged = np.ones(len(a), dtype=bool)

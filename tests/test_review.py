@@ -151,8 +151,8 @@ def test_decide_by_hand():
     d = decide(Policy("threshold", 100.0), pa0, "low", aum=np.nanmean([pa0, pa1], axis=0), pass_aum=[pa0, pa1],
                pass_threshold_aum=[thr0, np.array([0.0, np.nan, np.nan, np.nan])], auto_cutoff=None, percentile=99.0)
     assert d.flagged.tolist() == [True, False, False, True] and d.pass_cutoffs == [0.0, 0.0]
-    with pytest.raises(PolicyError, match="no automatic cut-off"):
-        decide(Policy("auto"), aum, "low", **common | {"auto_cutoff": None})
+    none = decide(Policy("auto"), aum, "low", **common | {"auto_cutoff": float("nan")})  # one group, no threshold
+    assert not none.flagged.any() and "no cut-off found" in none.text and none.rank.tolist() == [1, 2, 3, 4, 5]
 
 
 def test_threshold_policy_one_function_for_page_summary_and_export(monkeypatch, small_run, tmp_path):
