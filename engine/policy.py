@@ -224,8 +224,8 @@ def resolve(run: Run, policy: Policy, table: pd.DataFrame) -> tuple[np.ndarray, 
     if values is None or not np.isfinite(values).any():
         raise PolicyError(f"run {run.id} has no values of {policy.score!r} yet; choose one of "
                           f"{', '.join(available_scores(run, table))}")
-    if policy.rule == "threshold" and not any(PASS_AUM.format(p) in table for p in range(run.n_passes())) or (
-            policy.rule == "threshold" and not np.isfinite(table["threshold_aum"].to_numpy(dtype=np.float64)).any()):
+    has_thr = "threshold_aum" in table and np.isfinite(table["threshold_aum"].to_numpy(dtype=np.float64)).any()
+    if policy.rule == "threshold" and not (has_thr and any(PASS_AUM.format(p) in table for p in range(run.n_passes()))):
         raise PolicyError("cut-off 'threshold' needs threshold samples, and this run has none; use auto, value:V or "
                           "quantile:Q")
     return values, end
