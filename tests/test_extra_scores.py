@@ -117,7 +117,8 @@ def test_scores_page_computes_in_the_background(monkeypatch, own_small_run, tmp_
     while "random" not in small_run.scores().columns and time.time() < end:
         time.sleep(0.2)
     at.run()
-    assert "random" in next(m for m in at.multiselect if m.label == "Scores").options
+    heat = next(m for m in at.multiselect if m.label == "Scores")
+    assert "random (high = suspicious)" in heat.options and "random" in heat.value  # a new score starts selected
 
 
 def test_cli_ensemble_of_two_runs(small_run, own_small_run, tmp_path):
