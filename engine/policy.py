@@ -345,7 +345,9 @@ def decision_for(run: Run, table: pd.DataFrame, info: dict, policy: Policy | Non
                               "suspicious": end}
     if note:
         pol["note"] = note
-    return d, {"cutoff": d.cutoff, "cutoff_method": chosen.rule, "pass_cutoffs": d.pass_cutoffs, "policy": pol}
+    passes_cut = d.pass_cutoffs if chosen.rule == "threshold" else list(info.get("auto_pass_cutoffs") or []) \
+        if chosen.rule == "auto" else []
+    return d, {"cutoff": d.cutoff, "cutoff_method": chosen.rule, "pass_cutoffs": passes_cut, "policy": pol}
 
 
 def apply_to_table(run: Run, table: pd.DataFrame, info: dict, policy: Policy | None = None) -> dict:
