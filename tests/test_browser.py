@@ -167,7 +167,7 @@ def test_review_and_export_journey(server, page, tmp_path):
     page.get_by_role("button", name="Import into this run").click()
     expect(page.get_by_text("Imported knn_disagreement")).to_be_visible(timeout=30_000)
     expect(page.get_by_text("csv:knn_disagreement").first).to_be_visible(timeout=30_000)
-    page.get_by_text("Agreement of the hardest samples").scroll_into_view_if_needed()
+    page.get_by_text("Agreement of the most suspicious samples").scroll_into_view_if_needed()
     page.screenshot(path=ARTIFACTS / "09-scores-heatmap.png", full_page=True)
     bad = tmp_path / "malformed.csv"
     bad.write_text("sample_id,score\ndigits-0001,0.5\ndigits-0002,not-a-number\n")
