@@ -7,7 +7,7 @@ import time
 import streamlit as st
 
 from app_pages.cleaning import retrain_section
-from app_pages.common import current_run, detection_row, fmt_seconds, job_manager
+from app_pages.common import current_run, detection_row, fmt_seconds, job_manager, select_run
 from engine.config import LOADERS, MODELS, AuditConfig
 from engine.datasets import DatasetError
 from engine.models import torchvision_architectures
@@ -112,8 +112,7 @@ if submitted:
     except ValueError as exc:  # ConfigError, DatasetError, or a malformed class list
         st.error(f"Cannot start: {exc}")
     else:
-        st.session_state["run_picker"] = run.id
-        st.query_params["run"] = run.id
+        select_run(run.id)
         st.rerun()
 
 st.caption("Audits run one at a time in the background; a second one waits in the queue. "

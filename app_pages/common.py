@@ -39,6 +39,20 @@ def current_run() -> Run | None:
     return st.session_state.get("_current_run")
 
 
+_PENDING = "_select_run_next"
+
+
+def select_run(run_id: str) -> None:
+    """Show ``run_id`` from the next rerun on (call ``st.rerun()`` after it).
+
+    The sidebar's picker already exists when a page starts a run, and a widget's key cannot be set after
+    the widget was drawn in the same run (``StreamlitWidgetAlreadyInstantiatedError``): the id waits
+    here and ``sidebar_run_picker`` applies it before drawing the picker.
+    """
+    st.session_state[_PENDING] = run_id
+    st.query_params["run"] = run_id
+
+
 def sidebar_run_picker() -> Run | None:
     """Draw the sidebar (title, runs folder, run picker) and return the chosen run (app.py calls it before the page)."""
     runs = list_runs()
@@ -51,7 +65,10 @@ def sidebar_run_picker() -> Run | None:
             return None
         ids = [r.id for r in runs]
         wanted = st.query_params.get("run")
-        if "run_picker" not in st.session_state or st.session_state["run_picker"] not in ids:
+        pending = st.session_state.pop(_PENDING, None)
+        if pending in ids:  # a run just started on a page: switch to it before the widget exists
+            st.session_state["run_picker"] = pending
+        elif "run_picker" not in st.session_state or st.session_state["run_picker"] not in ids:
             st.session_state["run_picker"] = wanted if wanted in ids else ids[0]
         by_id = {r.id: r for r in runs}
         # Labels stay fixed while a run's state changes (a widget's options must not change under it).

@@ -1,0 +1,42 @@
+"""AppTest of the Audit page: audits started one after the other from the page itself (real engine, 2 epochs)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from engine.runs import list_runs
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+
+
+def _start(at: AppTest) -> None:
+    next(ni for ni in at.number_input if ni.label == "Epochs").set_value(2)
+    next(b for b in at.button if b.label == "Start audit").click().run()
+
+
+@pytest.mark.slow
+def test_three_audits_in_a_row_switch_to_the_newest_run(monkeypatch, tmp_path):
+    """Issue 15 item 1: the second start raised StreamlitWidgetAlreadyInstantiatedError and kept the old run."""
+    root = tmp_path / "runs"
+    monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(root))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert not at.exception, at.exception
+    started: list[str] = []
+    for _ in range(3):
+        _start(at)
+        assert not at.exception, at.exception
+        newest = list_runs(root)[0].id
+        assert newest not in started
+        started.append(newest)
+        assert at.selectbox(key="run_picker").value == newest  # the sidebar follows the new run
+        assert at.query_params["run"] in (newest, [newest])
+        assert any(newest in s.value for s in at.subheader)  # its live progress is on the page
+    assert len(list_runs(root)) == 3
+    end = time.time() + 240
+    while any(r.status()["state"] in ("pending", "running") for r in list_runs(root)) and time.time() < end:
+        time.sleep(0.5)
+    assert [r.status()["state"] for r in list_runs(root)] == ["done"] * 3
