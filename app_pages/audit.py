@@ -7,8 +7,16 @@ import time
 import streamlit as st
 
 from app_pages.cleaning import retrain_section
-from app_pages.common import current_run, detection_row, fmt_seconds, job_manager, select_run
+from app_pages.common import (
+    current_run,
+    detection_row,
+    fmt_seconds,
+    job_manager,
+    refuse_outside_root,
+    select_run,
+)
 from engine.config import LOADERS, MODELS, AuditConfig
+from engine.dataroot import data_root, resolve_user_path
 from engine.datasets import DatasetError
 from engine.models import torchvision_architectures
 from engine.runs import resume_problem, runs_root
@@ -25,8 +33,43 @@ SOURCES = ["Built-in digits (known errors injected)", "Image folder on this mach
 defaults = AuditConfig()
 
 source = st.radio("Dataset", SOURCES, index=0, horizontal=True, key="source")
+path = ""
+if source in SOURCES[1:3]:  # outside the form: a path outside the data root is refused as soon as it is typed
+    kind = "Image folder, laid out as root/<class>/<image>" if source == SOURCES[1] else \
+        "CSV manifest with a header path,label[,sample_id]; paths relative to the CSV's folder"
+    path = st.text_input(kind, placeholder="sample_data/digits_folder" if source == SOURCES[1] else "data/manifest.csv",
+                         key=f"path-{source}",
+                         help=f"Under the data root {data_root()} or the runs folder; a relative path starts at the data root")
+    refuse_outside_root(path)
+with st.expander("Out-of-distribution sets (optional)"):
+    o1, o2, o3 = st.columns(3)
+    holdout = o1.text_input("Hold out classes (names or indices, e.g. 8,9)", key="ood_holdout",
+                            help="Trained without them; their images are evaluated as out of distribution.")
+    corruptions = o2.multiselect("Corrupted copies of held-out ID images", ["noise", "blur", "invert"],
+                                 key="ood_corrupt")
+    ood_folder = o3.text_input("Another image folder", key="ood_folder")
+    with o3:
+        refuse_outside_root(ood_folder)
+    st.caption("With any of these, 20% of the in-distribution samples are held out of training (not audited) "
+               "for the OoD comparison and for calibration.")
+with st.expander("Model from torchvision (optional)"):
+    # Bring your own model (issue 18): any torchvision architecture, optionally from a weights file here.
+    g1, g2, g3, g4 = st.columns(4)
+    tv_arch = g1.selectbox("…or a torchvision architecture", [""] + torchvision_architectures(), key="tv_arch",
+                           help="Replaces the model of the training settings, e.g. resnet18; built by torchvision, "
+                                "nothing downloaded")
+    tv_weights = g2.text_input("Weights file (state dict)", key="tv_weights", placeholder="/models/resnet18.pt",
+                               help="A local torch.save(model.state_dict()) of that architecture, under the data root; "
+                                    "its head is replaced for your classes. Empty: trained from scratch")
+    with g2:  # outside the form: a path outside the data root is refused as soon as it is typed
+        refuse_outside_root(tv_weights)
+    tv_enum = g3.text_input("Weights enum (optional)", key="tv_enum", placeholder="ResNet18_Weights.IMAGENET1K_V1",
+                            help="Names the file's torchvision weights: their image size and normalisation are "
+                                 "used (default for a file: ImageNet normalisation)")
+    tv_finetune = g4.selectbox("Fine-tune", ["all", "head"], key="tv_finetune",
+                               help="With a weights file: every layer (all) or only the new head (head)")
 with st.form("start"):
-    noise, noise_kind, path, upload = 0.0, "symmetric", "", None
+    noise, noise_kind, upload = 0.0, "symmetric", None
     c1, c2 = st.columns(2)
     if source == SOURCES[0]:
         noise = c1.slider("Labels to flip on purpose", 0.0, 0.5, 0.1, 0.05,
@@ -36,10 +79,7 @@ with st.form("start"):
     elif source == SOURCES[3]:
         upload = st.file_uploader("Zip of an image folder laid out as <class>/<image>", type=["zip"])
     else:
-        kind = "Image folder, laid out as root/<class>/<image>" if source == SOURCES[1] else \
-            "CSV manifest with a header path,label[,sample_id]; paths relative to the CSV's folder"
-        path = c1.text_input(kind, placeholder="sample_data/digits_folder" if source == SOURCES[1] else "data/manifest.csv")
-        noise = c2.slider("Also flip labels on purpose (to test the audit)", 0.0, 0.5, 0.0, 0.05)
+        noise = c1.slider("Also flip labels on purpose (to test the audit)", 0.0, 0.5, 0.0, 0.05)
     with st.expander("Training settings"):
         d1, d2, d3, d4 = st.columns(4)
         model = d1.selectbox("Model", MODELS, index=MODELS.index(defaults.model))
@@ -60,27 +100,6 @@ with st.form("start"):
                                    "auto: stream above 4 GiB of decoded images, or a quarter of the GPU's free memory")
         workers = f2.number_input("Decoding workers", 0, 64, value=None, placeholder="auto",
                                   help="DataLoader worker processes for image files (auto: spare cores, at most 8)")
-        # Bring your own model (issue 18): any torchvision architecture, optionally from a weights file here.
-        g1, g2, g3, g4 = st.columns(4)
-        tv_arch = g1.selectbox("…or a torchvision architecture", [""] + torchvision_architectures(), key="tv_arch",
-                               help="Replaces the model above, e.g. resnet18; built by torchvision, nothing downloaded")
-        tv_weights = g2.text_input("Weights file (state dict)", key="tv_weights", placeholder="/models/resnet18.pt",
-                                   help="A local torch.save(model.state_dict()) of that architecture; its head is "
-                                        "replaced for your classes. Empty: trained from scratch")
-        tv_enum = g3.text_input("Weights enum (optional)", key="tv_enum", placeholder="ResNet18_Weights.IMAGENET1K_V1",
-                                help="Names the file's torchvision weights: their image size and normalisation are "
-                                     "used (default for a file: ImageNet normalisation)")
-        tv_finetune = g4.selectbox("Fine-tune", ["all", "head"], key="tv_finetune",
-                                   help="With a weights file: every layer (all) or only the new head (head)")
-    with st.expander("Out-of-distribution sets (optional)"):
-        o1, o2, o3 = st.columns(3)
-        holdout = o1.text_input("Hold out classes (indices, e.g. 8,9)", key="ood_holdout",
-                                help="Trained without them; their images are evaluated as out of distribution.")
-        corruptions = o2.multiselect("Corrupted copies of held-out ID images", ["noise", "blur", "invert"],
-                                     key="ood_corrupt")
-        ood_folder = o3.text_input("Another image folder", key="ood_folder")
-        st.caption("With any of these, 20% of the in-distribution samples are held out of training (not audited) "
-                   "for the OoD comparison and for calibration.")
     submitted = st.form_submit_button("Start audit", type="primary")
 
 if submitted:
@@ -94,22 +113,24 @@ if submitted:
         else:
             if not path.strip():
                 raise DatasetError("type the path of an image folder or a .csv manifest")
-            dataset = path.strip()
+            dataset = str(resolve_user_path(path))
             if source == SOURCES[2] and not dataset.lower().endswith(".csv"):
                 raise DatasetError(f"{dataset!r} is not a .csv manifest; pick 'Image folder' for a folder")
         cfg = AuditConfig(
             dataset=dataset, noise=float(noise), noise_kind=noise_kind, model=model, epochs=int(epochs), lr=float(lr),
             batch_size=int(batch), seed=int(seed), threshold_samples=bool(thr), threshold_runs=int(thr_runs),
             cutoff=cutoff if thr else "auto", loader=loader, workers=None if workers is None else int(workers),
-            corruptions=corruptions or None, ood_folder=ood_folder.strip() or None,
+            corruptions=corruptions or None,
+            ood_folder=str(resolve_user_path(ood_folder)) if ood_folder.strip() else None,
             holdout_classes=[int(t) for t in holdout.replace(" ", "").split(",") if t] if holdout.strip() else None,
         )
         if tv_arch:
-            cfg.model, cfg.weights = f"torchvision:{tv_arch}", tv_weights.strip() or None
+            cfg.model = f"torchvision:{tv_arch}"
+            cfg.weights = str(resolve_user_path(tv_weights)) if tv_weights.strip() else None
             cfg.weights_enum, cfg.finetune = tv_enum.strip() or None, tv_finetune
         with st.spinner("Checking the dataset…"):
             run = job_manager().start(cfg)
-    except ValueError as exc:  # ConfigError, DatasetError, or a malformed class list
+    except ValueError as exc:  # ConfigError, DatasetError, PathRefused, or a malformed class list
         st.error(f"Cannot start: {exc}")
     else:
         select_run(run.id)

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from engine.dataroot import PathRefused, resolve_user_path
 from engine.images import SampleImages
 from engine.jobs import JobManager
 from engine.policy import POLICY_FILE, summary_line
@@ -86,6 +87,18 @@ def sidebar_run_picker() -> Run | None:
             st.markdown("\n".join(f"- `{r.id}` {state_badge(r)}" for r in runs))
         st.session_state["_current_run"] = run
         return run
+
+
+def refuse_outside_root(text: str) -> bool:
+    """Under a path field: say why the typed path cannot be read (``engine.dataroot``); True when refused."""
+    if not (text or "").strip():
+        return False
+    try:
+        resolve_user_path(text)
+    except PathRefused as exc:
+        st.error(f"Not allowed: {exc}")
+        return True
+    return False
 
 
 @st.cache_resource(max_entries=2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,8 +10,9 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import current_run, job_manager, load_scores, stamp
+from app_pages.common import current_run, job_manager, load_scores, refuse_outside_root, stamp
 from engine.correlations import METHODS, correlation_matrix, topk_jaccard
+from engine.dataroot import PathRefused, resolve_user_path
 from engine.extra_scores import EXTRA
 from engine.predefined import (
     MAX_BYTES,
@@ -48,7 +48,7 @@ with st.expander("Import predefined scores from a CSV", expanded=run is None):
         if up is not None:
             data, source = up.getvalue(), up.name
         elif path.strip():
-            p = Path(path.strip()).expanduser()
+            p = resolve_user_path(path)  # only under the data root or the runs folder
             if not p.is_file():
                 raise PredefinedError(f"no file at {p}")
             if p.stat().st_size > MAX_BYTES:
@@ -56,7 +56,7 @@ with st.expander("Import predefined scores from a CSV", expanded=run is None):
             data, source = p.read_bytes(), str(p)
         parsed = parse_csv(data) if data is not None else None
         file_key = hashlib.sha256(data).hexdigest()[:10] if data is not None else ""  # fresh mapping widgets per file
-    except PredefinedError as exc:
+    except (PredefinedError, PathRefused) as exc:
         st.error(f"Cannot read {source or 'the file'}: {exc}")
         parsed = None
     if parsed is not None:
@@ -83,6 +83,8 @@ with st.expander("Import predefined scores from a CSV", expanded=run is None):
             path_col = g1.selectbox("Image path column (optional, for a gallery)", path_opts, key=f"predef_pathcol_{file_key}",
                                     index=path_opts.index(id_col) if id_col in path_opts else 0)
             image_root = g2.text_input("Folder the image paths are relative to", key=f"predef_root_{file_key}")
+            with g2:
+                refuse_outside_root(image_root)
         try:
             clean = validate(df, None if id_col == NO_ID else id_col, cols, harder)
             if run is not None:
@@ -106,14 +108,14 @@ with st.expander("Import predefined scores from a CSV", expanded=run is None):
                 if label_col:
                     clean["label"] = df[label_col].str.strip().to_numpy()
                 if path_col != "(none)" and image_root.strip():
-                    if not Path(image_root.strip()).expanduser().is_dir():
+                    if not resolve_user_path(image_root).is_dir():
                         raise PredefinedError(f"image folder {image_root.strip()!r} not found")
                     clean["path"] = df[path_col].str.strip().to_numpy()
                 st.session_state["csv_only"] = {"name": source, "frame": clean, "sha": file_key,
                                                 "suspicious": dict(clean.attrs.get("suspicious", {})),
-                                                "root": str(Path(image_root.strip()).expanduser()) if "path" in clean else None}
+                                                "root": str(resolve_user_path(image_root)) if "path" in clean else None}
                 st.success(f"Loaded {len(clean):,} samples with scores {', '.join(cols)} (no run needed).")
-        except PredefinedError as exc:
+        except (PredefinedError, PathRefused) as exc:
             st.error(f"Cannot import: {exc}")
 
 # ---- the scores to compare --------------------------------------------------------------------

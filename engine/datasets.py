@@ -323,12 +323,13 @@ def load_manifest(csv_path: str | os.PathLike, image_size: int | None = None, la
             rows = list(csv.DictReader(fh))
             header = rows[0].keys() if rows else []
     except UnicodeDecodeError as exc:
-        raise DatasetError(f"{csv_p}: not UTF-8 text ({exc}); save the manifest as UTF-8 CSV.") from exc
+        raise DatasetError(f"{csv_p}: not UTF-8 text (undecodable byte at offset {exc.start}); save the manifest as "
+                           "UTF-8 CSV.") from exc
     if not rows:
         raise DatasetError(f"{csv_p}: no rows; the manifest needs a header path,label[,sample_id] and one row per image.")
     missing = {"path", "label"} - set(header)
     if missing:
-        raise DatasetError(f"{csv_p}: missing column(s) {sorted(missing)}; the header must be path,label[,sample_id] (found {list(header)}).")
+        raise DatasetError(f"{csv_p}: missing column(s) {sorted(missing)}; the header must be path,label[,sample_id] (found {len(header)} column(s)).")
     paths, ids, label_names, wheres = [], [], [], []
     seen: dict[str, int] = {}
     for i, row in enumerate(rows, start=2):  # row 1 is the header
@@ -338,14 +339,14 @@ def load_manifest(csv_path: str | os.PathLike, image_size: int | None = None, la
         if not raw:
             raise DatasetError(f"{where}: empty path.")
         if not lab:
-            raise DatasetError(f"{where}: empty label for {raw}; every row needs a class label.")
+            raise DatasetError(f"{where}: empty label; every row needs a class label.")
         p = Path(raw)
         full = p if p.is_absolute() else root / p
         if not _inside(root, full):
-            raise DatasetError(f"{where}: path {raw} lies outside the manifest's folder {root}; move the image under it.")
+            raise DatasetError(f"{where}: the path lies outside the manifest's folder {root}; move the image under it.")
         sid = (row.get("sample_id") or "").strip() or p.as_posix()
         if sid in seen:
-            raise DatasetError(f"{where}: duplicate sample_id {sid!r} (first at row {seen[sid]}); sample ids must be unique.")
+            raise DatasetError(f"{where}: duplicate sample_id (first at row {seen[sid]}); sample ids must be unique.")
         seen[sid] = i
         paths.append(full)
         ids.append(sid)

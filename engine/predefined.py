@@ -56,7 +56,8 @@ def parse_csv(data: bytes, max_bytes: int = MAX_BYTES) -> ParsedCSV:
             text = data.decode("cp1252")
             encoding = "cp1252"
         except UnicodeDecodeError as exc:
-            raise PredefinedError(f"the file is not text in UTF-8, UTF-16 or Windows-1252 ({exc}); save it as UTF-8 CSV.") from exc
+            raise PredefinedError(f"the file is not text in UTF-8, UTF-16 or Windows-1252 (undecodable byte at offset "
+                                  f"{exc.start}); save it as UTF-8 CSV.") from exc
     if "\x00" in text:
         raise PredefinedError("the file holds NUL bytes: it is binary, not a CSV. Export your scores as CSV text.")
     first = text.splitlines()[0] if text.splitlines() else ""
@@ -64,28 +65,45 @@ def parse_csv(data: bytes, max_bytes: int = MAX_BYTES) -> ParsedCSV:
     delimiter = max(counts, key=counts.get)
     if counts[delimiter] == 0:
         raise PredefinedError(
-            f"the first line {first[:80]!r} has no delimiter (, ; tab or |): the file needs a header with at least "
+            "the first line has no delimiter (, ; tab or |): the file needs a header with at least "
             "an id column and a score column, e.g. sample_id,my_score."
         )
     csv.field_size_limit(max(max_bytes, 1 << 20))
     header = [h.strip() for h in next(csv.reader([first], delimiter=delimiter))]
     if len(set(header)) != len(header):
-        raise PredefinedError(f"the header repeats a column name: {header}")
+        dupes = [k + 1 for k, h in enumerate(header) if header.index(h) != k]
+        raise PredefinedError(f"the header repeats a column name (column(s) {dupes}); give every column its own name.")
     try:
         df = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False, engine="python",
                          skipinitialspace=True)
     except (pd.errors.ParserError, csv.Error, ValueError) as exc:
-        raise PredefinedError(f"cannot parse the file as {delimiter!r}-separated CSV: {exc}") from exc
+        raise PredefinedError(f"cannot parse the file as {delimiter!r}-separated CSV ({type(exc).__name__}"
+                              f"{_line_of(exc)}); every row needs as many fields as the header.") from exc
     df.columns = [str(c).strip() for c in df.columns]
     if len(df.columns) < 2:
         raise PredefinedError("the file has a single column; it needs an id column and at least one score column.")
     if any(c == "" or c.startswith("Unnamed:") for c in df.columns):
-        raise PredefinedError(f"the header has an empty column name ({list(df.columns)}); is the first row a header?")
+        empty = [k + 1 for k, c in enumerate(df.columns) if c == "" or c.startswith("Unnamed:")]
+        raise PredefinedError(f"the header has an empty column name (column(s) {empty}); is the first row a header?")
     if len(df) == 0:
         raise PredefinedError("the file has a header but no rows.")
     if all(_is_number(c) for c in df.columns):
-        raise PredefinedError(f"the first row {list(df.columns)[:5]} looks like data, not a header; add a header row.")
+        raise PredefinedError("the first row holds only numbers: it looks like data, not a header; add a header row.")
     return ParsedCSV(df, delimiter, encoding)
+
+
+def _short(name: str, limit: int = 40) -> str:
+    """A column name as a message may quote it: the chosen name, cut to ``limit`` characters."""
+    name = str(name)
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def _line_of(exc: Exception) -> str:
+    """``, line N`` when a parser error says which line (its text is never quoted: it may hold file content)."""
+    import re
+
+    m = re.search(r"line (\d+)", str(exc))
+    return f", line {m.group(1)}" if m else ""
 
 
 def _is_number(s: str) -> bool:
@@ -123,7 +141,7 @@ def validate(df: pd.DataFrame, id_col: str | None, score_cols: list[str], higher
         raise PredefinedError("choose at least one score column.")
     missing = [c for c in ([id_col] if id_col else []) + score_cols if c not in df.columns]
     if missing:
-        raise PredefinedError(f"column(s) {missing} not in the file (columns: {list(df.columns)}).")
+        raise PredefinedError(f"column(s) {[_short(c) for c in missing]} not in the file ({len(df.columns)} columns).")
     out = pd.DataFrame()
     suspicious: dict[str, str] = {}
     if id_col is not None:
@@ -133,8 +151,7 @@ def validate(df: pd.DataFrame, id_col: str | None, score_cols: list[str], higher
             raise PredefinedError(f"{empty.size} row(s) have an empty {id_col!r}: rows {_rows(empty)}.")
         dup = ids.duplicated(keep=False).to_numpy()
         if dup.any():
-            examples = list(dict.fromkeys(ids[dup]))[:5]
-            raise PredefinedError(f"{int(ids.duplicated().sum())} duplicated id(s) in {id_col!r}, e.g. {examples} "
+            raise PredefinedError(f"{int(ids.duplicated().sum())} duplicated id(s) in {_short(id_col)!r} "
                                   f"(rows {_rows(np.flatnonzero(dup))}); each sample must appear once.")
         out["sample_id"] = ids.to_numpy()
     for c in score_cols:
@@ -142,11 +159,11 @@ def validate(df: pd.DataFrame, id_col: str | None, score_cols: list[str], higher
         vals = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
         bad_text = np.flatnonzero(np.isnan(vals) & ~raw.str.lower().isin(["nan", "", "inf", "-inf"]).to_numpy())
         if bad_text.size:
-            raise PredefinedError(f"column {c!r}: {bad_text.size} value(s) are not numbers, e.g. {raw.iat[bad_text[0]]!r} "
-                                  f"(rows {_rows(bad_text)}).")
+            raise PredefinedError(f"column {_short(c)!r}: {bad_text.size} value(s) are not numbers (rows {_rows(bad_text)}); "
+                                  "a score column holds numbers only.")
         nonfinite = np.flatnonzero(~np.isfinite(vals))
         if nonfinite.size:
-            raise PredefinedError(f"column {c!r}: {nonfinite.size} value(s) are empty, NaN or infinite "
+            raise PredefinedError(f"column {_short(c)!r}: {nonfinite.size} value(s) are empty, NaN or infinite "
                                   f"(rows {_rows(nonfinite)}); fill or drop those rows.")
         harder = True if higher_is_harder is None else higher_is_harder.get(c, True)
         out[c] = vals
@@ -180,8 +197,8 @@ def join_to_run(scores: pd.DataFrame, run_ids: np.ndarray) -> Joined:
     values.iloc[pos[known]] = scores.loc[known, cols].to_numpy()
     unknown = scores.loc[~known, "sample_id"]
     if known.sum() == 0:
-        raise PredefinedError(f"none of the file's {len(scores)} ids is a sample of this run (e.g. {unknown.iat[0]!r} "
-                              f"vs the run's {run_ids[0]!r}); choose the right id column or run.")
+        raise PredefinedError(f"none of the file's {len(scores)} ids is a sample of this run (the run's ids look like "
+                              f"{run_ids[0]!r}); choose the right id column or run.")
     return Joined(values, int(known.sum()), int((~known).sum()), unknown.head(5).tolist(), False, _ends(scores, cols))
 
 

@@ -80,7 +80,7 @@ def test_manifest_and_its_errors(tmp_path):
     ds = load_dataset(str(man))
     assert len(ds) == 6 and ds.classes == ["cat", "dog"] and ds.sample_ids[0] == "cat/0.png"
     man.write_text("path,label,sample_id\ncat/0.png,cat,a\ndog/0.png,dog,a\n")
-    with pytest.raises(DatasetError, match="row 3.*duplicate sample_id 'a'"):
+    with pytest.raises(DatasetError, match="row 3.*duplicate sample_id"):
         load_dataset(str(man))
     man.write_text("path,label\ncat/0.png,cat\n../../etc/passwd,dog\n")
     with pytest.raises(DatasetError, match="row 3.*outside"):

@@ -81,6 +81,7 @@ def test_start_an_audit_from_the_audit_page(monkeypatch, tmp_path):
 
 
 def test_bad_folder_path_says_what_to_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("DIFFICULTY_AUDIT_DATA_ROOT", str(tmp_path))
     at = _app(monkeypatch, tmp_path / "runs")
     at.radio(key="source").set_value("Image folder on this machine").run()
     at.text_input[0].set_value(str(tmp_path / "no-such-folder"))

@@ -31,7 +31,7 @@ def _load(data: bytes, id_col="sample_id", cols=("s",)):
         (b"0.1,0.2\n0.3,0.4\n", "looks like data"),
         (b"just one column\nvalue\n", "no delimiter"),
         (b"sample_id,s\na,1\na,2\n", "duplicated id"),
-        (b"sample_id,s\na,1\nb,oops\nc,3\n", "not numbers.*'oops'.*rows 3"),
+        (b"sample_id,s\na,1\nb,oops\nc,3\n", "not numbers.*rows 3"),
         (b"sample_id,s\na,1\nb,nan\nc,inf\n", "2 value\\(s\\) are empty, NaN or infinite.*rows 3, 4"),
         (b"sample_id,s\na,1\n,2\n", "empty 'sample_id'.*rows 3"),
         (b"\x89PNG\r\n\x1a\n\x00\x00\x00binary", "binary|not text"),
@@ -155,6 +155,7 @@ def test_import_sample_csv_into_a_run_and_see_correlations(monkeypatch, small_ru
 def test_malformed_upload_shows_the_error(monkeypatch, small_run, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_bytes(b"sample_id,s\ndigits-0001,1\ndigits-0001,2\n")
+    monkeypatch.setenv("DIFFICULTY_AUDIT_DATA_ROOT", str(tmp_path))  # the page reads typed paths under it only
     at = _scores_page(monkeypatch, small_run.path.parent)
     at.text_input(key="predef_path").set_value(str(bad)).run()
     assert not at.exception, at.exception
@@ -171,8 +172,15 @@ def test_csv_alone_without_a_run(monkeypatch, tmp_path):
 
 
 def test_csv_alone_with_image_paths_shows_a_gallery(monkeypatch, tmp_path):
-    root = ROOT / "sample_data" / "digits_folder"
-    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))[:30]
+    import shutil
+
+    files = sorted(p.relative_to(ROOT / "sample_data" / "digits_folder").as_posix()
+                   for p in (ROOT / "sample_data" / "digits_folder").rglob("*.png"))[:30]
+    root = tmp_path / "images"  # under the data root, as the page requires
+    for f in files:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / "sample_data" / "digits_folder" / f, root / f)
+    monkeypatch.setenv("DIFFICULTY_AUDIT_DATA_ROOT", str(tmp_path))
     csv_path = tmp_path / "scores.csv"
     pd.DataFrame({"sample_id": files, "score": np.arange(30.0)}).to_csv(csv_path, index=False)
     at = _scores_page(monkeypatch, tmp_path / "no-runs")
