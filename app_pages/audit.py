@@ -15,10 +15,11 @@ from app_pages.common import (
     refuse_outside_root,
     select_run,
 )
-from engine.config import LOADERS, MODELS, AuditConfig
+from engine.config import LOADERS, MODELS, AuditConfig, ConfigError
 from engine.dataroot import data_root, resolve_user_path
 from engine.datasets import DatasetError
 from engine.models import torchvision_architectures
+from engine.ownership import describe, owner_of
 from engine.runs import resume_problem, runs_root
 from engine.uploads import extract_image_zip
 
@@ -180,8 +181,13 @@ def progress() -> None:
         st.info("Queued: it starts when the audit before it ends.")
     if state in ("running", "pending"):
         if st.button("Cancel", key=f"cancel-{run.id}"):
-            jobs.cancel(run.id)
-            st.toast("Cancelling at the next batch; finished epochs are kept.")
+            if jobs.cancel(run.id):
+                st.toast("Cancelling at the next batch; finished epochs are kept.")
+            else:  # not a job of this dashboard process: say whose it is instead of pretending
+                owner = owner_of(run)
+                who = describe(owner) if owner else f"process {status.get('pid')} on {status.get('host')}"
+                st.warning(f"This dashboard cannot cancel run {run.id}: it belongs to {who}. Stop it there "
+                           "(Ctrl-C or `kill -TERM` of that process; finished epochs are kept).")
         if done:
             st.caption("The AUM page already shows the finished epochs.")
     elif active:  # it ended while we watched: refresh the whole page (sidebar state, summary)
@@ -204,9 +210,13 @@ if state in ("interrupted", "cancelled", "failed"):
     if problem:
         st.info(problem)
     elif st.button("Resume from the last finished epoch", key=f"resume-{run.id}"):
-        jobs.resume(run)
-        time.sleep(0.2)
-        st.rerun()
+        try:
+            jobs.resume(run)
+        except ConfigError as exc:  # queued already (another tab), or owned by another process
+            st.error(f"Cannot resume: {exc}")
+        else:
+            time.sleep(0.2)
+            st.rerun()
 summary = run.summary()
 if state == "done" and summary:
     st.success(f"Done: {summary['n_flagged']} of {summary['n_samples']} samples flagged as likely mislabeled.")

@@ -204,8 +204,12 @@ if run is not None:
         busy = job is not None and not job.done
         if st.button("Compute in the background", disabled=busy or not pick or run.status().get("state") != "done",
                      key="extra_go"):
-            jobs.start_scores(run, pick, folds=int(folds), k=int(knn))
-            st.rerun()
+            try:
+                jobs.start_scores(run, pick, folds=int(folds), k=int(knn))
+            except ValueError as exc:  # the run is busy: training here, or owned by another process
+                st.error(f"Cannot compute now: {exc}")
+            else:
+                st.rerun()
 
         @st.fragment(run_every=1.0 if busy else None)
         def score_progress() -> None:
@@ -214,8 +218,12 @@ if run is not None:
                 return
             if not j.done:
                 st.progress(j.progress, text=j.message or "queued")
+                if st.button("Cancel", key="extra_cancel") and jobs.cancel(f"{run.id}:scores"):
+                    st.toast("Cancelling after the current step; the scores table stays as it was.")
             elif j.error:
                 st.error(f"Computing scores failed: {j.error}")
+            elif j.cancel.is_set():
+                st.info("Computing scores was cancelled; the scores table is unchanged.")
             elif busy:
                 st.rerun()
             else:

@@ -92,16 +92,22 @@ def load_run_dataset(cfg: AuditConfig):
     return data
 
 
-def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None) -> tuple[Run, IndexedDataset]:
+def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None, decode: bool = True) -> tuple[Run, IndexedDataset]:
     """Validate config and dataset, assign roles and threshold samples, measure the normalisation statistics,
-    create the run directory. Returns the run and its training samples (``ds.stats`` set)."""
+    create the run directory. Returns the run and its training samples (``ds.stats`` set).
+
+    ``decode=False`` leaves image files read by header only (the dashboard decodes them in its worker
+    thread, not in the request; a corrupt file then fails the run, named in its status). The
+    normalisation statistics are measured here either way (on a seeded sample of at most 4,096
+    images), because the run's config records them.
+    """
     from .runs import runs_root
 
     cfg.validate()
     data = load_run_dataset(cfg)
     ds = data.train
     check_dataset(ds, cfg)
-    if is_lazy(ds.images) and choose_loader(cfg.loader, ds.images) == "memory":
+    if decode and is_lazy(ds.images) and choose_loader(cfg.loader, ds.images) == "memory":
         ds.images = materialize(ds.images, cfg.workers)  # a corrupt file found while decoding stops here
     if ds.stats is None:  # once, before the run exists, for every loader (a streamed source decodes them here)
         ds.stats = normalization_stats(ds.images, cfg.workers, cfg.seed)

@@ -11,6 +11,7 @@ from pathlib import Path
 from .config import CUTOFFS, LOADERS, MODELS, AuditConfig, ConfigError
 from .datasets import DatasetError
 from .extra_scores import ScoreError
+from .ownership import claim, describe, owner_of, release
 from .policy import PolicyError
 from .runs import RunError, open_run, resume_command, resume_problem, runs_root
 from .training import Cancelled
@@ -284,8 +285,10 @@ def _audit(args: argparse.Namespace) -> int:
         if st.get("state") == "done":
             print(f"run {run.id} is already done; nothing to resume", file=sys.stderr)
             return 0
-        if st.get("state") == "running":
-            print(f"run {run.id} is still running in process {st.get('pid')}; not resuming it twice", file=sys.stderr)
+        if st.get("state") in ("running", "pending") or owner_of(run):  # e.g. queued or training in the dashboard
+            rec = owner_of(run)
+            who = describe(rec) if rec else f"process {st.get('pid')} on {st.get('host')}"
+            print(f"run {run.id} is {st.get('state')} in {who}; not resuming it twice", file=sys.stderr)
             return 2
         problem = resume_problem(run, world()[1])  # audit.execute refuses it too; here before a progress bar shows
         if problem:
@@ -321,6 +324,8 @@ def _audit(args: argparse.Namespace) -> int:
                             refresh=False)
         bar.update(1)
 
+    if is_main():  # rank 0 owns the run while it trains (the dashboard refuses to resume or score it meanwhile)
+        claim(run, "command line --resume" if args.resume else "command line audit")
     previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
     try:
         summary = audit.execute(run, ds, on_epoch=on_epoch, resume=bool(args.resume))
@@ -339,6 +344,7 @@ def _audit(args: argparse.Namespace) -> int:
         bar.close()  # an error message starts on its own line, not after the bar
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        release(run)
     if is_main():
         print(format_summary(summary, run.path))
     return 0

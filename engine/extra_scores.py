@@ -301,6 +301,13 @@ def _torchvision_embeddings(run: Run, teacher: str) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+def _stop_if(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        from .training import Cancelled
+
+        raise Cancelled()
+
+
 def compute(run: Run, names: list[str], folds: int = 3, k: int = 30, teacher: str = "self",
             leave_one_out: bool = True, seed: int = 0, progress: Progress | None = None,
             cancel: threading.Event | None = None) -> list[str]:
@@ -324,9 +331,12 @@ def compute(run: Run, names: list[str], folds: int = 3, k: int = 30, teacher: st
         if "self_confidence" in names:
             out["self_confidence"] = self_confidence(log_p, labels)
     if "prediction_depth" in names:
+        _stop_if(cancel)
         out["prediction_depth"] = prediction_depth(run, k, leave_one_out, progress)
     if "transfer_teacher" in names:
+        _stop_if(cancel)
         out["transfer_teacher"] = transfer_teacher(run, teacher, seed, progress)
+    _stop_if(cancel)  # nothing is written when cancelled
     table = run.scores()  # re-read: training may have refreshed it meanwhile
     for name, values in out.items():
         column = np.full(len(table), np.nan)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .config import AuditConfig, ConfigError
+from .ownership import RunBusy, claim, release
 from .runs import Run, owner_fields, resume_problem
 
 if TYPE_CHECKING:  # the training stack (torch) loads with the first audit, not with the dashboard
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # the training stack (torch) loads with the first audit, not 
 @dataclass
 class Job:
     run: Run
-    dataset: IndexedDataset | None = None  # loaded by prepare(); dropped once training starts
+    dataset: IndexedDataset | None = None  # read (not decoded) by prepare(); decoded by the worker
     resume: bool = False
     kind: str = "audit"  # or "scores" (engine.extra_scores.compute)
     score_args: dict = field(default_factory=dict)
@@ -49,15 +50,29 @@ class JobManager:
         self._worker.start()
 
     def start(self, cfg: AuditConfig, root: str | os.PathLike | None = None) -> Run:
-        """Validate and create the run now (errors raise here, in the caller), train in the background."""
+        """Validate and create the run now (errors raise here, in the caller), decode and train in the background.
+
+        The request thread only checks the config and reads the dataset's index (file names and image
+        headers); decoding the images, the slow part, happens in the worker, so a page never waits on it.
+        """
         from .audit import prepare
 
-        run, ds = prepare(cfg, root if root is not None else self.root)
-        job = Job(run, ds)
-        with self._lock:
-            self._jobs[run.id] = job
-        self._queue.put(job)
+        run, ds = prepare(cfg, root if root is not None else self.root, decode=False)
+        claim(run, "dashboard audit")
+        self._enqueue(Job(run, ds))
         return run
+
+    def _enqueue(self, job: Job, key: str | None = None) -> None:
+        with self._lock:
+            self._jobs[key or job.run.id] = job
+        self._queue.put(job)
+
+    def _refuse_if_busy(self, run: Run) -> None:
+        """One job per run at a time (two tabs cannot queue two resumes, nor scores beside training); hold the lock."""
+        busy = [j for j in self._jobs.values() if j.run.id == run.id and not j.done]
+        if busy:
+            what = "computing scores" if busy[0].kind == "scores" else "training"
+            raise RunBusy(f"run {run.id} is already queued or {what} in this dashboard; wait for it to end or cancel it")
 
     def resume(self, run: Run) -> None:
         """Continue an interrupted, cancelled or failed run from its last finished epoch.
@@ -68,23 +83,29 @@ class JobManager:
         problem = resume_problem(run, 1)
         if problem:
             raise ConfigError(problem)
-        job = Job(run, resume=True)
-        run.update_status(state="pending", error=None, **owner_fields())
-        with self._lock:
+        with self._lock:  # check and claim as one step: two tabs clicking Resume at once queue it once
+            self._refuse_if_busy(run)
+            claim(run, "dashboard resume")
+            job = Job(run, resume=True)
             self._jobs[run.id] = job
+        run.update_status(state="pending", error=None, **owner_fields())
         self._queue.put(job)
 
     def start_scores(self, run: Run, names: list[str], **kwargs) -> str:
         """Queue on-demand scores of ``run`` (see engine.extra_scores.compute); returns the job id."""
         job_id = f"{run.id}:scores"
-        job = Job(run, kind="scores", score_args={"names": list(names), **kwargs})
         with self._lock:
+            self._refuse_if_busy(run)
+            claim(run, "dashboard scores")
+            job = Job(run, kind="scores", score_args={"names": list(names), **kwargs})
             self._jobs[job_id] = job
         self._queue.put(job)
         return job_id
 
     def cancel(self, run_id: str) -> bool:
-        """Ask a queued or running audit to stop at its next batch; finished epochs are kept."""
+        """Ask a queued or running job of this process to stop (an audit at its next batch, finished epochs kept;
+        scores between steps, the scores table untouched). ``run_id`` may also be a score job's id. False when
+        this process has no such job: the run may belong to another process (``engine.ownership.owner_of``)."""
         with self._lock:
             job = self._jobs.get(run_id)
         if job is None or job.done:
@@ -115,23 +136,24 @@ class JobManager:
             from .audit import execute
             from .training import Cancelled
 
-            if job.cancel.is_set():
-                job.run.update_status(state="cancelled", finished_at=time.time())
-                job.done = True
-                continue
-            job.started_at = time.time()
-            if job.kind == "scores":
-                self._run_scores(job)
-                continue
-            ds, job.dataset = job.dataset, None
-
             try:
-                execute(job.run, ds, cancel=job.cancel, resume=job.resume)
-            except Cancelled:
-                pass
-            except BaseException as exc:  # the run's status.json records it as failed
-                job.error = f"{type(exc).__name__}: {exc}"
+                if job.cancel.is_set():  # cancelled while queued
+                    if job.kind == "audit":  # a queued score job leaves its (finished) run as it is
+                        job.run.update_status(state="cancelled", finished_at=time.time())
+                    continue
+                job.started_at = time.time()
+                if job.kind == "scores":
+                    self._run_scores(job)
+                    continue
+                ds, job.dataset = job.dataset, None
+                try:
+                    execute(job.run, ds, cancel=job.cancel, resume=job.resume)  # decodes lazily read images
+                except Cancelled:
+                    pass
+                except BaseException as exc:  # the run's status.json records it as failed
+                    job.error = f"{type(exc).__name__}: {exc}"
             finally:
+                release(job.run)
                 job.done = True
 
     @staticmethod
@@ -141,9 +163,11 @@ class JobManager:
         def progress(frac: float, message: str) -> None:
             job.progress, job.message = frac, message
 
+        from .training import Cancelled
+
         try:
             compute(job.run, progress=progress, cancel=job.cancel, **job.score_args)
+        except Cancelled:
+            job.message = "cancelled; the scores table is unchanged"
         except BaseException as exc:  # shown by the page; the scores table is untouched (atomic write at the end)
             job.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            job.done = True
