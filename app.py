@@ -5,9 +5,15 @@ multipage app whenever a fresh server's first request is a page URL (and in AppT
 rerun), running the page without this script, its st.navigation or its sidebar.
 """
 
+import importlib.machinery
+
 import streamlit as st
 
 from app_pages.common import sidebar_run_picker
+
+# Named __main__ by its spec, so that decoding workers started by forkserver (engine.pipeline, chosen in this
+# multi-threaded server instead of fork) do not import and run this script again.
+__spec__ = importlib.machinery.ModuleSpec("__main__", None)
 
 st.set_page_config(page_title="difficulty-audit", page_icon=":material/search:", layout="wide")
 

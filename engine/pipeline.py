@@ -170,15 +170,33 @@ class _Order(torch.utils.data.Sampler):
 
 
 def _start_method() -> str:
-    """``fork`` where the platform has it (PyTorch's default on Linux), else ``spawn``.
+    """How decoding workers start: ``forkserver`` from a multi-threaded process whose main module is not
+    re-imported by workers, else ``fork`` where the platform has it (PyTorch's default on Linux), else ``spawn``.
 
-    Not ``forkserver`` / ``spawn`` on Linux: both re-import the main module in every worker, and under
-    Streamlit the main module is the dashboard script (``app.py`` would run again in each worker). The
-    forked workers only decode images: no CUDA, no locks of the parent's other threads.
+    Forking a process that runs other threads (the dashboard: Streamlit's server, sessions, the job worker)
+    copies locks those threads may hold at that instant, and a child can hang on one. ``forkserver`` /
+    ``spawn`` avoid that but re-import the main module in every worker, unless the module names itself
+    ``__main__`` in its ``__spec__``: under Streamlit the main module is the dashboard script, and app.py
+    sets that spec so it does not run again in each worker. A main module without such a spec (a plain
+    script) keeps ``fork``.
     """
     import multiprocessing
+    import threading
 
-    return "fork" if "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin" else "spawn"
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" not in methods or sys.platform == "darwin":
+        return "spawn"
+    if threading.active_count() > 1 and "forkserver" in methods and not _workers_rerun_main():
+        return "forkserver"
+    return "fork"
+
+
+def _workers_rerun_main() -> bool:
+    """Whether spawned / forkserver workers would import the main script again (it has a file and no spec name)."""
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None):
+        return False  # started as a module (python -m ...), or a script that named itself __main__
+    return bool(getattr(main, "__file__", None))
 
 
 def _worker_error(exc: Exception) -> Exception:
