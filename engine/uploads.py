@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import stat
+import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -13,6 +15,21 @@ from .datasets import DatasetError
 MAX_ENTRIES = 50_000
 MAX_TOTAL_BYTES = 2 * 1024**3
 MAX_RATIO = 200  # a member expanding more than 200x is treated as a zip bomb
+
+
+def _extract(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], tmp: Path) -> None:
+    for info in infos:
+        if info.is_dir() or PurePosixPath(info.filename).name.startswith(".") or "__MACOSX" in info.filename:
+            continue
+        target = tmp / PurePosixPath(info.filename.replace("\\", "/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zf.open(info) as src, open(target, "wb") as out:
+            remaining = info.file_size + 1
+            while chunk := src.read(1 << 20):
+                remaining -= len(chunk)
+                if remaining < 0:
+                    raise DatasetError(f"the zip entry {info.filename!r} is larger than it declares")
+                out.write(chunk)
 
 
 def extract_image_zip(data: bytes, dest_root: Path) -> Path:
@@ -43,21 +60,21 @@ def extract_image_zip(data: bytes, dest_root: Path) -> Path:
         raise DatasetError(f"the zip expands to {total / 1e9:.1f} GB; the limit is {MAX_TOTAL_BYTES / 1e9:.0f} GB")
     dest = Path(dest_root) / hashlib.sha256(data).hexdigest()[:16]
     if not dest.exists():
-        tmp = dest.with_name(dest.name + ".partial")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for info in infos:
-            if info.is_dir() or PurePosixPath(info.filename).name.startswith(".") or "__MACOSX" in info.filename:
-                continue
-            target = tmp / PurePosixPath(info.filename.replace("\\", "/"))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                remaining = info.file_size + 1
-                while chunk := src.read(1 << 20):
-                    remaining -= len(chunk)
-                    if remaining < 0:
-                        raise DatasetError(f"the zip entry {info.filename!r} is larger than it declares")
-                    out.write(chunk)
-        tmp.rename(dest)
+        # A private temporary sibling: a failed extraction leaves nothing behind, and two uploads of the same zip
+        # at once each extract into their own folder; the first rename wins and the other is discarded.
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+        try:
+            _extract(zf, infos, tmp)
+            try:
+                tmp.rename(dest)
+            except OSError:
+                if not dest.is_dir():  # not a concurrent twin that got there first
+                    raise
+        except OSError as exc:
+            raise DatasetError(f"cannot extract the zip into {dest.parent}: {exc.strerror or exc}") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     tops = [p for p in dest.iterdir() if not p.name.startswith(".")]
     if len(tops) == 1 and tops[0].is_dir() and all(c.is_dir() for c in tops[0].iterdir()):
         return tops[0]
