@@ -8,6 +8,8 @@ rows too: each sample of the batch that nobody decided since gets back its decis
 
 from __future__ import annotations
 
+import functools
+import json
 import sqlite3
 import threading
 import time
@@ -45,23 +47,42 @@ class ReviewError(ValueError):
 
 
 class ReviewStore:
-    """Decisions of one run. Safe to use from several threads and processes at once (one connection per call)."""
+    """Decisions of one run. Safe to use from several threads and processes at once (one connection per call).
 
-    def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / DB_NAME
-        with self._connect() as con:
+    Reading never creates the database (an export of a run nobody reviewed leaves the run directory as it
+    was); the first decision does. Decisions are checked against the run's sample ids and class names.
+    """
+
+    def __init__(self, run_dir: str | Path, timeout: float = 30.0):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / DB_NAME
+        self.timeout = float(timeout)
+        self._ready = False
+
+    def _connect(self, create: bool = True) -> sqlite3.Connection:
+        """A connection to the database (created with its schema on first use when ``create``), or an
+        empty in-memory one with the same schema when it does not exist yet and ``create`` is false."""
+        if not create and not self.path.exists():
+            con = sqlite3.connect(":memory:", isolation_level=None)
             con.executescript(_SCHEMA)
-            have = {row[1] for row in con.execute("PRAGMA table_info(history)")}
-            for name, kind in _ADDED_COLUMNS.items():
-                if name not in have:
-                    con.execute(f"ALTER TABLE history ADD COLUMN {name} {kind}")
-            con.executescript(_INDEXES)
-
-    def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA synchronous=NORMAL")
-        con.execute("PRAGMA busy_timeout=30000")
+            return con
+        con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+        try:
+            # WAL needs shared memory between the processes, which network file systems do not give.
+            con.execute(f"PRAGMA journal_mode={'DELETE' if on_network_fs(self.path) else 'WAL'}")
+            con.execute("PRAGMA synchronous=NORMAL")
+            con.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+            if not self._ready:  # the schema once per store object (the database may be new, or older)
+                con.executescript(_SCHEMA)
+                have = {row[1] for row in con.execute("PRAGMA table_info(history)")}
+                for name, kind in _ADDED_COLUMNS.items():
+                    if name not in have:
+                        con.execute(f"ALTER TABLE history ADD COLUMN {name} {kind}")
+                con.executescript(_INDEXES)
+                self._ready = True
+        except BaseException:
+            con.close()
+            raise
         return con
 
     def record(self, sample_id: str, decision: str, new_label: str | None = None, session: str | None = None,
@@ -85,24 +106,40 @@ class ReviewStore:
                 raise ReviewError(f"relabelling {sample_id!r} needs the new class")
             clean.append((str(sample_id), decision, new_label if decision == "mislabeled" else None, now, session,
                           reviewer or None, batch))
+        self._check(clean)
         con = self._connect()
         try:
-            con.execute("BEGIN IMMEDIATE")
-            con.executemany(
-                "INSERT INTO history (sample_id, decision, new_label, decided_at, session, reviewer, batch) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)", clean
-            )
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+            _begin(con, self.timeout)
+            try:
+                con.executemany(
+                    "INSERT INTO history (sample_id, decision, new_label, decided_at, session, reviewer, batch) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)", clean
+                )
+                con.execute("COMMIT")
+            except BaseException:
+                if con.in_transaction:  # a failing ROLLBACK must not hide the error that caused it
+                    con.execute("ROLLBACK")
+                raise
         finally:
             con.close()
         return len(clean)
 
+    def _check(self, rows: list[tuple]) -> None:
+        """Every sample id must be one of the run's, every new label one of its class names."""
+        ids, classes = _run_ids_and_classes(self.run_dir)
+        if ids is not None:
+            unknown = [r[0] for r in rows if r[0] not in ids]
+            if unknown:
+                raise ReviewError(f"{len(unknown)} sample id(s) are not samples of this run (e.g. {unknown[0][:80]!r})")
+        if classes is not None:
+            bad = [r[2] for r in rows if r[2] is not None and r[2] not in classes]
+            if bad:
+                raise ReviewError(f"new label {str(bad[0])[:80]!r} is not a class of this run; classes: "
+                                  f"{', '.join(classes[:20])}{' …' if len(classes) > 20 else ''}")
+
     def current(self) -> pd.DataFrame:
         """The latest decision of every reviewed sample (cleared ones omitted): sample_id, decision, new_label, decided_at."""
-        con = self._connect()
+        con = self._connect(create=False)
         try:
             df = pd.read_sql_query(
                 "SELECT h.sample_id, h.decision, h.new_label, h.decided_at FROM history h "
@@ -115,7 +152,7 @@ class ReviewStore:
         return df
 
     def history(self) -> pd.DataFrame:
-        con = self._connect()
+        con = self._connect(create=False)
         try:
             return pd.read_sql_query("SELECT * FROM history ORDER BY id", con)
         finally:
@@ -131,7 +168,7 @@ class ReviewStore:
         """
         con = self._connect()
         try:
-            con.execute("BEGIN IMMEDIATE")
+            _begin(con, self.timeout)
             rows = con.execute(
                 "WITH b AS (SELECT h.sample_id, (SELECT MIN(f.id) FROM history f WHERE f.batch = h.batch "
                 "             AND f.sample_id = h.sample_id) AS first FROM history h "
@@ -151,7 +188,8 @@ class ReviewStore:
             )
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            if con.in_transaction:
+                con.execute("ROLLBACK")
             raise
         finally:
             con.close()
@@ -159,7 +197,7 @@ class ReviewStore:
 
     def last_id(self) -> int:
         """Id of the newest history row (0 when empty): a cheap "has anything changed" stamp."""
-        con = self._connect()
+        con = self._connect(create=False)
         try:
             return int(con.execute("SELECT COALESCE(MAX(id), 0) FROM history").fetchone()[0])
         finally:
@@ -167,7 +205,7 @@ class ReviewStore:
 
     def changes_since(self, after_id: int) -> pd.DataFrame:
         """History rows newer than ``after_id`` (id, sample_id, decision, new_label), oldest first."""
-        con = self._connect()
+        con = self._connect(create=False)
         try:
             return pd.read_sql_query("SELECT id, sample_id, decision, new_label FROM history WHERE id > ? ORDER BY id",
                                      con, params=(int(after_id),))
@@ -187,7 +225,7 @@ class ReviewStore:
             "  {where} GROUP BY sample_id, reviewer) last ON h.id = last.id"
             " WHERE h.decision != 'cleared' ORDER BY h.sample_id, h.reviewer"
         )
-        con = self._connect()
+        con = self._connect(create=False)
         try:
             if sample_ids is None:
                 return pd.read_sql_query(query.format(where=""), con)
@@ -270,3 +308,64 @@ class DecisionArrays:
         lab = pd.Series(np.asarray(new_labels, dtype=object)[keep])
         self.code[idx] = dec.map(DECISION_CODES).fillna(0).to_numpy(dtype=np.int8)
         self.new_label[idx] = np.where(dec == "mislabeled", lab.map(self.classes).fillna(-1), -1).astype(np.int32)
+
+
+def _begin(con: sqlite3.Connection, timeout: float) -> None:
+    """BEGIN IMMEDIATE, or a ``ReviewError`` saying the database stayed busy past ``timeout`` (nothing to roll back)."""
+    try:
+        con.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        raise ReviewError(f"the review database is busy (another writer held it for {timeout:.0f} s); "
+                          "the decision was not saved, try again") from exc
+
+_IDS_CACHE: dict[tuple, tuple] = {}
+NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs", "ceph", "glusterfs",
+              "fuse.glusterfs", "lustre", "gpfs", "beegfs", "fuse.s3fs"}
+
+
+def _run_ids_and_classes(run_dir: Path) -> tuple[pd.Index | None, list[str] | None]:
+    """The run's sample ids (a hashed index, cached per samples.parquet version) and class names; None when absent."""
+    samples, classes_p = run_dir / "samples.parquet", run_dir / "classes.json"
+    classes = json.loads(classes_p.read_text()) if classes_p.is_file() else None
+    if not samples.is_file():
+        return None, classes
+    st = samples.stat()
+    key = (str(samples), st.st_mtime_ns, st.st_size)
+    if key not in _IDS_CACHE:
+        if len(_IDS_CACHE) >= 2:
+            _IDS_CACHE.pop(next(iter(_IDS_CACHE)))
+        _IDS_CACHE[key] = (pd.Index(pd.read_parquet(samples, columns=["sample_id"])["sample_id"].astype(str)),)
+    return _IDS_CACHE[key][0], None if classes is None else [str(c) for c in classes]
+
+
+def filesystem_type(path: str | Path, mounts: str | None = None) -> str | None:
+    """The file system type of the mount holding ``path`` (longest mount point prefix in ``/proc/mounts``)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None  # not Linux: assume local
+    target = Path(path).resolve()
+    best, kind = -1, None
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = Path(parts[1].replace("\\040", " "))
+        if (target == point or point in target.parents) and len(str(point)) > best:
+            best, kind = len(str(point)), parts[2]
+    return kind
+
+
+def on_network_fs(path: str | Path, mounts: str | None = None) -> bool:
+    """Whether ``path`` lies on a network file system, where SQLite's WAL mode is unsafe (``journal_mode=DELETE``)."""
+    if mounts is None:
+        return _on_network_fs_cached(str(Path(path).parent))
+    kind = filesystem_type(path, mounts)
+    return kind is not None and kind.lower() in NETWORK_FS
+
+
+@functools.lru_cache(maxsize=64)
+def _on_network_fs_cached(folder: str) -> bool:
+    kind = filesystem_type(folder)
+    return kind is not None and kind.lower() in NETWORK_FS
