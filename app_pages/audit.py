@@ -15,7 +15,7 @@ from app_pages.common import (
     refuse_outside_root,
     select_run,
 )
-from engine.config import LOADERS, MODELS, AuditConfig, ConfigError
+from engine.config import LOADERS, MODELS, AuditConfig, ConfigError, parse_class_list
 from engine.dataroot import data_root, resolve_user_path
 from engine.datasets import DatasetError
 from engine.models import torchvision_architectures
@@ -123,7 +123,7 @@ if submitted:
             cutoff=cutoff if thr else "auto", loader=loader, workers=None if workers is None else int(workers),
             corruptions=corruptions or None,
             ood_folder=str(resolve_user_path(ood_folder)) if ood_folder.strip() else None,
-            holdout_classes=[int(t) for t in holdout.replace(" ", "").split(",") if t] if holdout.strip() else None,
+            holdout_classes=parse_class_list(holdout),
         )
         if tv_arch:
             cfg.model = f"torchvision:{tv_arch}"
@@ -131,7 +131,7 @@ if submitted:
             cfg.weights_enum, cfg.finetune = tv_enum.strip() or None, tv_finetune
         with st.spinner("Checking the dataset…"):
             run = job_manager().start(cfg)
-    except ValueError as exc:  # ConfigError, DatasetError, PathRefused, or a malformed class list
+    except ValueError as exc:  # ConfigError, DatasetError, PathRefused, RunBusy
         st.error(f"Cannot start: {exc}")
     else:
         select_run(run.id)

@@ -8,11 +8,10 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import CUTOFFS, LOADERS, MODELS, AuditConfig, ConfigError
+from .config import CUTOFFS, LOADERS, MODELS, AuditConfig, ConfigError, parse_class_list
 from .datasets import DatasetError
 from .extra_scores import ScoreError
 from .ownership import claim, describe, owner_of, release
-from .policy import PolicyError
 from .runs import RunError, open_run, resume_command, resume_problem, runs_root
 from .training import Cancelled
 
@@ -63,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--sat", choices=["paper", "incerto"], default=None,
                    help="self-adaptive training: paper (Huang et al. 2020, per-sample targets) or incerto (batch targets)")
     a.add_argument("--sat-warmup", type=int, default=d.sat_warmup)
-    a.add_argument("--holdout-classes", default=None, help="class indices to leave out of training as an OoD set, e.g. 8,9")
+    a.add_argument("--holdout-classes", default=None,
+                   help="classes to leave out of training as an OoD set: names or indices, e.g. 8,9 or cat,dog")
     a.add_argument("--ood", default=None, metavar="FOLDER", help="another image folder to evaluate as out-of-distribution")
     a.add_argument("--corruptions", default=None, help="OoD sets made from held-out ID images: noise,blur,invert")
     a.add_argument("--eval-fraction", type=float, default=None,
@@ -220,17 +220,6 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str | list[int] | None, flag: str) -> list[int] | None:
-    if not text:
-        return None
-    if isinstance(text, list | tuple):  # engine.audit(..., holdout_classes=[8, 9])
-        return [int(t) for t in text]
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError as exc:
-        raise ConfigError(f"{flag} takes comma-separated class indices like 8,9, got {text!r}") from exc
-
-
 def config_from_args(args: argparse.Namespace) -> AuditConfig:
     """The one mapping from the ``audit`` options (CLI flags, or ``engine.audit`` keywords) to an ``AuditConfig``."""
     return AuditConfig(
@@ -242,7 +231,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         threshold_percentile=args.threshold_percentile, cutoff=args.cutoff, aum_start=args.aum_start,
         aum_end=args.aum_end, el2n_epoch=args.el2n_epoch, spectral_norm=args.spectral_norm, sat=args.sat,
         sat_warmup=args.sat_warmup, ood_folder=args.ood, eval_fraction=args.eval_fraction,
-        holdout_classes=_int_list(args.holdout_classes, "--holdout-classes"),
+        holdout_classes=parse_class_list(args.holdout_classes),
         corruptions=(list(args.corruptions) if isinstance(args.corruptions, list | tuple) else
                      [c.strip() for c in args.corruptions.split(",")] if args.corruptions else None),
     )
@@ -420,9 +409,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "retrain":
             return _retrain(args)
         return _export(args)
-    except (ConfigError, DatasetError, RunError, ScoreError, PolicyError) as exc:
+    except ValueError as exc:  # ConfigError, DatasetError, RunError, ScoreError and any other bad input: one line
         from .distributed import is_main
 
         if is_main():  # under torchrun every rank raises the same error: say it once
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (with its type when it is not one of the engine's own errors)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    own = isinstance(exc, (ConfigError, DatasetError, RunError, ScoreError))
+    return text if own else f"{type(exc).__name__}: {text}"

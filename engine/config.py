@@ -52,7 +52,7 @@ class AuditConfig:
     sat_momentum: float = 0.9  # paper form: t <- m t + (1 - m) softmax
     sat_alpha_start: float = 0.0  # incerto form: alpha during warm-up, then linear towards end (incerto schedule)
     sat_alpha_end: float = 0.9
-    holdout_classes: list[int] | None = None  # trained without; their images become an OoD set
+    holdout_classes: list[int | str] | None = None  # names or indices (parse_class_list); trained without, OoD
     ood_folder: str | None = None  # another image folder as an OoD set
     corruptions: list[str] | None = None  # noise, blur, invert of the held-out ID images as OoD sets
     eval_fraction: float | None = None  # ID samples held out of training for OoD / calibration (auto: 0.2 if any OoD set)
@@ -171,3 +171,13 @@ class AuditConfig:
         if unknown:
             raise ConfigError(f"unknown config key(s): {sorted(unknown)}")
         return cls(**d)
+
+
+def parse_class_list(text: str | list | tuple | None) -> list[int | str] | None:
+    """``--holdout-classes`` as typed: ``8,9`` or ``cat,dog`` (class names, or indices; a name wins when a class is
+    called ``8``). Resolved against the dataset's classes by ``engine.ood_eval.class_indices``."""
+    if isinstance(text, list | tuple):  # engine.audit(..., holdout_classes=[8, 9] or ["cat"])
+        text = ",".join(str(t) for t in text)
+    if not text or not text.strip():
+        return None
+    return [int(t) if t.isdigit() else t for t in (t.strip() for t in text.split(",")) if t]

@@ -76,6 +76,22 @@ class Corrupted:
         return np.stack([corrupt(self.base[int(i) : int(i) + 1], self.kind, self.seed * 1_000_003 + int(i))[0] for i in idx])
 
 
+def class_indices(wanted: list[int | str], classes: list[str]) -> list[int]:
+    """Class indices for ``--holdout-classes`` entries: a class name, or an index (a number that is not a class name)."""
+    out = []
+    for c in wanted:
+        name = str(c).strip()
+        if name in classes:
+            out.append(classes.index(name))
+        elif name.lstrip("-").isdigit() and 0 <= int(name) < len(classes):
+            out.append(int(name))
+        else:
+            shown = ", ".join(classes[:20]) + (" …" if len(classes) > 20 else "")
+            raise ConfigError(f"--holdout-classes: {name[:80]!r} is neither a class name nor an index in "
+                              f"0..{len(classes) - 1}; the classes are {shown}")
+    return out
+
+
 @dataclass
 class RunData:
     """A run's dataset: every sample (``full``, in dataset order = ``samples.parquet`` order), each one's
@@ -106,14 +122,14 @@ def assign_roles(ds: IndexedDataset, cfg: AuditConfig) -> np.ndarray:
     ``id_eval`` (a seeded stratified ``eval_share`` of the rest, held out for OoD / calibration), else ``train``."""
     roles = np.full(len(ds), "train", dtype=object)
     if cfg.holdout_classes:
-        bad = [c for c in cfg.holdout_classes if not 0 <= c < ds.n_classes]
-        if bad or len(set(cfg.holdout_classes)) >= ds.n_classes - 1:
-            raise ConfigError(f"--holdout-classes {cfg.holdout_classes}: give class indices in 0..{ds.n_classes - 1}, "
-                              "leaving at least 2 classes to train on")
+        held = class_indices(cfg.holdout_classes, ds.classes)
+        if len(set(held)) >= ds.n_classes - 1:
+            raise ConfigError(f"--holdout-classes: holding out {len(set(held))} of {ds.n_classes} classes leaves fewer "
+                              "than 2 to train on")
         basis = ds.true_labels if ds.true_labels is not None else ds.labels
-        out = np.isin(basis, cfg.holdout_classes)
+        out = np.isin(basis, held)
         roles[out] = "ood_holdout"
-        roles[~out & np.isin(ds.labels, cfg.holdout_classes)] = "holdout_label"
+        roles[~out & np.isin(ds.labels, held)] = "holdout_label"
     share = cfg.eval_share
     if share > 0:
         rng = np.random.default_rng(cfg.seed + 202)
@@ -134,7 +150,7 @@ def split(ds: IndexedDataset, cfg: AuditConfig) -> RunData:
     roles = assign_roles(ds, cfg)
     sets = EvalSets()
     if cfg.holdout_classes:
-        name = "held-out classes " + ",".join(ds.classes[c] for c in cfg.holdout_classes)
+        name = "held-out classes " + ",".join(ds.classes[c] for c in class_indices(cfg.holdout_classes, ds.classes))
         sets.ood[name] = take(ds.images, roles == "ood_holdout")
     held = roles == "id_eval"
     if held.any():
