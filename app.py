@@ -9,7 +9,7 @@ import importlib.machinery
 
 import streamlit as st
 
-from app_pages.common import sidebar_run_picker
+from app_pages.common import require_access, sidebar_run_picker
 
 # Named __main__ by its spec, so that decoding workers started by forkserver (engine.pipeline, chosen in this
 # multi-threaded server instead of fork) do not import and run this script again.
@@ -25,6 +25,7 @@ pages = [
     st.Page("app_pages/datamap.py", title="Data map", icon=":material/scatter_plot:"),
     st.Page("app_pages/ood.py", title="OoD & uncertainty", icon=":material/blur_on:"),
 ]
+require_access()  # sign-in and roles when configured (engine.access); nothing in local mode
 nav = st.navigation(pages)
 sidebar_run_picker()
 nav.run()

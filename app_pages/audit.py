@@ -12,6 +12,7 @@ from app_pages.common import (
     detection_row,
     fmt_seconds,
     job_manager,
+    may_run_audits,
     refuse_outside_root,
     select_run,
 )
@@ -101,9 +102,12 @@ with st.form("start"):
                                    "auto: stream above 4 GiB of decoded images, or a quarter of the GPU's free memory")
         workers = f2.number_input("Decoding workers", 0, 64, value=None, placeholder="auto",
                                   help="DataLoader worker processes for image files (auto: spare cores, at most 8)")
-    submitted = st.form_submit_button("Start audit", type="primary")
+    allowed = may_run_audits()
+    submitted = st.form_submit_button("Start audit", type="primary", disabled=not allowed)
+    if not allowed:
+        st.caption("Your role is reviewer: you can review and export runs, not start, resume or cancel audits.")
 
-if submitted:
+if submitted and may_run_audits():
     try:
         if source == SOURCES[0]:
             dataset = "digits"
@@ -180,7 +184,7 @@ def progress() -> None:
     if state == "pending":
         st.info("Queued: it starts when the audit before it ends.")
     if state in ("running", "pending"):
-        if st.button("Cancel", key=f"cancel-{run.id}"):
+        if st.button("Cancel", key=f"cancel-{run.id}", disabled=not may_run_audits()):
             if jobs.cancel(run.id):
                 st.toast("Cancelling at the next batch; finished epochs are kept.")
             else:  # not a job of this dashboard process: say whose it is instead of pretending
@@ -209,7 +213,7 @@ if state in ("interrupted", "cancelled", "failed"):
     problem = resume_problem(run, 1)
     if problem:
         st.info(problem)
-    elif st.button("Resume from the last finished epoch", key=f"resume-{run.id}"):
+    elif st.button("Resume from the last finished epoch", key=f"resume-{run.id}", disabled=not may_run_audits()):
         try:
             jobs.resume(run)
         except ConfigError as exc:  # queued already (another tab), or owned by another process

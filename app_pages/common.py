@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from engine.access import NOBODY, SIGNED_OUT, identity, may, reviewer_name, role_of, sign_in_configured
 from engine.dataroot import PathRefused, resolve_user_path
 from engine.images import SampleImages
 from engine.jobs import JobManager
@@ -28,6 +29,60 @@ STATE_ICONS = {"running": ":material/autorenew:", "pending": ":material/hourglas
 def job_manager() -> JobManager:
     """One job manager per server process, shared by every session and rerun."""
     return JobManager()
+
+
+def _user() -> dict:
+    """``st.user`` as a plain dict (empty outside a session)."""
+    try:
+        return dict(st.user)
+    except Exception:  # no script context (bare mode)
+        return {}
+
+
+def _roles_config() -> dict | None:
+    """The ``[roles]`` section of ``.streamlit/secrets.toml`` (engine.access), or None without one."""
+    try:
+        roles = st.secrets.get("roles")
+    except Exception:  # no secrets file at all
+        return None
+    return dict(roles) if roles else None
+
+
+def current_role() -> str:
+    """The signed-in user's role (``engine.access.role_of``); ``admin`` in local mode (no sign-in configured)."""
+    return role_of(_user(), _roles_config())
+
+
+def may_run_audits() -> bool:
+    """Whether this user may start, resume or cancel audits and compute scores (not a reviewer-only role)."""
+    return may(current_role(), "run audits")
+
+
+def current_reviewer(typed: str | None = None) -> str | None:
+    """The reviewer name recorded with decisions: the signed-in user's email or name, else the name typed."""
+    return reviewer_name(_user(), typed)
+
+
+def require_access() -> None:
+    """With sign-in configured: a sign-in screen for the signed out, a refusal for users listed in no role, and
+    who is signed in (with a log-out button) in the sidebar. Nothing in local mode. app.py calls it first."""
+    user = _user()
+    if not sign_in_configured(user):
+        return
+    role = current_role()
+    if role == SIGNED_OUT:
+        st.title("difficulty-audit")
+        st.write("Sign in to open the dashboard.")
+        st.button("Sign in", type="primary", on_click=st.login)
+        st.stop()
+    if role == NOBODY:
+        st.error(f"Signed in as {identity(user)}, who is not listed in the dashboard's roles. Ask an admin to add "
+                 "you to `[roles]` in `.streamlit/secrets.toml`.")
+        st.button("Sign out", on_click=st.logout)
+        st.stop()
+    with st.sidebar:
+        st.caption(f"Signed in as **{identity(user)}** ({role})")
+        st.button("Sign out", on_click=st.logout, key="sign-out")
 
 
 def state_badge(run: Run) -> str:

@@ -10,7 +10,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import current_run, job_manager, load_scores, refuse_outside_root, stamp
+from app_pages.common import current_run, job_manager, load_scores, may_run_audits, refuse_outside_root, stamp
 from engine.correlations import METHODS, correlation_matrix, topk_jaccard
 from engine.dataroot import PathRefused, resolve_user_path
 from engine.extra_scores import EXTRA
@@ -202,7 +202,8 @@ if run is not None:
         folds = e1.number_input("Folds (CVLoss, self-confidence)", 2, 10, 3, key="extra_folds")
         knn = e2.number_input("k of the k-NN probes (prediction depth)", 1, 200, 30, key="extra_k")
         busy = job is not None and not job.done
-        if st.button("Compute in the background", disabled=busy or not pick or run.status().get("state") != "done",
+        if st.button("Compute in the background", disabled=busy or not pick or run.status().get("state") != "done"
+                     or not may_run_audits(),
                      key="extra_go"):
             try:
                 jobs.start_scores(run, pick, folds=int(folds), k=int(knn))
