@@ -10,10 +10,8 @@ from pathlib import Path
 
 from .config import CUTOFFS, LOADERS, MODELS, AuditConfig, ConfigError, parse_class_list
 from .datasets import DatasetError
-from .extra_scores import ScoreError
 from .ownership import claim, describe, owner_of, release
 from .runs import RunError, open_run, resume_command, resume_problem, runs_root
-from .training import Cancelled
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -266,6 +264,7 @@ def _audit(args: argparse.Namespace) -> int:
 
     from . import audit
     from .distributed import broadcast_object, init_from_env, is_main, world
+    from .training import Cancelled
 
     if args.resume:
         run = open_run(args.resume, args.out)
@@ -390,9 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        dist = sys.modules.get("torch.distributed")  # only when a command loaded torch (export does not)
+        if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -420,5 +418,5 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line (with its type when it is not one of the engine's own errors)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    own = isinstance(exc, (ConfigError, DatasetError, RunError, ScoreError))
+    own = type(exc).__module__.startswith("engine.")  # ConfigError, DatasetError, RunError, ScoreError, ...
     return text if own else f"{type(exc).__name__}: {text}"

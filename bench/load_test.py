@@ -1,0 +1,162 @@
+"""Load test: 3 browser sessions review one run at once while the CLI exports the decisions every second.
+
+    .venv/bin/python bench/load_test.py [--seconds 60] [--sessions 3]
+
+Trains a small real run (digits, 10% noise, 3 epochs), starts `streamlit run app.py` on a free port,
+and drives N headless Chromium sessions (one process each) on the Flagged page: each clicks a decision
+button of a random card, waits until the app is idle again, and counts its clicks. Meanwhile
+`python -m engine export RUN --decisions` runs back to back (at most one a second) and every export is
+parsed. At the end it checks, and prints:
+- every click is one row of the review history (no decision lost, none doubled);
+- every export is a whole CSV (atomic), one row per sample, with valid decisions, and the number of
+  decided samples never goes down from one export to the next (consistent snapshots);
+- no page showed an exception and no page raised a JavaScript error.
+Exit status 0 when all hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import multiprocessing
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+CHROMIUM = "/usr/bin/chromium"
+BUTTONS = ("Correct", "Remove", "Unsure", "Relabel")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session(url: str, seconds: float, seed: int, out: multiprocessing.Queue) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import sync_playwright
+
+    rng = random.Random(seed)
+    clicks, js_errors, exceptions = 0, [], 0
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM,
+                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("pageerror", lambda e: js_errors.append(str(e)[:200]))
+        page.goto(f"{url}/flagged")
+        page.get_by_role("button", name="Correct").first.wait_for(timeout=120_000)
+        end = time.time() + seconds
+        while time.time() < end:
+            name = rng.choice(BUTTONS)
+            buttons = page.get_by_role("button", name=name, exact=True)
+            n = buttons.count()
+            if n == 0:
+                page.wait_for_timeout(200)
+                continue
+            buttons.nth(rng.randrange(n)).click()
+            clicks += 1
+            status = page.get_by_test_id("stStatusWidget")
+            try:  # the rerun this click caused starts (two clicks of one button before it would count once) ...
+                status.wait_for(state="visible", timeout=3_000)
+            except PlaywrightTimeout:
+                pass  # ... or it was over before we looked
+            status.wait_for(state="hidden", timeout=60_000)
+            exceptions = max(exceptions, page.get_by_test_id("stException").count())
+        browser.close()
+    out.put({"clicks": clicks, "js_errors": js_errors, "exceptions": exceptions})
+
+
+def _train(runs: Path) -> Path:
+    import torch
+
+    from engine import audit
+    from engine.config import AuditConfig
+
+    torch.set_num_threads(1)
+    run, ds = audit.prepare(AuditConfig(dataset="digits", noise=0.1, epochs=3), runs)
+    audit.execute(run, ds)
+    return run.path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--sessions", type=int, default=3)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="load-test-"))
+    run_dir = _train(tmp / "runs")
+    port = _free_port()
+    env = dict(os.environ, DIFFICULTY_AUDIT_RUNS=str(tmp / "runs"), PYTHONPATH=str(ROOT))
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "streamlit"), "run", "app.py", "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none",
+         "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        results: multiprocessing.Queue = multiprocessing.get_context("spawn").Queue()
+        ctx = multiprocessing.get_context("spawn")
+        sessions = [ctx.Process(target=_session, args=(url, args.seconds, k, results)) for k in range(args.sessions)]
+        for p in sessions:
+            p.start()
+        time.sleep(15)  # the sessions open the page first
+        exports, bad_exports, decided, shrinks = 0, [], [], 0
+        started = time.time()
+        while any(p.is_alive() for p in sessions):
+            t0 = time.time()
+            out = tmp / "decisions.csv"
+            r = subprocess.run([sys.executable, "-m", "engine", "export", str(run_dir), "--out", str(out), "--decisions"],
+                               cwd=ROOT, env=env, capture_output=True, text=True)
+            exports += 1
+            if r.returncode != 0:
+                bad_exports.append(r.stderr.strip()[-200:])
+            else:
+                rows = list(csv.DictReader(io.StringIO(out.read_text())))
+                ids = [row["sample_id"] for row in rows]
+                if len(ids) != len(set(ids)) or any(row["decision"] not in ("mislabeled", "correct", "remove", "unsure")
+                                                    for row in rows):
+                    bad_exports.append(f"export {exports}: duplicated ids or invalid decisions")
+                if decided and len(rows) < decided[-1]:
+                    shrinks += 1
+                decided.append(len(rows))
+            time.sleep(max(0.0, 1.0 - (time.time() - t0)))
+        per = [results.get(timeout=30) for _ in sessions]
+        elapsed = time.time() - started
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    from engine.reviews import ReviewStore
+
+    history = len(ReviewStore(run_dir).history())
+    clicks = sum(p["clicks"] for p in per)
+    js = [e for p in per for e in p["js_errors"]]
+    exc = sum(p["exceptions"] for p in per)
+    print(f"sessions: {args.sessions} x {args.seconds:.0f} s; clicks per session: {[p['clicks'] for p in per]}")
+    print(f"decisions clicked: {clicks}, rows in the review history: {history} (kept: {clicks == history})")
+    print(f"CLI exports: {exports} in {elapsed:.0f} s ({exports / elapsed:.2f}/s), failed or inconsistent: "
+          f"{len(bad_exports)}, decided-count decreases: {shrinks}, decided samples in the last: "
+          f"{decided[-1] if decided else 0}")
+    print(f"page exceptions: {exc}, JavaScript errors: {len(js)} {js[:2]}")
+    ok = clicks == history and not bad_exports and shrinks == 0 and exc == 0 and not js and clicks > 0
+    print("RESULT:", "pass" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
