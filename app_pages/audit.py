@@ -13,6 +13,7 @@ from app_pages.common import (
     fmt_seconds,
     job_manager,
     may_run_audits,
+    plain,
     refuse_outside_root,
     select_run,
 )
@@ -136,7 +137,7 @@ if submitted and may_run_audits():
         with st.spinner("Checking the dataset…"):
             run = job_manager().start(cfg)
     except ValueError as exc:  # ConfigError, DatasetError, PathRefused, RunBusy
-        st.error(f"Cannot start: {exc}")
+        st.error(f"Cannot start: {plain(exc)}")
     else:
         select_run(run.id)
         st.rerun()
@@ -190,7 +191,7 @@ def progress() -> None:
             else:  # not a job of this dashboard process: say whose it is instead of pretending
                 owner = owner_of(run)
                 who = describe(owner) if owner else f"process {status.get('pid')} on {status.get('host')}"
-                st.warning(f"This dashboard cannot cancel run {run.id}: it belongs to {who}. Stop it there "
+                st.warning(f"This dashboard cannot cancel run {run.id}: it belongs to {plain(who)}. Stop it there "
                            "(Ctrl-C or `kill -TERM` of that process; finished epochs are kept).")
         if done:
             st.caption("The AUM page already shows the finished epochs.")
@@ -203,7 +204,7 @@ progress()
 status = run.status()
 state = status.get("state")
 if state == "failed":
-    st.error(f"The audit failed: {status.get('error')}. Finished epochs are kept and can be viewed.")
+    st.error(f"The audit failed: {plain(status.get('error'))}. Finished epochs are kept and can be viewed.")
     with st.expander("Traceback"):
         st.code(status.get("traceback") or "")
 if state in ("interrupted", "cancelled", "failed"):
@@ -212,12 +213,12 @@ if state in ("interrupted", "cancelled", "failed"):
                    "a scheduler's SIGTERM or a crash). Finished epochs are kept.")
     problem = resume_problem(run, 1)
     if problem:
-        st.info(problem)
+        st.info(plain(problem))
     elif st.button("Resume from the last finished epoch", key=f"resume-{run.id}", disabled=not may_run_audits()):
         try:
             jobs.resume(run)
         except ConfigError as exc:  # queued already (another tab), or owned by another process
-            st.error(f"Cannot resume: {exc}")
+            st.error(f"Cannot resume: {plain(exc)}")
         else:
             time.sleep(0.2)
             st.rerun()

@@ -31,6 +31,16 @@ def job_manager() -> JobManager:
     return JobManager()
 
 
+_MARKDOWN_SPECIALS = "\\`*_{}[]()<>#+-.!|~$:"
+
+
+def plain(value) -> str:
+    """``value`` as literal text inside Streamlit markdown (st.markdown, st.caption, st.error, ...): every markdown
+    character is backslash-escaped, so a dataset's folder or file name cannot become a link, an image, a
+    formula or formatting."""
+    return "".join("\\" + ch if ch in _MARKDOWN_SPECIALS else ch for ch in str(value))
+
+
 def _user() -> dict:
     """``st.user`` as a plain dict (empty outside a session)."""
     try:
@@ -76,12 +86,12 @@ def require_access() -> None:
         st.button("Sign in", type="primary", on_click=st.login)
         st.stop()
     if role == NOBODY:
-        st.error(f"Signed in as {identity(user)}, who is not listed in the dashboard's roles. Ask an admin to add "
+        st.error(f"Signed in as {plain(identity(user))}, who is not listed in the dashboard's roles. Ask an admin to add "
                  "you to `[roles]` in `.streamlit/secrets.toml`.")
         st.button("Sign out", on_click=st.logout)
         st.stop()
     with st.sidebar:
-        st.caption(f"Signed in as **{identity(user)}** ({role})")
+        st.caption(f"Signed in as **{plain(identity(user))}** ({role})")
         st.button("Sign out", on_click=st.logout, key="sign-out")
 
 
@@ -136,7 +146,7 @@ def sidebar_run_picker() -> Run | None:
         st.caption(policy_caption(run), help="The review policy decides which samples are flagged and their rank on "
                    "every page and in every export. Change it on the AUM page.")
         noise = f", {cfg['noise']:.0%} {cfg['noise_kind']} noise injected" if cfg.get("noise") else ""
-        st.caption(f"Dataset **{cfg['dataset']}**{noise} · model **{cfg['model']}** · "
+        st.caption(f"Dataset **{plain(cfg['dataset'])}**{noise} · model **{plain(cfg['model'])}** · "
                    f"{cfg['epochs']} epochs × {cfg['threshold_runs'] if cfg['threshold_samples'] else 1} pass(es)")
         with st.expander(f"All runs ({len(runs)})"):
             st.markdown("\n".join(f"- `{r.id}` {state_badge(r)}" for r in runs))
@@ -151,7 +161,7 @@ def refuse_outside_root(text: str) -> bool:
     try:
         resolve_user_path(text)
     except PathRefused as exc:
-        st.error(f"Not allowed: {exc}")
+        st.error(f"Not allowed: {plain(exc)}")
         return True
     return False
 
@@ -216,7 +226,7 @@ def load_scores(run: Run) -> tuple[pd.DataFrame, dict, pd.DataFrame, list[str]] 
     try:
         return _load(_stamp(run))
     except (ValueError, FileNotFoundError, RunError) as exc:
-        st.warning(f"This run cannot be scored yet: {exc}")
+        st.warning(f"This run cannot be scored yet: {plain(exc)}")
         return None
 
 
@@ -254,7 +264,7 @@ def image_grid(images, indices, captions: list[str], cols: int = 6, size: int = 
             try:
                 col.image(images.png(int(i), size), caption=cap)
             except ImageError as exc:
-                col.caption(f"{cap}: no image ({exc})")
+                col.caption(f"{plain(cap)}: no image ({plain(exc)})")
 
 
 def detection_row(m: dict) -> None:
