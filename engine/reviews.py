@@ -127,8 +127,9 @@ class ReviewStore:
     def _check(self, rows: list[tuple]) -> None:
         """Every sample id must be one of the run's, every new label one of its class names."""
         ids, classes = _run_ids_and_classes(self.run_dir)
-        if ids is not None:
-            unknown = [r[0] for r in rows if r[0] not in ids]
+        if ids is not None and rows:
+            asked = [r[0] for r in rows]
+            unknown = [asked[k] for k in np.flatnonzero(ids.get_indexer(asked) < 0)]  # one hashed lookup for a bulk
             if unknown:
                 raise ReviewError(f"{len(unknown)} sample id(s) are not samples of this run (e.g. {unknown[0][:80]!r})")
         if classes is not None:
