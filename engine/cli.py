@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import CUTOFFS, LOADERS, MODELS, AuditConfig, ConfigError, parse_class_list
 from .datasets import DatasetError
-from .ownership import claim, describe, owner_of, release
+from .ownership import RunBusy, claim, describe, owner_of, release
 from .runs import RunError, open_run, resume_command, resume_problem, runs_root
 
 
@@ -273,14 +273,25 @@ def _audit(args: argparse.Namespace) -> int:
         if st.get("state") == "done":
             print(f"run {run.id} is already done; nothing to resume", file=sys.stderr)
             return 0
-        if st.get("state") in ("running", "pending") or owner_of(run):  # e.g. queued or training in the dashboard
-            rec = owner_of(run)
-            who = describe(rec) if rec else f"process {st.get('pid')} on {st.get('host')}"
-            print(f"run {run.id} is {st.get('state')} in {who}; not resuming it twice", file=sys.stderr)
-            return 2
         problem = resume_problem(run, world()[1])  # audit.execute refuses it too; here before a progress bar shows
         if problem:
             raise ConfigError(problem)
+        busy = None
+        if is_main():  # rank 0 alone checks and claims the run (no rank sees its own rank 0's claim as a rival)
+            rec = owner_of(run)
+            if st.get("state") in ("running", "pending") or rec:  # e.g. queued or training in the dashboard
+                who = describe(rec) if rec else f"process {st.get('pid')} on {st.get('host')}"
+                busy = f"run {run.id} is {st.get('state')} in {who}; not resuming it twice"
+            else:
+                try:
+                    claim(run, "command line --resume")
+                except RunBusy as exc:  # claimed between the check and now
+                    busy = str(exc)
+        busy = broadcast_object(busy)
+        if busy:
+            if is_main():
+                print(busy, file=sys.stderr)
+            return 2
         ds = None
     else:
         cfg_obj = config_from_args(args)
@@ -312,8 +323,8 @@ def _audit(args: argparse.Namespace) -> int:
                             refresh=False)
         bar.update(1)
 
-    if is_main():  # rank 0 owns the run while it trains (the dashboard refuses to resume or score it meanwhile)
-        claim(run, "command line --resume" if args.resume else "command line audit")
+    if is_main() and not args.resume:  # rank 0 owns the run while it trains (the dashboard refuses to resume it)
+        claim(run, "command line audit")
     previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
     try:
         summary = audit.execute(run, ds, on_epoch=on_epoch, resume=bool(args.resume))
