@@ -20,6 +20,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages.common import (
+    current_reviewer,
     fmt_num,
     md_escape,
     natural_aum,
@@ -103,10 +104,7 @@ arr.sync()
 # ---- who is reviewing ----------------------------------------------------------------------------
 def reviewer_name() -> str:
     """The signed-in user when sign-in is configured, else the name typed in the sidebar (kept in the URL)."""
-    user = getattr(st, "user", None)
-    if user is not None and getattr(user, "is_logged_in", False):
-        return str(user.get("email") or user.get("name") or "")
-    return st.session_state.get("_reviewer", "")
+    return current_reviewer(st.session_state.get("_reviewer", "")) or ""
 
 
 def _keep_reviewer() -> None:

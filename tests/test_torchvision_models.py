@@ -116,6 +116,7 @@ def test_audit_page_offers_torchvision_models_and_refuses_a_wrong_weights_file(m
 
     torch.save({"w": torch.zeros(2)}, tmp_path / "other.pt")
     monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("DIFFICULTY_AUDIT_DATA_ROOT", str(tmp_path))  # the weights file lies under the data root
     at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60).run()
     assert "resnet18" in at.selectbox(key="tv_arch").options
     at.selectbox(key="tv_arch").set_value("resnet18")
