@@ -97,9 +97,8 @@ def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None, decode: boo
     create the run directory. Returns the run and its training samples (``ds.stats`` set).
 
     ``decode=False`` leaves image files read by header only (the dashboard decodes them in its worker
-    thread, not in the request; a corrupt file then fails the run, named in its status). The
-    normalisation statistics are measured here either way (on a seeded sample of at most 4,096
-    images), because the run's config records them.
+    thread, not in the request; a corrupt file then fails the run, named in its status); ``execute``
+    then measures the normalisation statistics once and records them in the run's config.
     """
     from .runs import runs_root
 
@@ -109,7 +108,7 @@ def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None, decode: boo
     check_dataset(ds, cfg)
     if decode and is_lazy(ds.images) and choose_loader(cfg.loader, ds.images) == "memory":
         ds.images = materialize(ds.images, cfg.workers)  # a corrupt file found while decoding stops here
-    if ds.stats is None:  # once, before the run exists, for every loader (a streamed source decodes them here)
+    if ds.stats is None and decode:  # once, before the run exists, for every loader (a streamed source decodes them here)
         ds.stats = normalization_stats(ds.images, cfg.workers, cfg.seed)
     n_trained_classes = int((np.bincount(ds.labels, minlength=ds.n_classes) > 0).sum())
     tpass_train = (
@@ -134,7 +133,7 @@ def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None, decode: boo
     )
     config = cfg.run_dict() | {
         "dataset_root": full.root, "dataset_info": full.info, "image_shape": list(ds.images.shape[1:]),
-        "normalization": stats_record(ds.stats, len(stats_sample(len(ds), cfg.seed))),
+        "normalization": stats_record(ds.stats, len(stats_sample(len(ds), cfg.seed))) if ds.stats is not None else None,
     }
     run = create_run(runs_root(root), config, samples, full.classes)
     return run, ds
@@ -184,6 +183,11 @@ def execute(
             on_epoch(r)
 
     try:
+        if stats is None:  # prepared with decode=False (the dashboard): measured here, once, recorded for --resume
+            stats = normalization_stats(ds.images, cfg.workers, cfg.seed)  # a corrupt file fails the run here
+            if main:
+                atomic_write_json(run.path / "config.json",
+                                  raw | {"normalization": stats_record(stats, len(stats_sample(len(ds), cfg.seed)))})
         source = make_source(ds.images, device, cfg.loader, cfg.workers, stats=stats, seed=cfg.seed)
         status(input_pipeline={"loader": source.kind, "workers": source.workers, "device": str(device)})
         for p in range(cfg.passes):

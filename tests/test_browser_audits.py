@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_browser import CHROMIUM, page, server  # noqa: F401  (fixtures: a real server on a free port, Chromium)
+from test_browser import _browser_first, page, server  # noqa: F401  (fixtures: a real server on a free port, Chromium)
 
 from engine.runs import list_runs
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow,
-              pytest.mark.skipif(not __import__("pathlib").Path(CHROMIUM).exists(), reason="no Debian chromium")]
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def test_three_audits_in_a_row_in_the_browser(server, page):  # noqa: F811
