@@ -132,7 +132,7 @@ def test_cleaned_manifest_reaudit_flags_fewer(tmp_path):
     """A reviewer relabels the flagged samples to their suggestion; the same audit of the cleaned data flags fewer."""
     data = tmp_path / "digits_folder"
     shutil.copytree(ROOT / "sample_data" / "digits_folder", data)
-    cfg = AuditConfig(dataset=str(data), epochs=15, seed=1)
+    cfg = AuditConfig(dataset=str(data), noise=0.1, epochs=15, seed=1)  # 12 misfiled + 30 flipped on purpose
     run, ds = audit.prepare(cfg, tmp_path / "runs")
     first = audit.execute(run, ds)
     table = export_frame(run, "flagged")
