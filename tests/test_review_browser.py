@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (make chromium, as root)"),
-]
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(autouse=True)
+def _browser_first(chromium):
+    """Skip (or, under CI, fail) before a server starts when there is no browser (conftest ``chromium``)."""
 
 
 def _free_port() -> int:
@@ -61,12 +62,12 @@ def server(tmp_path):
 
 
 @pytest.fixture
-def browser():
+def browser(chromium):
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM,
+        b = pw.chromium.launch(executable_path=chromium,
                                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         yield b
         b.close()
