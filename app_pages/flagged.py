@@ -253,8 +253,8 @@ with st.expander(f":material/grid_on: Given vs suggested label of the {fmt_num(n
 
 # ---- the selection -----------------------------------------------------------------------------------
 f = st.columns([2, 2, 2, 3, 3])
-rank_by = f[0].selectbox("Rank by (higher = more suspicious)", score_cols, key="rank_by",
-                         format_func=lambda c: f"{c}: {REGISTRY[c].title}")
+rank_by = f[0].selectbox("Rank by (most suspicious first)", score_cols, key="rank_by",
+                         format_func=lambda c: f"{c} ({REGISTRY[c].direction}): {REGISTRY[c].title}")
 show = f[1].selectbox("Show", ["flagged", "not flagged", "all"], key="flt_flagged")
 review = f[2].selectbox("Review", ["all", "not reviewed", "reviewed"], key="flt_review")
 given = f[3].multiselect("Given label", classes, key="flt_given")
