@@ -136,19 +136,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _retrain(args: argparse.Namespace) -> int:
+def _percent_bar(desc: str):
+    """A tqdm bar in percent and the ``progress(fraction, message)`` callback that moves it."""
     from tqdm import tqdm
 
-    from .retrain import retrain
-
-    run = open_run(args.run_dir)
-    bar = tqdm(total=100, unit="%", desc="retraining")
+    bar = tqdm(total=100, unit="%", desc=desc)
 
     def progress(frac: float, msg: str) -> None:
         bar.n = int(frac * 100)
         bar.set_postfix_str(msg)
         bar.refresh()
 
+    return bar, progress
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    from .retrain import retrain
+
+    run = open_run(args.run_dir)
+    bar, progress = _percent_bar("retraining")
     r = retrain(run, args.policy, args.test, args.seeds, progress=progress)
     bar.n = 100
     bar.close()
@@ -195,19 +201,11 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .extra_scores import compute
     from .scores import REGISTRY
 
     run = open_run(args.run_dir)
-    bar = tqdm(total=100, unit="%", desc="scoring")
-
-    def progress(frac: float, msg: str) -> None:
-        bar.n = int(frac * 100)
-        bar.set_postfix_str(msg)
-        bar.refresh()
-
+    bar, progress = _percent_bar("scoring")
     written = compute(run, args.names, folds=args.folds, k=args.k, teacher=args.teacher,
                       leave_one_out=not args.no_leave_one_out, seed=args.seed, progress=progress)
     bar.close()
