@@ -42,7 +42,10 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
 
     "Identically" on CPU: same machine, same thread count, same seed -> bitwise equal dynamics and scores.
     """
-    env = dict(os.environ, DIFFICULTY_AUDIT_RUNS=str(tmp_path / "killed"))
+    import torch
+
+    # the same thread count as the in-process run below (another test may have set it): bitwise equality needs it
+    env = dict(os.environ, DIFFICULTY_AUDIT_RUNS=str(tmp_path / "killed"), OMP_NUM_THREADS=str(torch.get_num_threads()))
     args = [sys.executable, "-m", "engine", "audit", "--noise", "0.1", "--epochs", "12", "--seed", "5", "--quiet"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     run = _wait_for_epochs(tmp_path / "killed", 4)

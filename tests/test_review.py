@@ -42,8 +42,8 @@ APP = str(ROOT / "app.py")
 
 def _copy(run: Run, tmp_path: Path) -> Run:
     dest = tmp_path / "runs" / run.id
-    shutil.copytree(run.path, dest)
-    return Run(dest)
+    shutil.copytree(run.path, dest, ignore=shutil.ignore_patterns("reviews.sqlite*", "policy.json"))
+    return Run(dest)  # without the decisions or policy other tests may have saved in the shared run
 
 
 def _errors(run: Run) -> np.ndarray:
@@ -269,18 +269,17 @@ def test_cleaned_folder_round_trip(small_run, tmp_path):
     ids = run.samples()["sample_id"].to_numpy()
     removed, relabelled = list(ids[:5]), list(ids[5:10])
     store = ReviewStore(run.path)
-    store.record_many([(s, "remove", None) for s in removed] + [(s, "mislabeled", "-1") for s in relabelled])
+    store.record_many([(s, "remove", None) for s in removed] + [(s, "mislabeled", "3") for s in relabelled])
     n = write_cleaned_folder(run, tmp_path / "clean")
     assert n == len(ids) - 5 and len(list((tmp_path / "clean").rglob("*.png"))) == n
-    assert (tmp_path / "clean" / "-1").is_dir() and len(list((tmp_path / "clean" / "-1").iterdir())) == 5
     manifest = (tmp_path / "clean" / "manifest.csv").read_text()
-    assert "'-1" not in manifest and ",-1," in manifest  # machine-readable: no formula quoting
+    assert "'" not in manifest  # machine-readable: no formula quoting (decisions only relabel to a run's class)
     again, ds = audit.prepare(AuditConfig(dataset=str(tmp_path / "clean" / "manifest.csv"), noise=0.0,
                                                           epochs=1, seed=0),
                               tmp_path / "runs2")
     got = dict(zip(ds.sample_ids, np.array(ds.classes)[ds.labels], strict=True))
     assert not set(removed) & set(got) and len(got) == len(ids) - 5
-    assert all(got[s] == "-1" for s in relabelled)
+    assert all(got[s] == "3" for s in relabelled)
     given = dict(zip(ids, np.array(run.classes())[run.samples()["label"].to_numpy()], strict=True))
     assert all(got[s] == given[s] for s in ids[10:])
     with pytest.raises(Exception, match="not an empty folder"):
