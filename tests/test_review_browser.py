@@ -6,59 +6,17 @@ Debian's Chromium driven by Playwright against `streamlit run app.py` on a rando
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_browser import _browser_first, server  # noqa: F401  (fixtures: browser gate, a real server on a free port)
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture(autouse=True)
-def _browser_first(chromium):
-    """Skip (or, under CI, fail) before a server starts when there is no browser (conftest ``chromium``)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def server(tmp_path):
-    port = _free_port()
-    env = dict(os.environ, DIFFICULTY_AUDIT_RUNS=str(tmp_path / "runs"))
-    streamlit = shutil.which("streamlit", path=str(Path(sys.executable).parent)) or "streamlit"
-    proc = subprocess.Popen(
-        [streamlit, "run", "app.py", "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail(f"streamlit did not answer on {url}: {proc.stdout.read().decode()[-2000:]}")
-    yield url, tmp_path / "runs"
-    proc.terminate()
-    proc.wait(timeout=20)
 
 
 @pytest.fixture
@@ -93,7 +51,7 @@ def _poll(fn, timeout: float = 30.0):
     return fn()
 
 
-def test_keyboard_review_and_matrix_journey(server, browser):
+def test_keyboard_review_and_matrix_journey(server, browser):  # noqa: F811
     """Decide by key, the next undecided sample is focused, undo by key; one matrix click filters the gallery."""
     from playwright.sync_api import expect
 
@@ -226,7 +184,7 @@ def _hostile_folder(root: Path) -> None:
             Image.fromarray((d.images[i] * 15).astype("uint8")).save(folder / f"{stem}{k}.png")
 
 
-def test_hostile_class_and_file_names_are_shown_as_text(server, browser, tmp_path):
+def test_hostile_class_and_file_names_are_shown_as_text(server, browser, tmp_path):  # noqa: F811
     """No element injected, no dialog, no script, no javascript: link; the names are displayed as typed."""
     from playwright.sync_api import expect
 
