@@ -11,7 +11,7 @@ import streamlit as st
 
 from app_pages.common import require_access, sidebar_run_picker
 
-# Named __main__ by its spec, so that decoding workers started by forkserver (engine.pipeline, chosen in this
+# Named __main__ by its spec, so that decoding workers started by forkserver (engine.data.pipeline, chosen in this
 # multi-threaded server instead of fork) do not import and run this script again.
 __spec__ = importlib.machinery.ModuleSpec("__main__", None)
 
@@ -25,7 +25,7 @@ pages = [
     st.Page("app_pages/datamap.py", title="Data map", icon=":material/scatter_plot:"),
     st.Page("app_pages/ood.py", title="OoD & uncertainty", icon=":material/blur_on:"),
 ]
-require_access()  # sign-in and roles when configured (engine.access); nothing in local mode
+require_access()  # sign-in and roles when configured (engine.jobs.access); nothing in local mode
 nav = st.navigation(pages)
 sidebar_run_picker()
 nav.run()

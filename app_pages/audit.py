@@ -17,13 +17,22 @@ from app_pages.common import (
     refuse_outside_root,
     select_run,
 )
-from engine.config import LOADERS, MODELS, AuditConfig, ConfigError, parse_class_list
-from engine.dataroot import data_root, resolve_user_path
-from engine.datasets import DatasetError
-from engine.models import torchvision_architectures
-from engine.ownership import describe, owner_of
-from engine.runs import resume_problem, runs_root
-from engine.uploads import extract_image_zip
+from engine.ui import (
+    LOADERS,
+    MODELS,
+    AuditConfig,
+    ConfigError,
+    DatasetError,
+    data_root,
+    describe,
+    extract_image_zip,
+    owner_of,
+    parse_class_list,
+    resolve_user_path,
+    resume_problem,
+    runs_root,
+    torchvision_architectures,
+)
 
 st.title(":material/rocket_launch: Audit")
 st.write(

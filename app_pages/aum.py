@@ -8,28 +8,27 @@ import streamlit as st
 
 from app_pages.cleaning import noise_estimate_section
 from app_pages.common import class_axis, detection_row, policy_caption, require_run, require_scores, stamp
-from engine.metrics import flag_metrics, ranking_auroc
-from engine.policy import (
+from engine.ui import (
     POLICY_FILE,
     Policy,
     PolicyError,
     available_scores,
+    common_edges,
     decision_for,
     direction_label,
+    first_kept_pass,
+    flag_metrics,
+    histogram,
+    label_errors,
     load_policy,
+    margin_bands,
+    margin_sample,
+    oriented,
+    per_class,
+    ranking_auroc,
     save_policy,
     score_values,
     suspicious_of,
-)
-from engine.scores import oriented
-from engine.views import (
-    common_edges,
-    first_kept_pass,
-    histogram,
-    label_errors,
-    margin_bands,
-    margin_sample,
-    per_class,
 )
 
 st.title(":material/show_chart: Area Under the Margin")
@@ -42,7 +41,7 @@ if state != "done":
 
 @st.cache_resource(max_entries=4)
 def sampled_margins(key: tuple) -> tuple[np.ndarray, np.ndarray]:
-    from engine.runs import Run
+    from engine.ui import Run
 
     return margin_sample(Run(key[0]))
 

@@ -8,8 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine.retrain import load as load_retrain
-from engine.runs import Run
+from engine.ui import Run, load_retrain
 
 
 def noise_estimate_section(summary: dict | None) -> None:

@@ -12,14 +12,27 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from engine.access import NOBODY, SIGNED_OUT, identity, may, reviewer_name, role_of, sign_in_configured
-from engine.dataroot import PathRefused, resolve_user_path
-from engine.images import SampleImages
-from engine.jobs import JobManager
-from engine.policy import POLICY_FILE, summary_line
-from engine.predefined import PREDEFINED_FILE
-from engine.runs import Run, RunError, list_runs, runs_root
-from engine.views import live_scores
+from engine.ui import (
+    NOBODY,
+    POLICY_FILE,
+    PREDEFINED_FILE,
+    SIGNED_OUT,
+    JobManager,
+    PathRefused,
+    Run,
+    RunError,
+    SampleImages,
+    identity,
+    list_runs,
+    live_scores,
+    may,
+    resolve_user_path,
+    reviewer_name,
+    role_of,
+    runs_root,
+    sign_in_configured,
+    summary_line,
+)
 
 STATE_ICONS = {"running": ":material/autorenew:", "pending": ":material/hourglass_empty:", "done": ":material/check_circle:",
                "failed": ":material/error:", "cancelled": ":material/stop_circle:", "interrupted": ":material/warning:"}
@@ -50,7 +63,7 @@ def _user() -> dict:
 
 
 def _roles_config() -> dict | None:
-    """The ``[roles]`` section of ``.streamlit/secrets.toml`` (engine.access), or None without one."""
+    """The ``[roles]`` section of ``.streamlit/secrets.toml`` (engine.jobs.access), or None without one."""
     try:
         roles = st.secrets.get("roles")
     except Exception:  # no secrets file at all
@@ -59,7 +72,7 @@ def _roles_config() -> dict | None:
 
 
 def current_role() -> str:
-    """The signed-in user's role (``engine.access.role_of``); ``admin`` in local mode (no sign-in configured)."""
+    """The signed-in user's role (``engine.jobs.access.role_of``); ``admin`` in local mode (no sign-in configured)."""
     return role_of(_user(), _roles_config())
 
 
@@ -155,7 +168,7 @@ def sidebar_run_picker() -> Run | None:
 
 
 def refuse_outside_root(text: str) -> bool:
-    """Under a path field: say why the typed path cannot be read (``engine.dataroot``); True when refused."""
+    """Under a path field: say why the typed path cannot be read (``engine.data.dataroot``); True when refused."""
     if not (text or "").strip():
         return False
     try:
@@ -179,7 +192,7 @@ def sample_images(run: Run) -> SampleImages:
 def policy_caption(run: Run, info: dict | None = None) -> str:
     """``Policy: aum < -0.12 (automatic) - 177 flagged``: from a page's loaded scores info when given, else the
     run's summary (cheap: no scores are read)."""
-    from engine.policy import caption
+    from engine.ui import caption
 
     if info and info.get("policy"):
         return caption(info["policy"])
@@ -256,7 +269,7 @@ def fmt_seconds(s: float) -> str:
 
 def image_grid(images, indices, captions: list[str], cols: int = 6, size: int = 96) -> None:
     """A grid of sample thumbnails with captions (the flagged page's cards use the same thumbnails)."""
-    from engine.images import ImageError
+    from engine.ui import ImageError
 
     for start in range(0, len(indices), cols):
         row = st.columns(cols)

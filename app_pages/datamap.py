@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages.common import fmt_num, plot_text, require_run, require_scores
-from engine.views import subsample
+from engine.ui import subsample
 
 MAX_POINTS = 50_000
 

@@ -30,13 +30,24 @@ from app_pages.common import (
     sample_images,
     stamp,
 )
-from engine.cleaned import cleaned_zip
-from engine.confusion import label_matrix, per_class_table
-from engine.export import export_bytes, export_filename, to_csv_bytes
-from engine.images import ImageError
-from engine.reviews import DECISION_CODES, DecisionArrays, ReviewStore, agreement, new_batch_id
-from engine.scores import REGISTRY, oriented
-from engine.views import first_kept_pass, nearest_neighbours
+from engine.ui import (
+    DECISION_CODES,
+    REGISTRY,
+    DecisionArrays,
+    ImageError,
+    ReviewStore,
+    agreement,
+    cleaned_zip,
+    export_bytes,
+    export_filename,
+    first_kept_pass,
+    label_matrix,
+    nearest_neighbours,
+    new_batch_id,
+    oriented,
+    per_class_table,
+    to_csv_bytes,
+)
 
 # decision -> (button label, badge colour, material icon, shortcut of the focused sample's button)
 DECISIONS = {

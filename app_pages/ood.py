@@ -8,9 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages.common import fmt_num, load_scores, md_escape, require_run, sample_images
-from engine.images import ImageError
-from engine.ood_eval import load_report, load_results
-from engine.views import common_edges, histogram, subsample
+from engine.ui import ImageError, common_edges, histogram, load_report, load_results, subsample
 
 
 def open_sample(i: int) -> None:

@@ -11,23 +11,27 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages.common import current_run, job_manager, load_scores, may_run_audits, refuse_outside_root, stamp
-from engine.correlations import METHODS, correlation_matrix, topk_jaccard
-from engine.dataroot import PathRefused, resolve_user_path
-from engine.extra_scores import EXTRA
-from engine.predefined import (
+from engine.ui import (
+    EXTRA,
     MAX_BYTES,
+    METHODS,
     PREDEFINED_FILE,
+    REGISTRY,
+    PathRefused,
     PredefinedError,
+    correlation_matrix,
     directions,
     guess_columns,
     join_to_run,
     load_from_run,
+    oriented,
     parse_csv,
+    resolve_user_path,
     save_to_run,
+    subsample,
+    topk_jaccard,
     validate,
 )
-from engine.scores import REGISTRY, oriented
-from engine.views import subsample
 
 NO_ID = "(none: match rows by position)"
 
@@ -246,7 +250,7 @@ if run is None:  # CSV alone: distributions and the ranked table
     st.dataframe(ranked.iloc[order[:1000]], hide_index=True, width="stretch")
     only = st.session_state["csv_only"]
     if only.get("root"):
-        from engine.images import ImageError, read_under_root, thumbnail_png
+        from engine.ui import ImageError, read_under_root, thumbnail_png
 
         st.subheader(f"Hardest by {pick}: images")
         top = order[:18]

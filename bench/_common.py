@@ -16,8 +16,8 @@ def seconds_per_epoch(cfg, source, targets: torch.Tensor, n_classes: int, run, c
     """Wall time per epoch of one training pass over ``source`` (capture into ``run``'s arrays, or none)."""
     import time
 
-    from engine.runs import DynamicsWriter
-    from engine.training import train_pass
+    from engine.store.runs import DynamicsWriter
+    from engine.training.loop import train_pass
 
     writer = DynamicsWriter(run, 0, cfg.epochs, source.n) if capture else None
     if source.device.type == "cuda":

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import machine  # noqa: E402
-from engine.dynamics import batch_capture, pleiss_margin  # noqa: E402
+from engine.capture.dynamics import batch_capture, pleiss_margin  # noqa: E402
 
 
 def clock() -> float:

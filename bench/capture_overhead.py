@@ -18,11 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import machine, seconds_per_epoch  # noqa: E402
-from engine.config import AuditConfig  # noqa: E402
-from engine.datasets import load_dataset  # noqa: E402
-from engine.models import pick_device  # noqa: E402
-from engine.pipeline import make_source  # noqa: E402
-from engine.runs import create_run  # noqa: E402
+from engine.data.datasets import load_dataset  # noqa: E402
+from engine.data.pipeline import make_source  # noqa: E402
+from engine.store.runs import create_run  # noqa: E402
+from engine.training.config import AuditConfig  # noqa: E402
+from engine.training.models import pick_device  # noqa: E402
 
 
 def main() -> None:

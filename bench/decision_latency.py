@@ -72,7 +72,7 @@ def engine_share(run_path: Path, repeats: int) -> list[float]:
     """Seconds of record_many(one sample) + DecisionArrays.sync, as the page's callback runs them."""
     import pyarrow.parquet as pq
 
-    from engine.reviews import DecisionArrays, ReviewStore
+    from engine.review.reviews import DecisionArrays, ReviewStore
 
     ids = pq.read_table(run_path / "samples.parquet", columns=["sample_id"]).column("sample_id").to_pandas()
     classes = [str(c) for c in range(10)]
@@ -132,9 +132,9 @@ def main() -> None:
     args = ap.parse_args()
     if not Path(CHROMIUM).exists():
         raise SystemExit(f"{CHROMIUM} not found: install Debian's chromium (make chromium, as root)")
-    from engine.audit import finalize
-    from engine.reviews import ReviewStore
-    from engine.runs import Run
+    from engine.review.reviews import ReviewStore
+    from engine.store.runs import Run
+    from engine.training.audit import finalize
 
     with tempfile.TemporaryDirectory() as tmp:
         path = make_run(Path(tmp), args.samples, args.epochs, do_finalize=False)

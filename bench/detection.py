@@ -23,13 +23,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import machine  # noqa: E402
-from engine import audit  # noqa: E402
-from engine.config import AuditConfig  # noqa: E402
-from engine.datasets import load_dataset  # noqa: E402
-from engine.extra_scores import out_of_sample_probs  # noqa: E402
-from engine.metrics import detection_metrics  # noqa: E402
-from engine.policy import Policy, decision_for  # noqa: E402
-from engine.scores import compute_scores, oriented  # noqa: E402
+from engine.data.datasets import load_dataset  # noqa: E402
+from engine.review.policy import Policy, decision_for  # noqa: E402
+from engine.scores.extra import out_of_sample_probs  # noqa: E402
+from engine.scores.metrics import detection_metrics  # noqa: E402
+from engine.scores.registry import compute_scores, oriented  # noqa: E402
+from engine.training import audit  # noqa: E402
+from engine.training.config import AuditConfig  # noqa: E402
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.render_pages import make_run  # noqa: E402
-from engine.runs import Run  # noqa: E402
-from engine.scores import compute_scores  # noqa: E402
+from engine.scores.registry import compute_scores  # noqa: E402
+from engine.store.runs import Run  # noqa: E402
 
 
 def main() -> None:

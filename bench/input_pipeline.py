@@ -32,11 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import machine, seconds_per_epoch  # noqa: E402
-from engine.config import AuditConfig  # noqa: E402
-from engine.datasets import load_dataset  # noqa: E402
-from engine.models import pick_device  # noqa: E402
-from engine.pipeline import make_source  # noqa: E402
-from engine.runs import create_run  # noqa: E402
+from engine.data.datasets import load_dataset  # noqa: E402
+from engine.data.pipeline import make_source  # noqa: E402
+from engine.store.runs import create_run  # noqa: E402
+from engine.training.config import AuditConfig  # noqa: E402
+from engine.training.models import pick_device  # noqa: E402
 
 
 def make_folder(root: Path, n: int, size: int, seed: int = 0) -> None:
@@ -69,7 +69,7 @@ def _vm_hwm_mb(pid: int) -> float:
 
 def child(folder: str, loader: str, workers: int, device: str) -> None:
     """One pass of the pipeline over every image of ``folder`` in shuffled order (no model); prints JSON."""
-    from engine.pipeline import fixed_slices
+    from engine.data.pipeline import fixed_slices
 
     dev = pick_device(device)
     ds = load_dataset(folder, lazy=True)

@@ -79,8 +79,8 @@ def _session(url: str, seconds: float, seed: int, out: multiprocessing.Queue) ->
 def _train(runs: Path) -> Path:
     import torch
 
-    from engine import audit
-    from engine.config import AuditConfig
+    from engine.training import audit
+    from engine.training.config import AuditConfig
 
     torch.set_num_threads(1)
     run, ds = audit.prepare(AuditConfig(dataset="digits", noise=0.1, epochs=3), runs)
@@ -154,7 +154,7 @@ def main() -> int:
         server.terminate()
         server.wait(timeout=30)
 
-    from engine.reviews import ReviewStore
+    from engine.review.reviews import ReviewStore
 
     history = len(ReviewStore(run_dir).history())
     clicks = sum(p["clicks"] for p in per)

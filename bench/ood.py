@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import machine  # noqa: E402
-from engine import audit  # noqa: E402
-from engine.config import AuditConfig  # noqa: E402
+from engine.training import audit  # noqa: E402
+from engine.training.config import AuditConfig  # noqa: E402
 
 
 def main() -> None:

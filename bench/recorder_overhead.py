@@ -24,8 +24,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import machine  # noqa: E402
-from engine.models import pick_device  # noqa: E402
-from engine.recorder import Recorder  # noqa: E402
+from engine.capture.recorder import Recorder  # noqa: E402
+from engine.training.models import pick_device  # noqa: E402
 
 
 def data(classes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,8 +50,8 @@ PAGES = ["app_pages/audit.py", "app_pages/aum.py", "app_pages/flagged.py", "app_
 
 
 def make_run(root: Path, n: int, epochs: int, passes: int = 2, do_finalize: bool = True) -> Path:
-    from engine.audit import finalize
-    from engine.runs import DynamicsWriter, create_run
+    from engine.store.runs import DynamicsWriter, create_run
+    from engine.training.audit import finalize
 
     rng = np.random.default_rng(0)
     classes = [str(c) for c in range(10)]
@@ -91,7 +91,7 @@ def make_run(root: Path, n: int, epochs: int, passes: int = 2, do_finalize: bool
 
 def ood_report(run, labels: np.ndarray, rng: np.random.Generator, dim: int = 128, m: int = 20_000) -> None:
     """``ood/`` written by the engine's DDU code from synthetic features: one Gaussian cluster per class."""
-    from engine.ood_eval import write_report
+    from engine.ood.evaluate import write_report
 
     centres = rng.normal(0, 3, (10, dim)).astype(np.float32)
 

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import runs as _runs
-from .config import ConfigError
+from engine.store import runs as _runs
+from engine.training.config import ConfigError
 
 
 class Run:
     """A finished (or running) run directory, from ``engine.audit``, a ``Recorder`` or ``import-logits``.
 
-    ``Run(path)`` opens an existing run directory. The tables come from ``engine.export`` (the
+    ``Run(path)`` opens an existing run directory. The tables come from ``engine.review.export`` (the
     same as the dashboard's downloads and ``python -m engine export``).
     """
 
@@ -66,13 +66,13 @@ class Run:
     def scores(self) -> pd.DataFrame:
         """Every sample with its scores, class names, ``rank`` (1 = most suspicious), ``flagged`` and review
         decisions, worst first (``export_frame(run, "all")``)."""
-        from .export import export_frame
+        from engine.review.export import export_frame
 
         return export_frame(self.store, "all")
 
     def flagged(self) -> pd.DataFrame:
         """The flagged samples only, worst first (``export_frame(run, "flagged")``)."""
-        from .export import export_frame
+        from engine.review.export import export_frame
 
         return export_frame(self.store, "flagged")
 
@@ -81,7 +81,7 @@ class Run:
 
         ``kind``: ``flagged`` (default), ``all``, ``manifest`` (cleaned ``path,label,sample_id``) or ``decisions``.
         """
-        from .export import export_csv
+        from engine.review.export import export_csv
 
         return export_csv(self.store, out, kind=kind)
 
@@ -97,8 +97,8 @@ def audit(dataset: str, **options) -> Run:
     """
     from tqdm import tqdm
 
-    from . import audit as audit_module
-    from .cli import _parser, config_from_args
+    from engine.cli import _parser, config_from_args
+    from engine.training import audit as audit_module
 
     args = _parser().parse_args(["audit", "--dataset", str(dataset)])
     known = set(vars(args)) - {"command", "dataset", "resume"}

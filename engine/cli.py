@@ -8,10 +8,10 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import CUTOFFS, LOADERS, MODELS, AuditConfig, ConfigError, parse_class_list
-from .datasets import DatasetError
-from .ownership import RunBusy, claim, describe, owner_of, release
-from .runs import RunError, open_run, resume_command, resume_problem, runs_root
+from engine.data.datasets import DatasetError
+from engine.jobs.ownership import RunBusy, claim, describe, owner_of, release
+from engine.store.runs import RunError, open_run, resume_command, resume_problem, runs_root
+from engine.training.config import CUTOFFS, LOADERS, MODELS, AuditConfig, ConfigError, parse_class_list
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -151,7 +151,7 @@ def _percent_bar(desc: str):
 
 
 def _retrain(args: argparse.Namespace) -> int:
-    from .retrain import retrain
+    from engine.training.retrain import retrain
 
     run = open_run(args.run_dir)
     bar, progress = _percent_bar("retraining")
@@ -171,10 +171,10 @@ def _retrain(args: argparse.Namespace) -> int:
 
 
 def _ensemble(args: argparse.Namespace) -> int:
-    from .correlations import ensemble, rank_and_normalize
-    from .export import to_csv_bytes
-    from .runs import atomic_write_bytes, atomic_write_json
-    from .scores import REGISTRY
+    from engine.review.export import to_csv_bytes
+    from engine.scores.correlations import ensemble, rank_and_normalize
+    from engine.scores.registry import REGISTRY
+    from engine.store.runs import atomic_write_bytes, atomic_write_json
 
     tables = []
     for ref in args.run_dirs:
@@ -201,8 +201,8 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from .extra_scores import compute
-    from .scores import REGISTRY
+    from engine.scores.extra import compute
+    from engine.scores.registry import REGISTRY
 
     run = open_run(args.run_dir)
     bar, progress = _percent_bar("scoring")
@@ -260,9 +260,9 @@ def format_summary(summary: dict, run_path: Path) -> str:
 def _audit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from . import audit
-    from .distributed import broadcast_object, init_from_env, is_main, world
-    from .training import Cancelled
+    from engine.training import audit
+    from engine.training.distributed import broadcast_object, init_from_env, is_main, world
+    from engine.training.loop import Cancelled
 
     if args.resume:
         run = open_run(args.resume, args.out)
@@ -356,7 +356,7 @@ def _terminated(signum, frame):
 
 
 def _import_logits(args: argparse.Namespace) -> int:
-    from .logits import import_logits
+    from engine.capture.logits import import_logits
 
     run = import_logits(args.logits, args.labels, out=args.out or runs_root(), images=args.images,
                         classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
@@ -366,8 +366,8 @@ def _import_logits(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_csv
-    from .policy import load_policy, make_policy
+    from engine.review.export import export_csv
+    from engine.review.policy import load_policy, make_policy
 
     run = open_run(args.run_dir)
     state = run.status().get("state")
@@ -376,7 +376,7 @@ def _export(args: argparse.Namespace) -> int:
         if args.cutoff or args.rank_by or args.out:
             raise ConfigError("--dataset-folder takes no --out, --cutoff or --rank-by: the cleaned dataset follows the "
                               "review decisions (removals dropped, relabels applied), not the flags")
-        from .cleaned import write_cleaned_folder
+        from engine.review.cleaned import write_cleaned_folder
 
         n = write_cleaned_folder(run, args.dataset_folder)
         print(f"wrote {n} images (cleaned dataset) to {args.dataset_folder}{note}")
@@ -417,7 +417,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _retrain(args)
         return _export(args)
     except ValueError as exc:  # ConfigError, DatasetError, RunError, ScoreError and any other bad input: one line
-        from .distributed import is_main
+        from engine.training.distributed import is_main
 
         if is_main():  # under torchrun every rank raises the same error: say it once
             print(f"error: {_one_line(exc)}", file=sys.stderr)

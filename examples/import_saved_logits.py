@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> Path:
            "--labels", str(saved / "labels.csv"), "--out", str(args.out)]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=root)
-    from engine.runs import list_runs
+    from engine.store.runs import list_runs
 
     run = next(r for r in list_runs(args.out) if r.config().get("origin") == "imported logits")
     ranked = run.scores()["rank"].to_numpy()

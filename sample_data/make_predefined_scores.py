@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from sklearn.neighbors import NearestNeighbors
 
-from engine.datasets import load_digits_dataset
+from engine.data.datasets import load_digits_dataset
 
 
 def main() -> None:

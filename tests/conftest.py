@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import audit
-from engine.config import AuditConfig
+from engine.training import audit
+from engine.training.config import AuditConfig
 
 # Tests that read a run trained for them are slow (``make test-fast`` leaves them out, ``make test`` runs them).
 TRAINED_RUN_FIXTURES = {"digits_run", "small_run", "own_small_run", "held_out_run"}
@@ -49,7 +49,7 @@ def own_small_run(small_run, tmp_path):
     """A copy of ``small_run`` in this test's runs root, for tests that write into a run (scores, decisions)."""
     import shutil
 
-    from engine.runs import Run
+    from engine.store.runs import Run
 
     return Run(shutil.copytree(small_run.path, tmp_path / "runs" / small_run.id))
 

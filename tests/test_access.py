@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine.access import ADMIN, NOBODY, REVIEWER, SIGNED_OUT, may, reviewer_name, role_of
+from engine.jobs.access import ADMIN, NOBODY, REVIEWER, SIGNED_OUT, may, reviewer_name, role_of
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 ROLES = {"admins": ["Lead@Example.com"], "reviewers": ["@example.com", "guest@other.org"]}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import doctest
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 import engine
-from engine.config import ConfigError
+from engine.training.config import ConfigError
 
 
 @pytest.mark.slow
@@ -49,7 +50,25 @@ def test_run_wraps_a_recorded_run(tmp_path):
     assert n == 4 and len(pd.read_csv(tmp_path / "all.csv")) == 4
 
 
-def test_engine_audit_stays_the_module_for_the_engine():
-    from engine import audit
+def test_engine_exports_the_public_api_and_nothing_else():
+    import engine
+    from engine import api
 
-    assert callable(audit) and hasattr(audit, "prepare") and hasattr(audit, "finalize")
+    assert engine.__all__ == ["Recorder", "Run", "audit", "import_logits", "threshold_targets"]
+    assert engine.audit is api.audit and engine.Run is api.Run
+    with pytest.raises(AttributeError):
+        engine.prepare  # noqa: B018  (internals are reached through their subpackage, not the top level)
+
+
+def test_pages_import_only_the_public_api_and_the_ui_layer():
+    """The pages depend on ``engine`` and ``engine.ui`` only, so the subpackages can move without touching them."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    bad = []
+    for f in [root / "app.py", *sorted((root / "app_pages").glob("*.py"))]:
+        for node in ast.walk(ast.parse(f.read_text())):
+            mods = [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            bad += [f"{f.name}: {m}" for m in mods if m and m.startswith("engine") and m not in ("engine", "engine.ui")]
+    assert not bad, bad

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine import audit
-from engine.config import AuditConfig, ConfigError
-from engine.export import export_csv, neutralize_formulas
-from engine.runs import DYNAMICS, list_runs, open_run
-from engine.training import Cancelled
+from engine.review.export import export_csv, neutralize_formulas
+from engine.store.runs import DYNAMICS, list_runs, open_run
+from engine.training import audit
+from engine.training.config import AuditConfig, ConfigError
+from engine.training.loop import Cancelled
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine.runs import list_runs
+from engine.store.runs import list_runs
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 

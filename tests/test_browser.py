@@ -114,9 +114,9 @@ def test_review_and_export_journey(server, page, tmp_path):
 
     from playwright.sync_api import expect
 
-    from engine import audit
-    from engine.config import AuditConfig
-    from engine.reviews import ReviewStore
+    from engine.review.reviews import ReviewStore
+    from engine.training import audit
+    from engine.training.config import AuditConfig
 
     url, runs = server
     run, ds = audit.prepare(AuditConfig(noise=0.1, epochs=8), runs)

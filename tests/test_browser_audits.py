@@ -7,7 +7,7 @@ import time
 import pytest
 from test_browser import _browser_first, page, server  # noqa: F401  (fixtures: a real server on a free port, Chromium)
 
-from engine.runs import list_runs
+from engine.store.runs import list_runs
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine import audit
-from engine.config import AuditConfig, ConfigError, parse_class_list
-from engine.ood_eval import class_indices
+from engine.ood.evaluate import class_indices
+from engine.training import audit
+from engine.training.config import AuditConfig, ConfigError, parse_class_list
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine.dataroot import DATA_ROOT_ENV, PathRefused, resolve_user_path
-from engine.datasets import DatasetError, load_manifest
-from engine.predefined import PredefinedError, join_to_run, parse_csv, validate
+from engine.data.dataroot import DATA_ROOT_ENV, PathRefused, resolve_user_path
+from engine.data.datasets import DatasetError, load_manifest
+from engine.scores.predefined import PredefinedError, join_to_run, parse_csv, validate
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 SECRET = "SECRET-CELL-42"

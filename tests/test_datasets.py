@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.datasets import DatasetError, inject_noise, load_dataset, load_digits_dataset
+from engine.data.datasets import DatasetError, inject_noise, load_dataset, load_digits_dataset
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "digits_folder"
 

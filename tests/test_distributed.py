@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from engine import audit
-from engine.config import AuditConfig, ConfigError
-from engine.distributed import shard
-from engine.export import export_frame
-from engine.jobs import JobManager
-from engine.runs import DYNAMICS, list_runs, resume_problem
+from engine.jobs.manager import JobManager
+from engine.review.export import export_frame
+from engine.store.runs import DYNAMICS, list_runs, resume_problem
+from engine.training import audit
+from engine.training.config import AuditConfig, ConfigError
+from engine.training.distributed import shard
 
 
 def test_shard_pads_like_distributed_sampler_and_captures_each_once():

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import dynamics as dyn
-from engine.scores import first_iteration, forgetting_events
+from engine.capture import dynamics as dyn
+from engine.scores.registry import first_iteration, forgetting_events
 
 
 def test_margins_by_hand():
@@ -133,7 +133,7 @@ def test_forgetting_and_first_iteration_by_hand():
 
 
 def test_auto_cutoff_falls_back_to_the_threshold_rule():
-    from engine.scores import pass_cutoff
+    from engine.scores.registry import pass_cutoff
 
     rng = np.random.default_rng(0)
     one_group = rng.normal(3.0, 1.0, 1000)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.runs import Run, list_runs
+from engine.store.runs import Run, list_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from engine import extra_scores as xs
-from engine.audit import finalize
+from engine.scores import extra as xs
+from engine.training.audit import finalize
 
 
 def test_self_confidence_matches_cleanlab():
@@ -101,7 +101,7 @@ def test_scores_page_computes_in_the_background(monkeypatch, own_small_run, tmp_
 
     from streamlit.testing.v1 import AppTest
 
-    from engine.runs import atomic_write_parquet
+    from engine.store.runs import atomic_write_parquet
 
     small_run = own_small_run  # a run of its own: the page adds a score
     table = small_run.scores()
@@ -126,7 +126,7 @@ def test_cli_ensemble_of_two_runs(small_run, own_small_run, tmp_path):
     a sample missing from one run keeps the other run's value."""
     import pandas as pd
 
-    from engine.runs import atomic_write_parquet
+    from engine.store.runs import atomic_write_parquet
 
     other = own_small_run.scores()
     other["aum"] = -other["aum"].rank(method="first")  # exactly the reverse order of the first run's ranks

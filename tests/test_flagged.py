@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine import audit
-from engine.config import AuditConfig
-from engine.export import export_filename, export_frame
-from engine.reviews import ReviewStore
+from engine.review.export import export_filename, export_frame
+from engine.review.reviews import ReviewStore
+from engine.training import audit
+from engine.training.config import AuditConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -148,7 +148,7 @@ def test_cleaned_manifest_reaudit_flags_fewer(tmp_path):
 
 def test_bulk_decision_on_the_filtered_selection(monkeypatch, small_run, tmp_path):
     shutil.copytree(small_run.path, tmp_path / "runs" / small_run.id)  # its own copy: decisions stay local
-    from engine.runs import Run
+    from engine.store.runs import Run
 
     run = Run(tmp_path / "runs" / small_run.id)
     for f in run.path.glob("reviews.sqlite*"):  # start without the other tests' decisions
@@ -173,7 +173,7 @@ def test_bulk_decision_on_the_filtered_selection(monkeypatch, small_run, tmp_pat
 
 def test_two_reviewers_show_agreement_on_the_card(monkeypatch, small_run, tmp_path):
     shutil.copytree(small_run.path, tmp_path / "runs" / small_run.id)
-    from engine.runs import Run
+    from engine.store.runs import Run
 
     run = Run(tmp_path / "runs" / small_run.id)
     for f in run.path.glob("reviews.sqlite*"):

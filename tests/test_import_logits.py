@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from engine.capture.logits import LogitsError, import_logits, open_logits
 from engine.cli import main
-from engine.logits import LogitsError, import_logits, open_logits
-from engine.runs import Run, list_runs
+from engine.store.runs import Run, list_runs
 
 
 def _data(tmp_path, epochs=4, n=120, c=3, seed=0, dtype=np.float32):
@@ -74,7 +74,7 @@ def test_images_root_lets_pages_show_images(tmp_path):
     df["path"] = [f"{i}.png" for i in range(30)]
     df.to_csv(tmp_path / "labels.csv", index=False)
     run = import_logits(tmp_path / "logits.npy", tmp_path / "labels.csv", out=tmp_path / "runs", images=root)
-    from engine.images import SampleImages
+    from engine.data.images import SampleImages
 
     assert SampleImages(run).image(3)[0, 0] == 24
 
@@ -166,14 +166,14 @@ def test_cli_reports_bad_input_as_an_error(tmp_path, capsys):
 def test_doctest_of_import_logits():
     import doctest
 
-    import engine.logits
+    import engine.capture.logits
 
-    assert doctest.testmod(engine.logits, raise_on_error=True).attempted > 0
+    assert doctest.testmod(engine.capture.logits, raise_on_error=True).attempted > 0
 
 
 def test_reads_one_block_at_a_time(tmp_path, monkeypatch):
     """A file wider than one block is read in blocks and gives the same run as one read."""
-    import engine.logits as lg
+    import engine.capture.logits as lg
 
     _data(tmp_path, n=100)
     whole = import_logits(tmp_path / "logits.npy", tmp_path / "labels.csv", out=tmp_path / "a")

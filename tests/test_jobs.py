@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine import audit
-from engine.config import AuditConfig
-from engine.jobs import JobManager
-from engine.ownership import OWNER_FILE, RunBusy, claim, owner_of, release
-from engine.runs import Run
-from engine.training import Cancelled
+from engine.jobs.manager import JobManager
+from engine.jobs.ownership import OWNER_FILE, RunBusy, claim, owner_of, release
+from engine.store.runs import Run
+from engine.training import audit
+from engine.training.config import AuditConfig
+from engine.training.loop import Cancelled
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -98,7 +98,7 @@ def test_cancelling_a_queued_score_job_leaves_the_finished_run_done(tmp_path):
 
 
 def test_a_cancelled_score_computation_writes_nothing(tmp_path):
-    from engine.extra_scores import compute
+    from engine.scores.extra import compute
 
     run = _finished_run(tmp_path)
     stop = threading.Event()
@@ -139,7 +139,7 @@ def test_a_claim_of_a_dead_process_is_taken_over_and_a_live_one_is_not(tmp_path)
         import json
         import socket
 
-        from engine.runs import _boot_token
+        from engine.store.runs import _boot_token
 
         time.sleep(0.2)
         rec = {"pid": other.pid, "host": socket.gethostname(), "boot": _boot_token(other.pid), "purpose": "test"}
@@ -159,7 +159,7 @@ def test_cancel_button_names_the_owner_of_a_run_this_dashboard_does_not_train(tm
     import json
     import socket
 
-    from engine.runs import _boot_token
+    from engine.store.runs import _boot_token
 
     run = _finished_run(tmp_path)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -7,7 +7,7 @@ import pytest
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
-from engine import ood
+from engine.ood import ddu as ood
 
 
 def _blobs(seed=0, n=400, d=4):
@@ -111,8 +111,8 @@ def test_audit_with_held_out_classes_and_corruptions(tmp_path, monkeypatch):
 
     from streamlit.testing.v1 import AppTest
 
-    from engine import audit
-    from engine.config import AuditConfig
+    from engine.training import audit
+    from engine.training.config import AuditConfig
 
     cfg = AuditConfig(holdout_classes=[8, 9], corruptions=["invert"], epochs=8, noise=0.1)
     run, ds = audit.prepare(cfg, tmp_path)
@@ -140,7 +140,7 @@ def test_audit_with_held_out_classes_and_corruptions(tmp_path, monkeypatch):
 def test_soft_spectral_norm_caps_only_layers_above_the_coefficient():
     import torch
 
-    from engine.models import apply_spectral_norm
+    from engine.training.models import apply_spectral_norm
 
     torch.manual_seed(0)
     big, small = torch.nn.Linear(20, 20), torch.nn.Linear(20, 20)
@@ -159,8 +159,8 @@ def test_soft_spectral_norm_caps_only_layers_above_the_coefficient():
 def test_self_adaptive_losses_by_hand():
     import torch
 
-    from engine.config import AuditConfig
-    from engine.training import _loss, sat_alpha
+    from engine.training.config import AuditConfig
+    from engine.training.loop import _loss, sat_alpha
 
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     y = torch.tensor([0, 0])
@@ -185,8 +185,8 @@ def test_self_adaptive_losses_by_hand():
 
 @pytest.mark.slow
 def test_audits_with_self_adaptive_training(tmp_path):
-    from engine import audit
-    from engine.config import AuditConfig
+    from engine.training import audit
+    from engine.training.config import AuditConfig
 
     for form in ("paper", "incerto"):
         run, ds = audit.prepare(AuditConfig(noise=0.2, epochs=6, sat=form, sat_warmup=2), tmp_path)
@@ -195,7 +195,7 @@ def test_audits_with_self_adaptive_training(tmp_path):
         scores = run.scores()
         assert ("sat_disagreement" in scores) == (form == "paper")
     err = (run.samples()["label"] != run.samples()["true_label"]).to_numpy()
-    from engine.runs import list_runs
+    from engine.store.runs import list_runs
 
     (paper_run,) = [r for r in list_runs(tmp_path) if r.config()["sat"] == "paper"]
     paper = paper_run.scores()["sat_disagreement"]
@@ -204,7 +204,7 @@ def test_audits_with_self_adaptive_training(tmp_path):
 
 def test_calibration_split_is_stratified_seeded_and_disjoint():
     """A folder's held-out set comes sorted by class: the first half would be classes 0-4, the second 5-9."""
-    from engine.ood_eval import calibration_split
+    from engine.ood.evaluate import calibration_split
 
     y = np.repeat(np.arange(10), [30, 31, 29, 30, 30, 30, 30, 30, 30, 3])
     fit, test = calibration_split(y, seed=0)
@@ -222,8 +222,8 @@ def test_temperature_is_fitted_on_every_class_of_a_sorted_set(tmp_path):
     """``write_report`` on a class-sorted ID set: fitting and ECE halves both hold all classes."""
     import pandas as pd
 
-    from engine.ood_eval import write_report
-    from engine.runs import create_run
+    from engine.ood.evaluate import write_report
+    from engine.store.runs import create_run
 
     rng = np.random.default_rng(0)
     feats, labels = rng.normal(size=(60, 4)) + np.repeat(np.arange(3), 20)[:, None] * 3, np.repeat(np.arange(3), 20)

@@ -8,8 +8,8 @@ from pathlib import Path
 from streamlit.testing.v1 import AppTest
 
 from app_pages.common import plain
-from engine import audit
-from engine.config import AuditConfig
+from engine.training import audit
+from engine.training.config import AuditConfig
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 HOSTILE = "[x](javascript:alert(1)) ![t](http://evil.example/t.png) <img src=x onerror=alert(1)> **b** $x$"

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine import audit, pipeline
-from engine.config import AuditConfig, ConfigError
-from engine.datasets import DatasetError, FileImages, load_dataset
-from engine.ood_eval import Corrupted
-from engine.runs import DYNAMICS
-from engine.training import Cancelled
+from engine.data import pipeline
+from engine.data.datasets import DatasetError, FileImages, load_dataset
+from engine.ood.evaluate import Corrupted
+from engine.store.runs import DYNAMICS
+from engine.training import audit
+from engine.training.config import AuditConfig, ConfigError
+from engine.training.loop import Cancelled
 
 FOLDER = Path(__file__).resolve().parent.parent / "sample_data" / "digits_folder"
 
@@ -209,7 +210,7 @@ def test_streamed_audit_with_corruption_sets_evaluates_them(tmp_path):
     assert report["sets"]["ID test"]["n"] == report["sets"]["corrupted: noise"]["n"] == held
     from scipy.stats import mannwhitneyu
 
-    from engine.ood_eval import load_results
+    from engine.ood.evaluate import load_results
 
     res = load_results(run)  # AUROC = Mann-Whitney U / (n_ood n_id) of low density meaning OoD
     k_id, k_noise = report["sets"]["ID test"]["key"], report["sets"]["corrupted: noise"]["key"]
@@ -225,8 +226,8 @@ def test_decoding_workers_do_not_rerun_the_main_script(tmp_path):
     script.write_text(
         "import multiprocessing, numpy as np, torch\n"
         f"open({str(marker)!r}, 'a').write(multiprocessing.current_process().name + '\\n')\n"
-        "from engine.datasets import load_dataset\n"
-        "from engine.pipeline import StreamImages, sequential\n"
+        "from engine.data.datasets import load_dataset\n"
+        "from engine.data.pipeline import StreamImages, sequential\n"
         "if multiprocessing.current_process().name == 'MainProcess':\n"
         f"    ds = load_dataset({str(FOLDER)!r}, lazy=True)\n"
         "    with StreamImages(ds.images, torch.device('cpu'), workers=2) as src:\n"

@@ -11,8 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from streamlit.testing.v1 import AppTest
 
-from engine.correlations import correlation_matrix, ensemble, rank_and_normalize, topk_jaccard
-from engine.predefined import PredefinedError, guess_columns, join_to_run, load_from_run, parse_csv, validate
+from engine.scores.correlations import correlation_matrix, ensemble, rank_and_normalize, topk_jaccard
+from engine.scores.predefined import (
+    PredefinedError,
+    guess_columns,
+    join_to_run,
+    load_from_run,
+    parse_csv,
+    validate,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data" / "predefined_scores.csv"

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import audit
 from engine.cli import main
-from engine.config import AuditConfig, ConfigError
-from engine.noise import estimated_joint, most_likely_true, noise_estimate, noise_rates, true_joint
-from engine.retrain import cleaned_labels
+from engine.scores.noise import estimated_joint, most_likely_true, noise_estimate, noise_rates, true_joint
+from engine.training import audit
+from engine.training.config import AuditConfig, ConfigError
+from engine.training.retrain import cleaned_labels
 
 ROOT = Path(__file__).resolve().parent.parent
 

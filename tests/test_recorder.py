@@ -14,8 +14,8 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from engine import Recorder, threshold_targets
-from engine.config import ConfigError
-from engine.runs import Run
+from engine.store.runs import Run
+from engine.training.config import ConfigError
 
 
 def _noisy_digits(seed: int = 0, rate: float = 0.2):
@@ -125,9 +125,9 @@ def test_bad_inputs_are_clear_errors(tmp_path):
 
 def test_recorder_captures_what_our_training_loop_captures(tmp_path):
     """Parity: feed the logits of our own loop's forward passes to a Recorder; the arrays are identical."""
-    from engine import audit
-    from engine.config import AuditConfig
-    from engine.training import batch_slices, epoch_generator
+    from engine.training import audit
+    from engine.training.config import AuditConfig
+    from engine.training.loop import batch_slices, epoch_generator
 
     torch.set_num_threads(1)
     cfg = AuditConfig(dataset="digits", noise=0.1, epochs=1, threshold_runs=1, augment=False, device="cpu")
@@ -161,7 +161,7 @@ def test_recorder_captures_what_our_training_loop_captures(tmp_path):
 
 def test_batch_capture_matches_direct_formulas():
     """batch_capture against the textbook definitions, computed in float64 with full sorts."""
-    from engine.dynamics import batch_capture
+    from engine.capture.dynamics import batch_capture
 
     g = torch.Generator().manual_seed(0)
     for c, n_real in ((10, 10), (11, 10), (1000, 1000), (1001, 1000)):
@@ -215,7 +215,7 @@ def test_a_recorded_run_is_not_resumable_by_our_loop(tmp_path, capsys):
 def test_doctests_of_the_recorder():
     import doctest
 
-    import engine.recorder
+    import engine.capture.recorder
 
-    result = doctest.testmod(engine.recorder, raise_on_error=True)
+    result = doctest.testmod(engine.capture.recorder, raise_on_error=True)
     assert result.attempted >= 8 and result.failed == 0

@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from engine import audit
-from engine.config import AuditConfig, ConfigError
-from engine.datasets import DatasetError
-from engine.images import ImageError, SampleImages
-from engine.runs import RunError, list_runs, open_run
-from engine.uploads import extract_image_zip
+from engine.data.datasets import DatasetError
+from engine.data.images import ImageError, SampleImages
+from engine.data.uploads import extract_image_zip
+from engine.store.runs import RunError, list_runs, open_run
+from engine.training import audit
+from engine.training.config import AuditConfig, ConfigError
 
 
 def _wait_for_epochs(root: Path, epochs: int, timeout: float = 120):
@@ -227,7 +227,7 @@ def test_write_failure_mid_training_marks_the_run_failed(tmp_path):
 
 
 def test_csv_ids_with_separators_and_unicode_join_exactly(tmp_path):
-    from engine.predefined import join_to_run, parse_csv, validate
+    from engine.scores.predefined import join_to_run, parse_csv, validate
 
     ids = np.array(["a/b.png", "..\\\\c.png", "日本/猫.jpg", "=1+1", "x,y"], dtype=object)
     data = ("sample_id,s\n" + "".join(f'"{i}",{k}\n' for k, i in enumerate(ids))).encode("utf-8")

@@ -17,11 +17,9 @@ import pandas as pd
 import pytest
 import torch
 
-from engine import audit
-from engine.cleaned import write_cleaned_folder
-from engine.config import AuditConfig
-from engine.export import export_bytes, export_csv, export_frame
-from engine.policy import (
+from engine.review.cleaned import write_cleaned_folder
+from engine.review.export import export_bytes, export_csv, export_frame
+from engine.review.policy import (
     Policy,
     PolicyError,
     decide,
@@ -31,10 +29,12 @@ from engine.policy import (
     policy_history,
     save_policy,
 )
-from engine.reviews import ReviewStore
-from engine.runs import Run
-from engine.scores import REGISTRY, forgetting_events, oriented
-from engine.views import live_scores
+from engine.review.reviews import ReviewStore
+from engine.scores.registry import REGISTRY, forgetting_events, oriented
+from engine.store.runs import Run
+from engine.store.views import live_scores
+from engine.training import audit
+from engine.training.config import AuditConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -162,7 +162,7 @@ def test_threshold_policy_one_function_for_page_summary_and_export(monkeypatch, 
     mean AUM against the mean cut-off)."""
     from streamlit.testing.v1 import AppTest
 
-    from engine import dynamics as dyn
+    from engine.capture import dynamics as dyn
 
     run = _copy(small_run, tmp_path)
     save_policy(run, Policy("threshold"))
@@ -233,7 +233,7 @@ def test_cli_export_cutoff_rank_by_and_companion_json(small_run, tmp_path):
     run = _copy(small_run, tmp_path)
     ids = run.samples()["sample_id"].to_numpy()
     pd.DataFrame({"sample_id": ids, "mine": np.arange(len(ids), dtype=float)}).to_csv(tmp_path / "m.csv", index=False)
-    from engine.predefined import join_to_run, parse_csv, save_to_run, validate
+    from engine.scores.predefined import join_to_run, parse_csv, save_to_run, validate
 
     clean = validate(parse_csv((tmp_path / "m.csv").read_bytes()).frame, "sample_id", ["mine"], {"mine": False})
     save_to_run(run.path, join_to_run(clean, ids))
@@ -293,7 +293,7 @@ def test_manifest_of_array_data_is_readable_again(small_run, tmp_path):
     assert export_csv(run, out, kind="manifest") == len(run.samples())
     df = pd.read_csv(out, dtype=str)
     assert not df["path"].str.contains(r"\[").any() and (tmp_path / "m" / df["path"].iat[0]).is_file()
-    from engine.datasets import load_manifest
+    from engine.data.datasets import load_manifest
 
     ds = load_manifest(out)
     assert len(ds) == len(df) and ds.images.shape[1:3] == (8, 8)

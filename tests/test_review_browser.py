@@ -55,10 +55,10 @@ def test_keyboard_review_and_matrix_journey(server, browser):  # noqa: F811
     """Decide by key, the next undecided sample is focused, undo by key; one matrix click filters the gallery."""
     from playwright.sync_api import expect
 
-    from engine import audit
-    from engine.config import AuditConfig
-    from engine.confusion import label_matrix
-    from engine.reviews import ReviewStore
+    from engine.review.reviews import ReviewStore
+    from engine.scores.confusion import label_matrix
+    from engine.training import audit
+    from engine.training.config import AuditConfig
 
     url, runs = server
     run, ds = audit.prepare(AuditConfig(dataset="digits", noise=0.1, epochs=2, seed=5), runs)
@@ -188,8 +188,8 @@ def test_hostile_class_and_file_names_are_shown_as_text(server, browser, tmp_pat
     """No element injected, no dialog, no script, no javascript: link; the names are displayed as typed."""
     from playwright.sync_api import expect
 
-    from engine import audit
-    from engine.config import AuditConfig
+    from engine.training import audit
+    from engine.training.config import AuditConfig
 
     url, runs = server
     _hostile_folder(tmp_path / "data")

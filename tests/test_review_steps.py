@@ -7,8 +7,8 @@ import sqlite3
 import numpy as np
 import pandas as pd
 
-from engine.confusion import label_matrix, per_class_table
-from engine.reviews import DecisionArrays, ReviewStore, agreement
+from engine.review.reviews import DecisionArrays, ReviewStore, agreement
+from engine.scores.confusion import label_matrix, per_class_table
 
 
 def _current(store: ReviewStore) -> dict[str, tuple[str, str | None]]:

@@ -7,10 +7,10 @@ import sqlite3
 
 import pytest
 
-from engine import audit
-from engine.config import AuditConfig
-from engine.export import export_csv
-from engine.reviews import DB_NAME, ReviewError, ReviewStore, on_network_fs
+from engine.review.export import export_csv
+from engine.review.reviews import DB_NAME, ReviewError, ReviewStore, on_network_fs
+from engine.training import audit
+from engine.training.config import AuditConfig
 
 
 @pytest.fixture(scope="module")

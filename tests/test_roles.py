@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine import audit
-from engine.config import AuditConfig
-from engine.export import export_frame
-from engine.images import SampleImages
-from engine.runs import DYNAMICS, ROLES
+from engine.data.images import SampleImages
+from engine.review.export import export_frame
+from engine.store.runs import DYNAMICS, ROLES
+from engine.training import audit
+from engine.training.config import AuditConfig
 
 
 def test_holding_out_keeps_every_sample_with_its_role(tmp_path):
@@ -33,7 +33,7 @@ def test_holding_out_keeps_every_sample_with_its_role(tmp_path):
     assert ((role == "threshold") == (s["threshold_pass"].to_numpy() >= 0)).all()
     assert (role == "threshold").sum() == 2 * (trained.sum() // 9)  # N / (c + 1) per pass, c = 8 trained classes
     assert run.classes() == [str(c) for c in range(10)]  # class indices mean the same in every table
-    from engine.datasets import digits_images
+    from engine.data.datasets import digits_images
 
     pixels = digits_images()[0]
     images = SampleImages(run)
@@ -92,7 +92,7 @@ def test_threshold_samples_do_not_crowd_either_end_of_ood_density(held_out_run):
     d = table.dropna(subset=["d"]).sort_values("d")
     assert len(d) == int((table["role"].isin(["train", "threshold"]) & (table["tp"] != last)).sum())
     assert d.head(100)["thr"].mean() <= 0.2 and d.tail(100)["thr"].mean() <= 0.2
-    from engine.ood_eval import load_results
+    from engine.ood.evaluate import load_results
 
     dens = load_results(held_out_run)["train_log_density"]
     assert len(dens) == len(s) and np.isnan(dens[(table["tp"] == last).to_numpy()]).all()

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torchvision
 
-from engine import audit
-from engine.config import AuditConfig, ConfigError
-from engine.models import ModelError, TorchvisionClassifier, build_model, input_spec, load_state_dict
+from engine.training import audit
+from engine.training.config import AuditConfig, ConfigError
+from engine.training.models import ModelError, TorchvisionClassifier, build_model, input_spec, load_state_dict
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "digits_folder"
 
@@ -112,7 +112,7 @@ def test_audit_with_a_weights_file_finishes_with_ood_features(r18_file, tmp_path
 def test_audit_page_offers_torchvision_models_and_refuses_a_wrong_weights_file(monkeypatch, tmp_path):
     from streamlit.testing.v1 import AppTest
 
-    from engine.runs import list_runs
+    from engine.store.runs import list_runs
 
     torch.save({"w": torch.zeros(2)}, tmp_path / "other.pt")
     monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(tmp_path / "runs"))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.datasets import DatasetError
-from engine.uploads import extract_image_zip
+from engine.data.datasets import DatasetError
+from engine.data.uploads import extract_image_zip
 
 FOLDER = Path(__file__).resolve().parent.parent / "sample_data" / "digits_folder"
 

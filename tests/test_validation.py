@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import audit
-from engine.config import AuditConfig, ConfigError
+from engine.training import audit
+from engine.training.config import AuditConfig, ConfigError
 
 
 def test_the_library_default_flips_no_label(tmp_path):

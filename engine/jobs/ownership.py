@@ -16,8 +16,8 @@ import os
 import socket
 import time
 
-from .config import ConfigError
-from .runs import Run, _boot_token, _pid_alive
+from engine.store.runs import Run, _boot_token, _pid_alive
+from engine.training.config import ConfigError
 
 OWNER_FILE = "owner.json"
 

@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .config import AuditConfig, ConfigError
-from .ownership import RunBusy, claim, release
-from .runs import Run, owner_fields, resume_problem
+from engine.jobs.ownership import RunBusy, claim, release
+from engine.store.runs import Run, owner_fields, resume_problem
+from engine.training.config import AuditConfig, ConfigError
 
 if TYPE_CHECKING:  # the training stack (torch) loads with the first audit, not with the dashboard
-    from .datasets import IndexedDataset
+    from engine.data.datasets import IndexedDataset
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Job:
     run: Run
     dataset: IndexedDataset | None = None  # read (not decoded) by prepare(); decoded by the worker
     resume: bool = False
-    kind: str = "audit"  # or "scores" (engine.extra_scores.compute)
+    kind: str = "audit"  # or "scores" (engine.scores.extra.compute)
     score_args: dict = field(default_factory=dict)
     progress: float = 0.0
     message: str = ""
@@ -55,7 +55,7 @@ class JobManager:
         The request thread only checks the config and reads the dataset's index (file names and image
         headers); decoding the images, the slow part, happens in the worker, so a page never waits on it.
         """
-        from .audit import prepare
+        from engine.training.audit import prepare
 
         run, ds = prepare(cfg, root if root is not None else self.root, decode=False)
         claim(run, "dashboard audit")
@@ -92,7 +92,7 @@ class JobManager:
         self._queue.put(job)
 
     def start_scores(self, run: Run, names: list[str], **kwargs) -> str:
-        """Queue on-demand scores of ``run`` (see engine.extra_scores.compute); returns the job id."""
+        """Queue on-demand scores of ``run`` (see engine.scores.extra.compute); returns the job id."""
         job_id = f"{run.id}:scores"
         with self._lock:
             self._refuse_if_busy(run)
@@ -105,7 +105,7 @@ class JobManager:
     def cancel(self, run_id: str) -> bool:
         """Ask a queued or running job of this process to stop (an audit at its next batch, finished epochs kept;
         scores between steps, the scores table untouched). ``run_id`` may also be a score job's id. False when
-        this process has no such job: the run may belong to another process (``engine.ownership.owner_of``)."""
+        this process has no such job: the run may belong to another process (``engine.jobs.ownership.owner_of``)."""
         with self._lock:
             job = self._jobs.get(run_id)
         if job is None or job.done:
@@ -133,8 +133,8 @@ class JobManager:
     def _work(self) -> None:
         while True:
             job = self._queue.get()
-            from .audit import execute
-            from .training import Cancelled
+            from engine.training.audit import execute
+            from engine.training.loop import Cancelled
 
             try:
                 if job.cancel.is_set():  # cancelled while queued
@@ -158,12 +158,12 @@ class JobManager:
 
     @staticmethod
     def _run_scores(job: Job) -> None:
-        from .extra_scores import compute
+        from engine.scores.extra import compute
 
         def progress(frac: float, message: str) -> None:
             job.progress, job.message = frac, message
 
-        from .training import Cancelled
+        from engine.training.loop import Cancelled
 
         try:
             compute(job.run, progress=progress, cancel=job.cancel, **job.score_args)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .runs import Run
-from .scores import compute_scores
+from engine.scores.registry import compute_scores
+from engine.store.runs import Run
 
 
 def live_scores(run: Run, with_ids: bool = True) -> tuple[pd.DataFrame, dict]:
@@ -17,10 +17,10 @@ def live_scores(run: Run, with_ids: bool = True) -> tuple[pd.DataFrame, dict]:
 
     From ``scores.parquet`` for a finished run, else computed from the finished epochs. ``info`` holds
     ``cutoff``, ``cutoff_method``, ``pass_cutoffs``, ``auto_cutoff``, ``n_unscored`` and ``policy`` (rule,
-    value, score, text, n_flagged: ``engine.policy.caption`` makes the line every page shows).
+    value, score, text, n_flagged: ``engine.review.policy.caption`` makes the line every page shows).
     ``with_ids=False`` leaves out the ``sample_id`` column (rows are in run order, as ``samples``).
     """
-    from .policy import apply_to_table, run_info
+    from engine.review.policy import apply_to_table, run_info
 
     if run.status().get("state") == "done" and (run.path / "scores.parquet").is_file():
         columns = None
@@ -98,7 +98,7 @@ def save_margin_sample(run: Run) -> None:
     """Write ``margin_sample.npz`` atomically (called when a run is finalized)."""
     import io
 
-    from .runs import atomic_write_bytes
+    from engine.store.runs import atomic_write_bytes
 
     idx, margins = margin_sample(run)
     buf = io.BytesIO()

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import dynamics as dyn
-from .runs import Run, trained_rows
+from engine.capture import dynamics as dyn
+from engine.store.runs import Run, trained_rows
 
 SUSPICIOUS = ("low", "high")
 
@@ -186,7 +186,7 @@ def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:
     their label in it; what the threshold rule compares with that pass's own cut-off),
     ``threshold_aum`` (a threshold sample's AUM against its fake class: not a score),
     ``suggested_label``, and ``flagged`` / ``rank`` under the run's review policy
-    (``engine.policy.apply_to_table``).
+    (``engine.review.policy.apply_to_table``).
 
     A score seen in two passes is the mean of the passes where the sample kept its label, except
     ``forgetting``, a count: the events of the first pass in which the sample kept its label (so
@@ -254,7 +254,7 @@ def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:
         "auto_cutoff": float(np.mean(auto_cutoffs)),
         "n_unscored": int((~kept_any).sum()),
     }
-    from .policy import apply_to_table
+    from engine.review.policy import apply_to_table
 
     return table, info | apply_to_table(run, table, info)
 

@@ -216,7 +216,7 @@ def save_to_run(run_dir, joined: Joined) -> list[str]:
     into ``<run>/predefined.json``, atomically; returns all names. Values are stored as in the file."""
     from pathlib import Path
 
-    from .runs import atomic_write_json, atomic_write_parquet
+    from engine.store.runs import atomic_write_json, atomic_write_parquet
 
     path = Path(run_dir) / PREDEFINED_FILE
     current = pd.read_parquet(path) if path.is_file() else pd.DataFrame(index=range(len(joined.values)))

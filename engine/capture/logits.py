@@ -15,8 +15,8 @@
   to ``--images ROOT``, for the pages to show it.
 
 Everything is checked before the run directory is created (shapes, dtypes, NaN/inf, counts,
-unique ids, labels, paths); then every epoch goes through ``engine.dynamics.batch_capture``, the
-capture function of our own training loop, and the run is scored by ``engine.audit.finalize``.
+unique ids, labels, paths); then every epoch goes through ``engine.capture.dynamics.batch_capture``, the
+capture function of our own training loop, and the run is scored by ``engine.training.audit.finalize``.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from .config import ConfigError
-from .recorder import FLOAT_NAMES, INT_NAMES, new_external_run, new_samples_table
-from .runs import DYNAMICS, DynamicsWriter, Run
+from engine.capture.recorder import FLOAT_NAMES, INT_NAMES, new_external_run, new_samples_table
+from engine.store.runs import DYNAMICS, DynamicsWriter, Run
+from engine.training.config import ConfigError
 
 ROWS_PER_BLOCK = 65_536  # rows of one epoch read at a time (65,536 x 1,000 float32 = 256 MB)
 MAX_CLASS_NAMES = 100_000
@@ -206,8 +206,8 @@ def import_logits(logits: str | os.PathLike, labels: str | os.PathLike, out: str
     """
     import torch
 
-    from .audit import finalize
-    from .dynamics import batch_capture
+    from engine.capture.dynamics import batch_capture
+    from engine.training.audit import finalize
 
     lg = open_logits(logits)
     n_epochs, n, c = lg.shape

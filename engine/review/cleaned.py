@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .reviews import ReviewStore
-from .runs import Run, RunError, atomic_write_bytes
+from engine.review.reviews import ReviewStore
+from engine.store.runs import Run, RunError, atomic_write_bytes
 
 MANIFEST_NAME = "manifest.csv"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._ -]+")
@@ -121,7 +121,7 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 def _files(run: Run, rows: pd.DataFrame):
     """(relative file in the cleaned folder, source file path or None, PNG bytes or None) per kept sample."""
-    from .images import SampleImages
+    from engine.data.images import SampleImages
 
     if is_array_dataset(run):
         images = SampleImages(run)

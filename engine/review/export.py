@@ -1,9 +1,9 @@
 """Exports of a run, as CSV: the flagged list (worst first) with decisions, every sample, a cleaned
 manifest (relabels applied, removals dropped) and the review decisions alone.
 
-Score columns hold their papers' natural values (``engine.scores.REGISTRY`` says which end is
+Score columns hold their papers' natural values (``engine.scores.registry.REGISTRY`` says which end is
 suspicious); ``rank``, ``flagged`` and the cleanlab-compatible ``is_label_issue`` / ``label_quality``
-follow the run's review policy (``engine.policy``) or the one given for this export. ``export_csv``
+follow the run's review policy (``engine.review.policy``) or the one given for this export. ``export_csv``
 writes a companion ``<csv>.json`` describing every column (meaning, paper, direction) and the policy.
 """
 
@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .cleaned import cleaned_manifest, manifest_bytes, write_manifest
-from .policy import CSV_PREFIX, Policy, apply_to_table, current_table, suspicious_of
-from .reviews import ReviewStore
-from .runs import Run, RunError, atomic_write_bytes, atomic_write_json
-from .scores import REGISTRY
+from engine.review.cleaned import cleaned_manifest, manifest_bytes, write_manifest
+from engine.review.policy import CSV_PREFIX, Policy, apply_to_table, current_table, suspicious_of
+from engine.review.reviews import ReviewStore
+from engine.scores.registry import REGISTRY
+from engine.store.runs import Run, RunError, atomic_write_bytes, atomic_write_json
 
 KINDS = ("flagged", "all", "manifest", "decisions")
 
@@ -66,7 +66,7 @@ def neutralize_formulas(df: pd.DataFrame) -> pd.DataFrame:
 def scores_under(run: Run, policy: Policy | None = None) -> tuple[pd.DataFrame, dict]:
     """The run's scores table (with ``sample_id``) and info, ``flagged`` / ``rank`` under ``policy`` (default: the
     run's saved policy). A given policy is applied to a copy and not saved."""
-    from .policy import PolicyError
+    from engine.review.policy import PolicyError
 
     try:
         table, info = current_table(run)
@@ -88,7 +88,7 @@ def label_quality(rank: np.ndarray, n_scored: int) -> np.ndarray:
 
 def sample_table(run: Run, policy: Policy | None = None) -> pd.DataFrame:
     """Every sample with its scores (natural values), class names for labels, worst (rank 1) first."""
-    from .predefined import load_from_run
+    from engine.scores.predefined import load_from_run
 
     scores, info = scores_under(run, policy)
     samples = run.samples()

@@ -13,10 +13,10 @@
     run_dir = rec.finish()                  # scores, cut-off, summary.json: a normal run
 
 ``update`` keeps the batch's logits on their device and every few million logits (at the latest at
-``end_epoch``) calls ``engine.dynamics.batch_capture`` (the function our training loop calls) on them
+``end_epoch``) calls ``engine.capture.dynamics.batch_capture`` (the function our training loop calls) on them
 and scatters the values into one per-sample buffer on that device; ``end_epoch`` copies
 them to the host once and writes one row of the run's ``(epochs, samples)`` arrays through the
-run store (``engine.runs``); ``finish`` scores the run with ``engine.audit.finalize``, like an
+run store (``engine.store.runs``); ``finish`` scores the run with ``engine.training.audit.finalize``, like an
 audit of ours.
 
 Threshold samples (Pleiss et al. 2020): train pass ``p`` on ``threshold_targets(labels,
@@ -38,8 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .config import AuditConfig, ConfigError
-from .runs import (
+from engine.store.runs import (
     DYNAMICS,
     DynamicsWriter,
     Run,
@@ -48,6 +47,7 @@ from .runs import (
     create_run,
     owner_fields,
 )
+from engine.training.config import AuditConfig, ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -76,7 +76,7 @@ def threshold_targets(labels: Any, n_classes: int, pass_index: int, seed: int = 
     >>> int((t0 == 2).sum()), int((t1 == 2).sum()), bool(((t0 == 2) & (t1 == 2)).any())
     (7, 7, False)
     """
-    from .audit import threshold_assignment
+    from engine.training.audit import threshold_assignment
 
     if pass_index < 0:
         raise ConfigError(f"pass_index must be 0 or more, got {pass_index}")
@@ -293,7 +293,7 @@ class Recorder:
         fixed for small class counts: one call per chunk instead of per batch), scattered into the buffer."""
         import torch
 
-        from .dynamics import batch_capture
+        from engine.capture.dynamics import batch_capture
 
         if not self._chunk:
             return
@@ -371,7 +371,7 @@ class Recorder:
 
     def finish(self) -> Path:
         """Score the run from every pass recorded so far; returns the run directory (state ``done``)."""
-        from .audit import finalize
+        from engine.training.audit import finalize
 
         if self.epoch == 0:
             raise ConfigError("finish before any end_epoch: no epoch was recorded")

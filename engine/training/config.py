@@ -116,7 +116,7 @@ class AuditConfig:
         """``torchvision:ARCH`` with an optional weights file whose keys fit ARCH (read once, before any run exists)."""
         if not self.model.startswith("torchvision:"):
             raise ConfigError(f"model must be one of {', '.join(MODELS)} or torchvision:NAME, got {self.model!r}")
-        from .models import ModelError, TorchvisionClassifier, check_model_name, weights_enum
+        from engine.training.models import ModelError, TorchvisionClassifier, check_model_name, weights_enum
 
         try:
             check_model_name(self.model)
@@ -175,7 +175,7 @@ class AuditConfig:
 
 def parse_class_list(text: str | list | tuple | None) -> list[int | str] | None:
     """``--holdout-classes`` as typed: ``8,9`` or ``cat,dog`` (class names, or indices; a name wins when a class is
-    called ``8``). Resolved against the dataset's classes by ``engine.ood_eval.class_indices``."""
+    called ``8``). Resolved against the dataset's classes by ``engine.ood.evaluate.class_indices``."""
     if isinstance(text, list | tuple):  # engine.audit(..., holdout_classes=[8, 9] or ["cat"])
         text = ",".join(str(t) for t in text)
     if not text or not text.strip():

@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from . import dynamics as dyn
-from .runs import Run, atomic_write_json
-from .scores import PASS_AUM, REGISTRY, oriented
+from engine.capture import dynamics as dyn
+from engine.scores.registry import PASS_AUM, REGISTRY, oriented
+from engine.store.runs import Run, atomic_write_json
 
 POLICY_FILE = "policy.json"
 RULES = ("auto", "threshold", "value", "quantile")
@@ -117,7 +117,7 @@ def policy_history(run: Run) -> list[dict]:
 def save_policy(run: Run, policy: Policy) -> dict:
     """Check ``policy`` against the run, save it as ``policy.json`` (the previous one goes to ``history``), and
     bring ``scores.parquet`` ``flagged`` / ``rank`` and ``summary.json`` in line. Returns the applied info."""
-    from .runs import atomic_write_parquet
+    from engine.store.runs import atomic_write_parquet
 
     table, info = current_table(run)
     resolve(run, policy, table)  # raises PolicyError before anything is written
@@ -142,7 +142,7 @@ def save_policy(run: Run, policy: Policy) -> dict:
 def current_table(run: Run) -> tuple[pd.DataFrame, dict]:
     """The run's scores table (natural values) and cut-off facts: ``scores.parquet`` of a finished run, else
     computed from the finished epochs. PolicyError before the first epoch."""
-    from .scores import compute_scores
+    from engine.scores.registry import compute_scores
 
     if run.status().get("state") != "running" and (run.path / "scores.parquet").is_file():
         return run.scores(), run_info(run)
@@ -166,8 +166,8 @@ def run_info(run: Run) -> dict:
 def summary_counts(run: Run, table: pd.DataFrame, policy_info: dict) -> dict:
     """``n_flagged`` and, with known label errors, precision / recall / F1 of the flags and AUROC of the ranking
     score (``policy_info`` is the ``policy`` block ``apply_to_table`` returned)."""
-    from .metrics import detection_metrics
-    from .runs import trained_rows
+    from engine.scores.metrics import detection_metrics
+    from engine.store.runs import trained_rows
 
     out: dict = {"n_flagged": int(table["flagged"].sum())}
     samples = run.samples()
@@ -193,7 +193,7 @@ class Decision:
 def suspicious_of(run: Run | None, name: str) -> str:
     """Which end of score ``name`` is suspicious: the registry, or the direction an imported column was saved with."""
     if name.startswith(CSV_PREFIX):
-        from .predefined import directions
+        from engine.scores.predefined import directions
 
         d = directions(run.path if run is not None else None).get(name[len(CSV_PREFIX):])
         if d is None:
@@ -207,7 +207,7 @@ def suspicious_of(run: Run | None, name: str) -> str:
 def score_values(run: Run | None, table: pd.DataFrame, name: str) -> np.ndarray | None:
     """Natural values of score ``name`` in run order: a column of ``table`` or an imported ``csv:`` column."""
     if name.startswith(CSV_PREFIX):
-        from .predefined import load_from_run
+        from engine.scores.predefined import load_from_run
 
         imported = load_from_run(run.path) if run is not None else pd.DataFrame()
         col = name[len(CSV_PREFIX):]
@@ -233,7 +233,7 @@ def resolve(run: Run, policy: Policy, table: pd.DataFrame) -> tuple[np.ndarray, 
 
 def available_scores(run: Run, table: pd.DataFrame) -> list[str]:
     """Names a policy can rank by: the registry columns with values, then the imported ``csv:`` columns."""
-    from .predefined import load_from_run
+    from engine.scores.predefined import load_from_run
 
     names = [c for c in REGISTRY if c in table.columns and np.isfinite(table[c].to_numpy(dtype=np.float64)).any()]
     imported = load_from_run(run.path)

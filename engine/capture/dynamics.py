@@ -61,7 +61,7 @@ def row_argmax(x: torch.Tensor, block: int = 32) -> torch.Tensor:
 def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: int | None = None) -> BatchCapture:
     """Margins, probability, prediction and loss of a batch, vectorised: the one capture function.
 
-    Our training loop (``engine.training``) and ``engine.recorder.Recorder`` both call it on the
+    Our training loop (``engine.training.loop``) and ``engine.capture.recorder.Recorder`` both call it on the
     logits of a training forward pass, so a user's loop and ours capture identical values.
 
     Pleiss et al. 2020 (Identifying Mislabeled Data using the Area Under the Margin

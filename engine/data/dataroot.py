@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .runs import runs_root
+from engine.store.runs import runs_root
 
 DATA_ROOT_ENV = "DIFFICULTY_AUDIT_DATA_ROOT"
 _STARTED_IN = Path.cwd()

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import ood
-from .config import AuditConfig, ConfigError
-from .datasets import FileImages, IndexedDataset, load_folder, take
-from .runs import Run, atomic_write_bytes, atomic_write_json
+from engine.data.datasets import FileImages, IndexedDataset, load_folder, take
+from engine.ood import ddu as ood
+from engine.store.runs import Run, atomic_write_bytes, atomic_write_json
+from engine.training.config import AuditConfig, ConfigError
 
 
 @dataclass
@@ -171,8 +171,8 @@ def final_outputs(run: Run, cfg: AuditConfig, source, n_out: int, n_real: int,
     """Penultimate features and real-class logits of the last pass's final model on an image ``source``."""
     import torch
 
-    from .pipeline import normalize, sequential
-    from .training import load_final_model
+    from engine.data.pipeline import normalize, sequential
+    from engine.training.loop import load_final_model
 
     model = load_final_model(run.path / "checkpoints", cfg, source.channels, n_out, source.device)
     feats, logits = [], []
@@ -186,7 +186,7 @@ def final_outputs(run: Run, cfg: AuditConfig, source, n_out: int, n_real: int,
 
 def _outputs_on(run: Run, cfg: AuditConfig, images, train_source, n_out: int, n_real: int):
     """``final_outputs`` on another image set, normalised with the training set's statistics."""
-    from .pipeline import make_source
+    from engine.data.pipeline import make_source
 
     with make_source(images, train_source.device, cfg.loader, cfg.workers,
                      stats=(train_source.mean, train_source.std)) as src:

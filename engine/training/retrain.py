@@ -26,8 +26,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .config import ConfigError
-from .runs import Run, atomic_write_json
+from engine.store.runs import Run, atomic_write_json
+from engine.training.config import ConfigError
 
 POLICIES = ("remove", "relabel", "both")
 RESULT = "retrain.json"
@@ -67,7 +67,7 @@ def cleaned_labels(labels: np.ndarray, flagged: np.ndarray, suggested: np.ndarra
 
 def _model_agrees(run: Run, suggested: np.ndarray) -> np.ndarray:
     """Per sample: the model predicted its suggested label at the last finished epoch of a pass where it kept its label."""
-    from .views import first_kept_pass
+    from engine.store.views import first_kept_pass
 
     kept_pass = first_kept_pass(run)
     agrees = np.zeros(len(suggested), dtype=bool)
@@ -81,7 +81,7 @@ def _model_agrees(run: Run, suggested: np.ndarray) -> np.ndarray:
 
 
 def _decisions(run: Run, ids: np.ndarray, classes: list[str]) -> dict[int, tuple[str, int | None]]:
-    from .reviews import DB_NAME, ReviewStore
+    from engine.review.reviews import DB_NAME, ReviewStore
 
     if not (run.path / DB_NAME).is_file():
         return {}
@@ -105,7 +105,7 @@ def _trusted_split(true_labels: np.ndarray, fraction: float, seed: int) -> np.nd
 
 
 def _test_set(spec: str, classes: list[str], image_shape: tuple):
-    from .datasets import load_dataset
+    from engine.data.datasets import load_dataset
 
     ds = load_dataset(spec, image_size=int(image_shape[0]))
     missing = sorted(set(ds.classes) - set(classes))
@@ -121,9 +121,9 @@ def retrain(run: Run, policy: str = "remove", test: str | None = None, seeds: in
             test_fraction: float = 0.2, progress: Callable[[float, str], None] | None = None,
             cancel: threading.Event | None = None) -> dict:
     """Train noisy / cleaned / oracle variants (``seeds`` seeds each) and write ``retrain.json``; returns it."""
-    from .datasets import take
-    from .extra_scores import _dataset, fit_predict
-    from .views import live_scores
+    from engine.data.datasets import take
+    from engine.scores.extra import _dataset, fit_predict
+    from engine.store.views import live_scores
 
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")

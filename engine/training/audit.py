@@ -9,21 +9,16 @@ dashboard's job manager and ``--resume`` all go through these three functions.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 import traceback
-import types
 from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 
-from .config import AuditConfig, ConfigError
-from .datasets import IndexedDataset, load_dataset
-from .models import pick_device
-from .noise import noise_estimate
-from .pipeline import (
+from engine.data.datasets import IndexedDataset, load_dataset
+from engine.data.pipeline import (
     choose_loader,
     is_lazy,
     make_source,
@@ -33,7 +28,9 @@ from .pipeline import (
     stats_record,
     stats_sample,
 )
-from .runs import (
+from engine.scores.noise import noise_estimate
+from engine.scores.registry import REGISTRY, compute_scores
+from engine.store.runs import (
     DynamicsWriter,
     Run,
     atomic_write_json,
@@ -43,8 +40,9 @@ from .runs import (
     resume_problem,
     trained_rows,
 )
-from .scores import REGISTRY, compute_scores
-from .training import Cancelled, EpochResult, train_pass
+from engine.training.config import AuditConfig, ConfigError
+from engine.training.loop import Cancelled, EpochResult, train_pass
+from engine.training.models import pick_device
 
 
 def threshold_assignment(n: int, n_classes: int, passes: int, seed: int) -> np.ndarray:
@@ -77,11 +75,11 @@ def load_run_dataset(cfg: AuditConfig):
     """The audit's dataset with each sample's role and its OoD evaluation sets (``ood_eval.RunData``): the one way
     to load a run's data.
 
-    Image files are checked by header and decoded on demand (``FileImages``); ``engine.pipeline``
+    Image files are checked by header and decoded on demand (``FileImages``); ``engine.data.pipeline``
     decides whether they are then decoded once into memory or streamed.
     """
-    from .models import input_spec
-    from .ood_eval import split
+    from engine.ood.evaluate import split
+    from engine.training.models import input_spec
 
     data = split(load_dataset(cfg.dataset, cfg.noise, cfg.noise_kind, cfg.seed, cfg.image_size, lazy=True), cfg)
     _, norm = input_spec(cfg.model, cfg.weights, cfg.weights_enum, data.full.images.shape[-1])
@@ -100,7 +98,7 @@ def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None, decode: boo
     thread, not in the request; a corrupt file then fails the run, named in its status); ``execute``
     then measures the normalisation statistics once and records them in the run's config.
     """
-    from .runs import runs_root
+    from engine.store.runs import runs_root
 
     cfg.validate()
     data = load_run_dataset(cfg)
@@ -152,7 +150,7 @@ def execute(
     finished epochs stay on disk and, when at least one epoch finished, scores and summary are
     written from them (marked ``partial``).
     """
-    from .distributed import world
+    from engine.training.distributed import world
 
     rank, world_size = world()
     main = rank == 0  # under torchrun, rank 0 alone writes the run directory
@@ -228,7 +226,7 @@ def _run_data(cfg: AuditConfig, ds: IndexedDataset | None):
     if ds is None or cfg.eval_share > 0 or cfg.ood_folder:  # (a second read only when OoD sets are asked for)
         data = load_run_dataset(cfg)
         return (data.train if ds is None else ds), data.sets
-    from .ood_eval import EvalSets
+    from engine.ood.evaluate import EvalSets
 
     return ds, EvalSets()
 
@@ -280,7 +278,7 @@ def save_sat_disagreement(run: Run, pass_idx: int, targets: np.ndarray, labels: 
     on), kept in ``sat.npy`` as ``(passes, samples)``."""
     import io
 
-    from .runs import atomic_write_bytes
+    from engine.store.runs import atomic_write_bytes
 
     path = run.path / "sat.npy"
     table = np.load(path) if path.is_file() else np.full((run.n_passes(), n_all), np.nan)
@@ -309,8 +307,8 @@ def evaluate_final_model(run: Run, cfg: AuditConfig, ds: IndexedDataset, sets, t
     only in a model of another pass, whose feature space is not this one).
     A density fit that fails (degenerate features) is recorded in ``ood/report.json`` without failing the audit.
     """
-    from .ood import GDAError
-    from .ood_eval import evaluate
+    from engine.ood.ddu import GDAError
+    from engine.ood.evaluate import evaluate
 
     try:
         kept = tpass != cfg.passes - 1
@@ -343,7 +341,7 @@ def run_warnings(run: Run) -> list[str]:
 def finalize(run: Run, partial: bool = False) -> dict:
     """Write ``scores.parquet`` and ``summary.json`` from the captured dynamics; returns the summary."""
     table, info = compute_scores(run)
-    from .ood_eval import load_report, load_results
+    from engine.ood.evaluate import load_report, load_results
 
     ood_results = load_results(run)
     if "train_log_density" in ood_results and len(ood_results["train_log_density"]) == len(table):
@@ -353,16 +351,16 @@ def finalize(run: Run, partial: bool = False) -> dict:
         with np.errstate(invalid="ignore"):
             table["sat_disagreement"] = np.nanmean(np.load(run.path / "sat.npy"), axis=0)
     previous = run.scores()
-    if previous is not None and len(previous) == len(table):  # keep scores computed on demand (engine.extra_scores)
+    if previous is not None and len(previous) == len(table):  # keep scores computed on demand (engine.scores.extra)
         for name, spec in REGISTRY.items():
             if spec.cost == "extra" and name in previous.columns:
                 table[name] = previous[name].to_numpy()
-    from .policy import apply_to_table, summary_counts
+    from engine.review.policy import apply_to_table, summary_counts
 
     info = info | apply_to_table(run, table, info)  # the saved policy may rank by a score added above
     atomic_write_parquet(run.path / "scores.parquet", table)
     if not partial:
-        from .views import save_margin_sample
+        from engine.store.views import save_margin_sample
 
         save_margin_sample(run)
     samples = run.samples()
@@ -403,16 +401,3 @@ def finalize(run: Run, partial: bool = False) -> dict:
         summary["train_seconds"] = float(sum(h["seconds"] for h in hist))
     atomic_write_json(run.path / "summary.json", summary)
     return summary
-
-
-class _CallableModule(types.ModuleType):
-    """``engine.audit(dataset, **options)`` is the Python API (``engine.api.audit``) while ``engine.audit`` stays
-    this module for the code that imports ``prepare`` / ``execute`` / ``finalize`` from it."""
-
-    def __call__(self, dataset: str, **options):
-        from .api import audit
-
-        return audit(dataset, **options)
-
-
-sys.modules[__name__].__class__ = _CallableModule

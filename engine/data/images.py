@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runs import Run
+from engine.store.runs import Run
 
 
 class ImageError(ValueError):
@@ -20,14 +20,14 @@ class ImageError(ValueError):
 
 @lru_cache(maxsize=2)
 def _digits_images() -> np.ndarray:
-    from .datasets import digits_images
+    from engine.data.datasets import digits_images
 
     return digits_images()[0]
 
 
 @lru_cache(maxsize=1)
 def _torchvision_images(spec: str) -> np.ndarray:
-    from .datasets import load_dataset
+    from engine.data.datasets import load_dataset
 
     return load_dataset(spec).images
 

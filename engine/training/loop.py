@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import AuditConfig
-from .dynamics import batch_capture
-from .models import model_for
-from .pipeline import DeviceImages, StreamImages, normalize
-from .runs import DYNAMICS, DynamicsWriter, atomic_write_bytes
+from engine.capture.dynamics import batch_capture
+from engine.data.pipeline import DeviceImages, StreamImages, normalize
+from engine.store.runs import DYNAMICS, DynamicsWriter, atomic_write_bytes
+from engine.training.config import AuditConfig
+from engine.training.models import model_for
 
 ImageSource = DeviceImages | StreamImages
 
@@ -103,7 +103,7 @@ def train_pass(
 ) -> torch.nn.Module:
     """Train one model for ``cfg.epochs`` epochs from ``start_epoch``, capturing dynamics into ``writer``.
 
-    ``source`` (``engine.pipeline``) yields the uint8 NCHW batches on the training device, where
+    ``source`` (``engine.data.pipeline``) yields the uint8 NCHW batches on the training device, where
     ``targets`` live too. Raises ``Cancelled`` at the first batch after ``cancel`` is set; the epoch
     in progress is then discarded.
 
@@ -114,7 +114,7 @@ def train_pass(
     ``(1 - a) onehot + a softmax(z)`` of the batch with incerto's schedule ``a = sat_alpha(cfg, epoch)``
     (``sat_alpha_start`` during warm-up, then linear towards ``sat_alpha_end``), no per-sample memory.
     """
-    from .distributed import shard, world
+    from engine.training.distributed import shard, world
 
     device, n, mean, std = source.device, source.n, source.mean, source.std
     rank, size = world()

@@ -29,7 +29,7 @@ def correlation_matrix(scores: pd.DataFrame, method: str = "spearman", seed: int
 def topk_jaccard(scores: pd.DataFrame, k: int) -> pd.DataFrame:
     """Jaccard overlap |A & B| / |A | B| of the k highest values of each pair of columns.
 
-    Pass columns turned so that higher = more suspicious (``engine.scores.oriented``) to compare the k
+    Pass columns turned so that higher = more suspicious (``engine.scores.registry.oriented``) to compare the k
     most suspicious samples of each score.
 
     The top-k sets are indicator columns ``T`` (NaN never in a top set unless fewer than k are finite);

@@ -42,7 +42,7 @@ class IndexedDataset:
     root: str | None = None
     true_labels: np.ndarray | None = None
     info: dict = field(default_factory=dict)
-    stats: tuple | None = None  # per-channel (mean, std) once measured (engine.pipeline.normalization_stats)
+    stats: tuple | None = None  # per-channel (mean, std) once measured (engine.data.pipeline.normalization_stats)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -209,7 +209,7 @@ class FileImages:
     Indexing with an int returns one ``(H, W, C)`` image; with a slice, index array or boolean mask
     it decodes those images into a new array. ``select`` returns a lazy subset instead. Used for
     datasets too large to hold decoded in memory: the training loop reads them through a
-    ``DataLoader`` whose worker processes do the decoding (``engine.pipeline``). A file that turns
+    ``DataLoader`` whose worker processes do the decoding (``engine.data.pipeline``). A file that turns
     out to be corrupt only when decoded raises ``DatasetError`` naming it.
     """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import MODELS
+from engine.training.config import MODELS
 
 
 class SmallCNN(nn.Module):

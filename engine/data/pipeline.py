@@ -29,8 +29,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .config import LOADERS
-from .datasets import DatasetError
+from engine.data.datasets import DatasetError
+from engine.training.config import LOADERS
 
 IN_MEMORY_LIMIT = 4 * 1024**3  # decoded bytes above which ``auto`` streams
 SMALL_BYTES = 64 * 1024**2  # decoded bytes below which image files are decoded in the main process

@@ -10,7 +10,7 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from .datasets import DatasetError
+from engine.data.datasets import DatasetError
 
 MAX_ENTRIES = 50_000
 MAX_TOTAL_BYTES = 2 * 1024**3

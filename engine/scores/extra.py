@@ -2,7 +2,7 @@
 
 ``compute(run, names)`` is what ``python -m engine score RUN NAME...`` and the dashboard's
 background job call. Each function returns one value per sample with its natural sign (the registry,
-``engine.scores.REGISTRY``, says which end is suspicious).
+``engine.scores.registry.REGISTRY``, says which end is suspicious).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .config import AuditConfig
-from .dynamics import trailing_streak
-from .runs import Run, atomic_write_parquet
-from .scores import REGISTRY
+from engine.capture.dynamics import trailing_streak
+from engine.scores.registry import REGISTRY
+from engine.store.runs import Run, atomic_write_parquet
+from engine.training.config import AuditConfig
 
 EXTRA = tuple(name for name, spec in REGISTRY.items() if spec.cost == "extra")
 PD_REFERENCE_MAX = 100_000  # above this, prediction-depth k-NN probes search a seeded subsample of references
@@ -33,8 +33,8 @@ def _cfg(run: Run) -> AuditConfig:
 
 def _dataset(run: Run):
     """The run's config and its trained samples (in ``Run.trained_rows`` order), with the run's normalisation."""
-    from .audit import load_run_dataset
-    from .pipeline import run_stats
+    from engine.data.pipeline import run_stats
+    from engine.training.audit import load_run_dataset
 
     cfg = _cfg(run)
     ds = load_run_dataset(cfg).train
@@ -76,7 +76,7 @@ def out_of_sample_log_probs(cfg: AuditConfig, ds, folds: int = 3, progress: Prog
     """k models, each trained on k-1 folds with the recipe of ``cfg`` (no threshold samples, no capture),
     predicting the held-out fold. Returns ``(N, classes)`` log-probabilities (``log_probs`` of the logits).
     ``stats``: the run's normalisation (None: each fold measures its own training images)."""
-    from .datasets import take
+    from engine.data.datasets import take
 
     if folds < 2:
         raise ScoreError(f"cross-validation needs at least 2 folds, got {folds}")
@@ -105,9 +105,9 @@ def fit_predict_log(cfg: AuditConfig, train_images, train_labels: np.ndarray, te
     images' own statistics)."""
     import torch
 
-    from .models import pick_device
-    from .pipeline import make_source, normalize, sequential
-    from .training import train_pass
+    from engine.data.pipeline import make_source, normalize, sequential
+    from engine.training.loop import train_pass
+    from engine.training.models import pick_device
 
     device = pick_device(cfg.device)
     with make_source(train_images, device, cfg.loader, cfg.workers, stats=stats, seed=cfg.seed) as train:
@@ -139,9 +139,9 @@ def _probe_features(run: Run, progress: Progress | None = None):
     """
     import torch
 
-    from .models import SmallCNN, pick_device
-    from .pipeline import make_source, normalize, sequential
-    from .training import load_final_model
+    from engine.data.pipeline import make_source, normalize, sequential
+    from engine.training.loop import load_final_model
+    from engine.training.models import SmallCNN, pick_device
 
     cfg, ds = _dataset(run)
     device = pick_device(cfg.device)
@@ -285,7 +285,7 @@ def _torchvision_embeddings(run: Run, teacher: str) -> np.ndarray:
         if hasattr(net, attr):
             setattr(net, attr, torch.nn.Identity())
     net.eval()
-    from .pipeline import StreamImages, sequential
+    from engine.data.pipeline import StreamImages, sequential
 
     cfg, ds = _dataset(run)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -303,7 +303,7 @@ def _torchvision_embeddings(run: Run, teacher: str) -> np.ndarray:
 
 def _stop_if(cancel: threading.Event | None) -> None:
     if cancel is not None and cancel.is_set():
-        from .training import Cancelled
+        from engine.training.loop import Cancelled
 
         raise Cancelled()
 
