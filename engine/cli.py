@@ -133,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="a trusted test set (folder, manifest .csv, torchvision:NAME:ROOT) with the run's class names; "
                          "default for runs with known true labels: 20%% of the run's samples, held out, true labels")
     rt.add_argument("--seeds", type=int, default=3, help="trainings per variant, seeds averaged (default 3)")
+    de = sub.add_parser("delete", help="delete a run directory for good (refused while a process trains or owns it)")
+    de.add_argument("run_dir", metavar="RUN", help="run id, or the run's directory inside the runs folder")
+    de.add_argument("--out", default=None, help="runs folder the run is in (default ./runs or $DIFFICULTY_AUDIT_RUNS)")
     return p
 
 
@@ -366,9 +369,6 @@ def _import_logits(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from engine.review.export import export_csv
-    from engine.review.policy import load_policy, make_policy
-
     run = open_run(args.run_dir)
     state = run.status().get("state")
     note = "" if state == "done" else f"  WARNING: run is {state}, not done; scores cover its finished epochs only"
@@ -383,11 +383,20 @@ def _export(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise ConfigError("export needs --out FILE.csv (or --dataset-folder OUT for the cleaned image folder)")
+    if args.decisions:  # what scripts poll: no policy, no scores, no pandas (engine.review.decisions)
+        from engine.review.decisions import write_decisions_csv
+
+        n = write_decisions_csv(run, args.out)
+        print(f"wrote {n} rows (decisions) to {args.out}{note}")
+        return 0
+    from engine.review.export import export_csv
+    from engine.review.policy import load_policy, make_policy
+
     policy = None
     if args.cutoff or args.rank_by:
         saved = load_policy(run)
         policy = make_policy(args.cutoff or saved.cutoff, args.rank_by or saved.score)
-    kind = "all" if args.all else "manifest" if args.manifest else "decisions" if args.decisions else "flagged"
+    kind = "all" if args.all else "manifest" if args.manifest else "flagged"
     n = export_csv(run, args.out, kind=kind, policy=policy)
     print(f"wrote {n} rows ({kind}) to {args.out}{note}")
     return 0
@@ -415,6 +424,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _import_logits(args)
         if args.command == "retrain":
             return _retrain(args)
+        if args.command == "delete":
+            from engine.store.runs import delete_run
+
+            print(f"deleted run {delete_run(args.run_dir, args.out)}")
+            return 0
         return _export(args)
     except ValueError as exc:  # ConfigError, DatasetError, RunError, ScoreError and any other bad input: one line
         from engine.training.distributed import is_main

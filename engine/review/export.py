@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 
 from engine.review.cleaned import cleaned_manifest, manifest_bytes, write_manifest
+from engine.review.decisions import COLUMNS as DECISION_COLUMNS
+from engine.review.decisions import FORMULA_PREFIXES, decision_rows, decisions_csv_bytes, write_decisions_csv
 from engine.review.policy import CSV_PREFIX, Policy, apply_to_table, current_table, suspicious_of
 from engine.review.reviews import ReviewStore
 from engine.scores.registry import REGISTRY
@@ -24,13 +26,8 @@ from engine.store.runs import Run, RunError, atomic_write_bytes, atomic_write_js
 
 KINDS = ("flagged", "all", "manifest", "decisions")
 
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-
 # Columns that are not scores: what they hold (scores are described by the registry).
-COLUMNS = {
-    "sample_id": "the sample's id (file path relative to the dataset root, or name-index for array data)",
-    "source": "where the image is: path relative to the dataset root, or name[index] for array datasets",
-    "label": "given label (class name)",
+COLUMNS = DECISION_COLUMNS | {
     "suggested_label": "most frequent other class predicted over the epochs where the sample kept its label",
     "rank": "1 = most suspicious under the review policy (by its ranking score); unscored samples last",
     "flagged": "flagged under the review policy",
@@ -40,9 +37,6 @@ COLUMNS = {
     "is_threshold": "was a threshold sample (relabelled to a fake class) in one training pass",
     "role": "the sample's split role in the run (train, threshold, held out ...)",
     "true_label": "true label before noise was injected (known only for injected noise)",
-    "decision": "review decision: mislabeled (relabel) | correct | remove | unsure",
-    "new_label": "the class a mislabeled decision relabels to",
-    "decided_at": "when the decision was recorded (UTC)",
     "path": "image path (manifest): relative to the manifest's folder",
 }
 
@@ -136,10 +130,9 @@ def with_decisions(run: Run, table: pd.DataFrame | None = None, policy: Policy |
 
 
 def decisions_table(run: Run) -> pd.DataFrame:
-    """The review decisions alone: sample_id, source, label, decision, new_label, decided_at."""
-    df = with_decisions(run)
-    df = df[df["decision"].notna()]
-    return df[["sample_id", "source", "label", "decision", "new_label", "decided_at"]].reset_index(drop=True)
+    """The review decisions alone, in run order: sample_id, source, label, decision, new_label, decided_at
+    (``engine.decisions.decision_rows``)."""
+    return pd.DataFrame(decision_rows(run), columns=list(DECISION_COLUMNS))
 
 
 def export_frame(run: Run, kind: str = "flagged", policy: Policy | None = None) -> pd.DataFrame:
@@ -167,6 +160,8 @@ def to_csv_bytes(df: pd.DataFrame) -> bytes:
 
 def export_bytes(run: Run, kind: str, policy: Policy | None = None) -> bytes:
     """The CSV bytes of one export: the manifest as plain machine-readable CSV, the others formula-guarded."""
+    if kind == "decisions":
+        return decisions_csv_bytes(decision_rows(run))
     df = export_frame(run, kind, policy)
     return manifest_bytes(df) if kind == "manifest" else to_csv_bytes(df)
 
@@ -217,6 +212,8 @@ def export_csv(run: Run, out: str | os.PathLike, all_samples: bool = False, kind
     kind = kind or ("all" if all_samples else "flagged")
     if kind == "manifest":
         return write_manifest(run, out)
+    if kind == "decisions":
+        return write_decisions_csv(run, out)
     df = export_frame(run, kind, policy)
     atomic_write_bytes(out, to_csv_bytes(df))
     atomic_write_json(Path(f"{os.fspath(out)}.json"), companion(run, df, kind))

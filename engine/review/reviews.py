@@ -16,12 +16,16 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas loads on first use: ``python -m engine export --decisions`` does not need it
+    import pandas as pd
 
 DECISIONS = ("mislabeled", "correct", "remove", "unsure", "cleared")
 DB_NAME = "reviews.sqlite"
+CURRENT_COLUMNS = ("sample_id", "decision", "new_label", "decided_at")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS history (
@@ -140,19 +144,26 @@ class ReviewStore:
 
     def current(self) -> pd.DataFrame:
         """The latest decision of every reviewed sample (cleared ones omitted): sample_id, decision, new_label, decided_at."""
+        import pandas as pd
+
+        return pd.DataFrame(self.current_rows(), columns=list(CURRENT_COLUMNS))
+
+    def current_rows(self) -> list[tuple[str, str, str | None, float]]:
+        """``current`` as plain tuples (sample_id, decision, new_label, decided_at), by sample id: one consistent
+        snapshot (a single query), read without pandas."""
         con = self._connect(create=False)
         try:
-            df = pd.read_sql_query(
+            return con.execute(
                 "SELECT h.sample_id, h.decision, h.new_label, h.decided_at FROM history h "
                 "JOIN (SELECT sample_id, MAX(id) AS id FROM history GROUP BY sample_id) last ON h.id = last.id "
-                "WHERE h.decision != 'cleared' ORDER BY h.sample_id",
-                con,
-            )
+                "WHERE h.decision != 'cleared' ORDER BY h.sample_id"
+            ).fetchall()
         finally:
             con.close()
-        return df
 
     def history(self) -> pd.DataFrame:
+        import pandas as pd
+
         con = self._connect(create=False)
         try:
             return pd.read_sql_query("SELECT * FROM history ORDER BY id", con)
@@ -206,6 +217,8 @@ class ReviewStore:
 
     def changes_since(self, after_id: int) -> pd.DataFrame:
         """History rows newer than ``after_id`` (id, sample_id, decision, new_label), oldest first."""
+        import pandas as pd
+
         con = self._connect(create=False)
         try:
             return pd.read_sql_query("SELECT id, sample_id, decision, new_label FROM history WHERE id > ? ORDER BY id",
@@ -218,6 +231,8 @@ class ReviewStore:
 
         Undo rows and decisions withdrawn by an undo do not count; a reviewer's ``cleared`` counts as no decision.
         """
+        import pandas as pd
+
         query = (
             "SELECT h.sample_id, h.reviewer, h.decision, h.new_label FROM history h JOIN ("
             " SELECT sample_id, reviewer, MAX(id) AS id FROM history r"
@@ -250,6 +265,8 @@ def agreement(by_reviewer: pd.DataFrame) -> pd.DataFrame:
     ``agree`` is True when every reviewer made the same decision (and, for a relabel, chose the same class);
     ``detail`` reads ``alice: remove; bob: mislabeled → 7``.
     """
+    import pandas as pd
+
     df = by_reviewer
     if df.empty:
         return pd.DataFrame(columns=["sample_id", "reviewers", "agree", "detail"])
@@ -272,6 +289,8 @@ class DecisionArrays:
     """
 
     def __init__(self, store: ReviewStore, sample_ids: Sequence[str] | pd.Index, classes: Sequence[str]):
+        import pandas as pd
+
         self.store = store
         self.index = sample_ids if isinstance(sample_ids, pd.Index) else pd.Index(sample_ids)
         self.classes = {c: k for k, c in enumerate(classes)}
@@ -296,6 +315,8 @@ class DecisionArrays:
 
     def apply(self, sample_ids: np.ndarray, decisions: np.ndarray, new_labels: np.ndarray) -> None:
         """Set decisions in order (a later row of the same sample wins); unknown sample ids are skipped."""
+        import pandas as pd
+
         idx = self.index.get_indexer(sample_ids)
         keep = idx >= 0
         # Last write wins: keep only the last row of each sample (numpy does not promise an order for repeats).
@@ -326,6 +347,8 @@ NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "afs",
 
 def _run_ids_and_classes(run_dir: Path) -> tuple[pd.Index | None, list[str] | None]:
     """The run's sample ids (a hashed index, cached per samples.parquet version) and class names; None when absent."""
+    import pandas as pd
+
     samples, classes_p = run_dir / "samples.parquet", run_dir / "classes.json"
     classes = json.loads(classes_p.read_text()) if classes_p.is_file() else None
     if not samples.is_file():

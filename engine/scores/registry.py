@@ -236,8 +236,7 @@ def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:
         others.append(np.where(kept[None, :], s["other"], -1))
     if not acc:
         raise ValueError("no finished epoch yet: nothing to score")
-    with np.errstate(invalid="ignore"):
-        combined = {k: np.nanmean(np.stack(v), axis=0) if len(v) > 1 else v[0] for k, v in acc.items()}
+    combined = {k: mean_over_passes(np.stack(v)) if len(v) > 1 else v[0] for k, v in acc.items()}
     combined.update(first)
     other_all = np.concatenate(others, axis=0)
     sug = _mode_ignoring(other_all, n_classes)
@@ -257,6 +256,19 @@ def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:
     from engine.review.policy import apply_to_table
 
     return table, info | apply_to_table(run, table, info)
+
+
+def mean_over_passes(values: np.ndarray) -> np.ndarray:
+    """Per sample (column), the mean of the passes (rows) that have a value: ``sum(v[finite]) / count``, NaN
+    where no pass has one (a sample held out of training, or a threshold sample of a single threshold run).
+
+    ``np.nanmean`` gives the same values but warns "Mean of empty slice" for every such column.
+    """
+    values = np.asarray(values)
+    have = ~np.isnan(values)
+    count = have.sum(axis=0)
+    total = np.where(have, values, 0).sum(axis=0)
+    return np.divide(total, count, out=np.full(total.shape, np.nan, dtype=total.dtype), where=count > 0)
 
 
 def _mode_ignoring(values: np.ndarray, n_classes: int) -> np.ndarray:

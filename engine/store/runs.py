@@ -54,9 +54,12 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas loads on first use: a CLI command that reads no table does not pay for it
+    import pandas as pd
 
 RUNS_ENV = "DIFFICULTY_AUDIT_RUNS"
 STATES = ("pending", "running", "done", "failed", "cancelled", "interrupted")
@@ -184,6 +187,8 @@ class Run:
     # ---- per-sample tables ---------------------------------------------
     def samples(self, columns: list[str] | None = None) -> pd.DataFrame:
         """One row per sample, in run order; ``columns`` reads only those (a million ids cost memory)."""
+        import pandas as pd
+
         return pd.read_parquet(self.path / "samples.parquet", columns=columns)
 
     def trained_rows(self) -> np.ndarray:
@@ -197,6 +202,8 @@ class Run:
 
     def scores(self, columns: list[str] | None = None) -> pd.DataFrame | None:
         """The scores table (same row order as ``samples``), or None before the first scoring."""
+        import pandas as pd
+
         p = self.path / "scores.parquet"
         return pd.read_parquet(p, columns=columns) if p.is_file() else None
 
@@ -294,9 +301,45 @@ def list_runs(root: str | os.PathLike | None = None) -> list[Run]:
         return []
     runs = []
     for p in base.iterdir():
-        if p.is_dir() and (p / "config.json").is_file():
+        if not p.name.startswith(".") and p.is_dir() and (p / "config.json").is_file():  # not a run being deleted
             runs.append(Run(p))
     return sorted(runs, key=lambda r: (r.raw_status().get("created_at", 0), r.id), reverse=True)
+
+
+TRASH_PREFIX = ".deleting-"
+
+
+def delete_run(ref: str | os.PathLike | Run, root: str | os.PathLike | None = None) -> str:
+    """Delete a run directory of the runs folder ``root`` (default ``runs_root()``) for good; returns its id.
+
+    Refuses (``RunError``, nothing touched) a path that is not a run directly inside the runs folder (no
+    symlink, no ``..``), and a run that a live process owns or trains: this process then claims it
+    (``owner.json``, as a job would) so that no job can start on it meanwhile. The directory is renamed to a
+    hidden ``.deleting-<id>-<token>`` sibling first (one atomic rename: pages and ``list_runs`` stop seeing the
+    run at once, and a crash mid-way leaves no half run), then removed.
+    """
+    import shutil
+
+    from engine.jobs.ownership import RunBusy, claim
+
+    base = runs_root(root).resolve()
+    given = Path(ref.path if isinstance(ref, Run) else ref)
+    path = given if given.is_absolute() or given.exists() else base / given
+    if path.is_symlink() or path.resolve().parent != base:
+        raise RunError(f"{given} is not a run of the runs folder {base}; only runs inside it can be deleted "
+                       "(give the runs folder with --out)")
+    run = Run(path.resolve())  # RunError when it is not a run directory
+    state = run.status().get("state")
+    if state in ("pending", "running"):
+        raise RunError(f"run {run.id} is {state}; cancel it (or wait for it to end) before deleting it")
+    try:
+        claim(run, "deleting the run")
+    except RunBusy as exc:
+        raise RunError(f"cannot delete: {exc}") from None
+    trash = base / f"{TRASH_PREFIX}{run.id}-{secrets.token_hex(3)}"
+    os.rename(run.path, trash)
+    shutil.rmtree(trash)
+    return run.id
 
 
 class DynamicsWriter:

@@ -29,7 +29,7 @@ from engine.data.pipeline import (
     stats_sample,
 )
 from engine.scores.noise import noise_estimate
-from engine.scores.registry import REGISTRY, compute_scores
+from engine.scores.registry import REGISTRY, compute_scores, mean_over_passes
 from engine.store.runs import (
     DynamicsWriter,
     Run,
@@ -348,8 +348,7 @@ def finalize(run: Run, partial: bool = False) -> dict:
         table["ood_density"] = ood_results["train_log_density"]  # log density: low = unlike the training data
         table["entropy"] = ood_results["train_entropy"]
     if (run.path / "sat.npy").is_file():
-        with np.errstate(invalid="ignore"):
-            table["sat_disagreement"] = np.nanmean(np.load(run.path / "sat.npy"), axis=0)
+        table["sat_disagreement"] = mean_over_passes(np.load(run.path / "sat.npy"))
     previous = run.scores()
     if previous is not None and len(previous) == len(table):  # keep scores computed on demand (engine.scores.extra)
         for name, spec in REGISTRY.items():
