@@ -8,6 +8,7 @@ import streamlit as st
 
 from app_pages.cleaning import retrain_section
 from app_pages.common import (
+    current_role,
     current_run,
     detection_row,
     fmt_seconds,
@@ -24,8 +25,10 @@ from engine.ui import (
     ConfigError,
     DatasetError,
     data_root,
+    delete_run,
     describe,
     extract_image_zip,
+    may,
     owner_of,
     parse_class_list,
     resolve_user_path,
@@ -143,8 +146,7 @@ if submitted and may_run_audits():
             cfg.model = f"torchvision:{tv_arch}"
             cfg.weights = str(resolve_user_path(tv_weights)) if tv_weights.strip() else None
             cfg.weights_enum, cfg.finetune = tv_enum.strip() or None, tv_finetune
-        with st.spinner("Checking the dataset…"):
-            run = job_manager().start(cfg)
+        run = job_manager().start(cfg)  # checks the settings; the worker reads the dataset
     except ValueError as exc:  # ConfigError, DatasetError, PathRefused, RunBusy
         st.error(f"Cannot start: {plain(exc)}")
     else:
@@ -191,7 +193,9 @@ def progress() -> None:
         if pipe:
             way = "streamed from disk" if pipe["loader"] == "stream" else "held in memory"
             st.caption(f"Images {way} on {pipe['device']}, {pipe['workers']} decoding worker(s).")
-    if state == "pending":
+    if status.get("phase") == "preparing":
+        st.info("Reading the dataset: file list, image headers, decoding and normalisation statistics…")
+    elif state == "pending":
         st.info("Queued: it starts when the audit before it ends.")
     if state in ("running", "pending"):
         if st.button("Cancel", key=f"cancel-{run.id}", disabled=not may_run_audits()):
@@ -213,9 +217,11 @@ progress()
 status = run.status()
 state = status.get("state")
 if state == "failed":
-    st.error(f"The audit failed: {plain(status.get('error'))}. Finished epochs are kept and can be viewed.")
-    with st.expander("Traceback"):
-        st.code(status.get("traceback") or "")
+    kept = " Finished epochs are kept and can be viewed." if sum(status.get("epochs_done") or []) else ""
+    st.error(f"The audit failed: {plain(status.get('error'))}.{kept}")
+    if status.get("traceback"):
+        with st.expander("Traceback"):
+            st.code(status["traceback"])
 if state in ("interrupted", "cancelled", "failed"):
     if state == "interrupted":
         st.warning("This audit was interrupted (its process stopped while it trained: a server restart, Ctrl-C, "
@@ -241,3 +247,17 @@ if state == "done" and summary:
         st.warning(warning, icon=":material/warning:")
     st.page_link("app_pages/aum.py", label="See the AUM distribution and the cut-off", icon=":material/show_chart:")
     retrain_section(run)
+if state not in ("running", "pending"):
+    with st.expander("Delete this run", icon=":material/delete:"):
+        allowed = may(current_role(), "delete audits")
+        sure = st.checkbox(f"Delete run {run.id} for good, with its scores and review decisions",
+                           key=f"delete-sure-{run.id}", disabled=not allowed)
+        if st.button("Delete run", key=f"delete-{run.id}", disabled=not (allowed and sure)):
+            try:
+                delete_run(run.path, runs_root())
+            except ValueError as exc:  # owned or trained by a process meanwhile, or not in the runs folder
+                st.error(f"Cannot delete: {plain(exc)}")
+            else:
+                st.rerun()
+        if not allowed:
+            st.caption("Your role is reviewer: only admins delete runs.")

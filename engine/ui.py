@@ -108,6 +108,7 @@ from engine.scores.registry import (
 from engine.store.runs import (
     Run,
     RunError,
+    delete_run,
     list_runs,
     resume_problem,
     runs_root,
@@ -172,6 +173,7 @@ __all__ = [
     "correlation_matrix",
     "data_root",
     "decision_for",
+    "delete_run",
     "describe",
     "direction_label",
     "directions",

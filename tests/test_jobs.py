@@ -15,7 +15,7 @@ from streamlit.testing.v1 import AppTest
 
 from engine.jobs.manager import JobManager
 from engine.jobs.ownership import OWNER_FILE, RunBusy, claim, owner_of, release
-from engine.store.runs import Run
+from engine.store.runs import Run, resume_problem
 from engine.training import audit
 from engine.training.config import AuditConfig
 from engine.training.loop import Cancelled
@@ -178,3 +178,57 @@ def test_cancel_button_names_the_owner_of_a_run_this_dashboard_does_not_train(tm
     finally:
         other.kill()
         other.wait()
+
+
+def _small_folder(root: Path, per_class: int = 12) -> Path:
+    """Two classes of real digit images (a copy: tests change it)."""
+    for c in ("0", "1"):
+        (root / c).mkdir(parents=True)
+        for f in sorted((ROOT / "sample_data" / "digits_folder" / c).iterdir())[:per_class]:
+            shutil.copy(f, root / c / f.name)
+    return root
+
+
+def test_start_reads_no_file_of_the_dataset_in_the_request(tmp_path):
+    """start() used to list the folder and read every image header in the request thread (an unreadable header
+    raised there, while the page waited). Now the request only checks the settings: with the worker busy, a
+    folder holding a file that is not an image yet is accepted; the file is fixed and another one added after
+    start() returned, and the run the worker prepares has both."""
+    data = _small_folder(tmp_path / "data")
+    late = data / "0" / "late.png"
+    late.write_bytes(b"not an image yet")
+    jobs = JobManager(tmp_path / "runs")
+    busy = _busy_worker(jobs, tmp_path / "runs")  # the worker takes jobs in order: ours waits behind it
+    run = jobs.start(AuditConfig(dataset=str(data), epochs=1, threshold_samples=False))
+    assert run.raw_status()["state"] == "pending" and not run.prepared()
+    assert not (run.path / "samples.parquet").exists()
+    shutil.copy(ROOT / "sample_data" / "digits_folder" / "0" / "digit_0048.png", late)
+    shutil.copy(ROOT / "sample_data" / "digits_folder" / "1" / sorted(os.listdir(ROOT / "sample_data" / "digits_folder" / "1"))[-1],
+                data / "1" / "added.png")
+    jobs.cancel(busy.id)
+    job = jobs.wait(run.id, timeout=180)
+    assert job.done and job.error is None, job.error
+    assert run.status()["state"] == "done"
+    ids = set(run.samples()["sample_id"])
+    assert {"0/late.png", "1/added.png"} <= ids and len(ids) == 26
+    assert run.config()["normalization"]["images"] == 26  # measured by the worker, recorded for --resume
+
+
+def test_a_dataset_the_worker_cannot_read_fails_the_run_and_the_audit_page_says_why(tmp_path, monkeypatch):
+    data = _small_folder(tmp_path / "data")
+    (data / "1" / "broken.png").write_bytes(b"\x89PNG but not really")
+    jobs = JobManager(tmp_path / "runs")
+    run = jobs.start(AuditConfig(dataset=str(data), epochs=1, threshold_samples=False))  # accepted: nothing read
+    job = jobs.wait(run.id, timeout=120)
+    st = run.status()
+    assert job.done and st["state"] == "failed" and not run.prepared()
+    assert st["error"].startswith("the dataset could not be prepared: ") and "broken.png" in st["error"]
+    assert st.get("traceback") is None  # bad input: the message says what to fix
+    assert "start a new audit" in resume_problem(run, 1)
+    assert not (run.path / OWNER_FILE).exists()
+    monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception, at.exception
+    (err,) = [e.value for e in at.error if "The audit failed" in e.value]
+    assert "could not be prepared" in err and "broken.png" in err.replace("\\", "") and "epochs are kept" not in err
+    assert not any(b.label.startswith("Resume") for b in at.button)

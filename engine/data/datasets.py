@@ -275,11 +275,7 @@ def load_folder(root: str | os.PathLike, image_size: int | None = None, lazy: bo
 
     ``lazy``: check the headers only and decode on demand (``FileImages``).
     """
-    root_p = Path(root).expanduser()
-    if not root_p.exists():
-        raise DatasetError(f"dataset folder not found: {root_p}. Give an existing folder laid out as root/<class>/<image>.")
-    if not root_p.is_dir():
-        raise DatasetError(f"{root_p} is not a folder. Give a folder laid out as root/<class>/<image>, or a .csv manifest.")
+    root_p = _folder_path(root)
     class_dirs = sorted(p for p in root_p.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(class_dirs) < 2:
         raise DatasetError(
@@ -314,9 +310,7 @@ def load_folder(root: str | os.PathLike, image_size: int | None = None, lazy: bo
 
 def load_manifest(csv_path: str | os.PathLike, image_size: int | None = None, lazy: bool = False) -> IndexedDataset:
     """A CSV manifest with header ``path,label[,sample_id]``; paths relative to the CSV's folder (``lazy`` as ``load_folder``)."""
-    csv_p = Path(csv_path).expanduser()
-    if not csv_p.is_file():
-        raise DatasetError(f"manifest not found: {csv_p}. Give a CSV with columns path,label[,sample_id].")
+    csv_p = _manifest_path(csv_path)
     root = csv_p.parent.resolve()
     try:
         with open(csv_p, newline="", encoding="utf-8-sig") as fh:
@@ -415,6 +409,42 @@ def load_torchvision(name: str, root: str) -> IndexedDataset:
     )
 
 
+def _folder_path(root: str | os.PathLike) -> Path:
+    root_p = Path(root).expanduser()
+    if not root_p.exists():
+        raise DatasetError(f"dataset folder not found: {root_p}. Give an existing folder laid out as root/<class>/<image>.")
+    if not root_p.is_dir():
+        raise DatasetError(f"{root_p} is not a folder. Give a folder laid out as root/<class>/<image>, or a .csv manifest.")
+    return root_p
+
+
+def _manifest_path(csv_path: str | os.PathLike) -> Path:
+    csv_p = Path(csv_path).expanduser()
+    if not csv_p.is_file():
+        raise DatasetError(f"manifest not found: {csv_p}. Give a CSV with columns path,label[,sample_id].")
+    return csv_p
+
+
+def _torchvision_parts(spec: str) -> tuple[str, str]:
+    parts = spec.split(":", 2)
+    if len(parts) != 3 or not parts[1] or not parts[2]:
+        raise DatasetError(f"--dataset {spec!r}: expected torchvision:NAME:ROOT, e.g. torchvision:CIFAR10:./data")
+    return parts[1], parts[2]
+
+
+def check_source(spec: str) -> None:
+    """The checks of ``load_dataset`` that read nothing of the dataset, for a request that must answer at once:
+    the spec is well formed and its folder or manifest exists (one stat: no listing, no image opened)."""
+    if spec == "digits":
+        return
+    if spec.startswith("torchvision:"):
+        _torchvision_parts(spec)
+    elif spec.lower().endswith(".csv"):
+        _manifest_path(spec)
+    else:
+        _folder_path(spec)
+
+
 def load_dataset(
     spec: str,
     noise: float = 0.0,
@@ -433,10 +463,7 @@ def load_dataset(
         ds = load_digits_dataset(noise, noise_kind, seed)
         return ds
     if spec.startswith("torchvision:"):
-        parts = spec.split(":", 2)
-        if len(parts) != 3 or not parts[1] or not parts[2]:
-            raise DatasetError(f"--dataset {spec!r}: expected torchvision:NAME:ROOT, e.g. torchvision:CIFAR10:./data")
-        ds = load_torchvision(parts[1], parts[2])
+        ds = load_torchvision(*_torchvision_parts(spec))
     elif spec.lower().endswith(".csv"):
         ds = load_manifest(spec, image_size, lazy)
     else:

@@ -5,7 +5,7 @@ sign-in, configured in the ``[auth]`` section of ``.streamlit/secrets.toml``) an
 of the same file::
 
     [roles]
-    admins = ["lead@example.com"]                  # start, resume, cancel audits, compute scores, review
+    admins = ["lead@example.com"]                  # start, resume, cancel, delete audits, compute scores, review
     reviewers = ["@example.com", "guest@other.org"]  # review only; "@domain" matches a whole domain
 
 Without an ``[auth]`` section the dashboard is in local mode: everyone who reaches it is an admin (put
@@ -20,7 +20,8 @@ from collections.abc import Mapping
 ADMIN, REVIEWER, NOBODY, SIGNED_OUT = "admin", "reviewer", "nobody", "signed out"
 ACTIONS = {
     "review": (ADMIN, REVIEWER),  # record review decisions, export
-    "run audits": (ADMIN,),  # start, resume, cancel audits; compute extra scores; delete runs
+    "run audits": (ADMIN,),  # start, resume, cancel audits; compute extra scores
+    "delete audits": (ADMIN,),  # delete a run directory (engine.store.runs.delete_run)
 }
 
 

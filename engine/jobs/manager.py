@@ -12,20 +12,17 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from engine.data.datasets import check_source
 from engine.jobs.ownership import RunBusy, claim, release
-from engine.store.runs import Run, owner_fields, resume_problem
+from engine.store.runs import Run, create_run, owner_fields, resume_problem, runs_root
 from engine.training.config import AuditConfig, ConfigError
-
-if TYPE_CHECKING:  # the training stack (torch) loads with the first audit, not with the dashboard
-    from engine.data.datasets import IndexedDataset
 
 
 @dataclass
 class Job:
     run: Run
-    dataset: IndexedDataset | None = None  # read (not decoded) by prepare(); decoded by the worker
+    prepare: bool = False  # a reserved run: the worker reads its dataset first (audit.prepare_reserved)
     resume: bool = False
     kind: str = "audit"  # or "scores" (engine.scores.extra.compute)
     score_args: dict = field(default_factory=dict)
@@ -50,16 +47,18 @@ class JobManager:
         self._worker.start()
 
     def start(self, cfg: AuditConfig, root: str | os.PathLike | None = None) -> Run:
-        """Validate and create the run now (errors raise here, in the caller), decode and train in the background.
+        """Check the config and queue the audit; returns its run at once (``pending``). A bad value raises here.
 
-        The request thread only checks the config and reads the dataset's index (file names and image
-        headers); decoding the images, the slow part, happens in the worker, so a page never waits on it.
+        The request thread reads no file of the dataset (it only checks that its folder or manifest exists):
+        the worker reads its index (file names, image headers), decodes the images and measures the
+        normalisation statistics (``audit.prepare_reserved``), then trains. A dataset that cannot be read
+        fails the run, its status saying why.
         """
-        from engine.training.audit import prepare
-
-        run, ds = prepare(cfg, root if root is not None else self.root, decode=False)
+        cfg.validate()  # (the training stack, torch, loads in the worker with the first audit)
+        check_source(cfg.dataset)  # a mistyped path is said at once; a stat, the folder is not listed
+        run = create_run(runs_root(root if root is not None else self.root), cfg.run_dict())  # not prepared yet
         claim(run, "dashboard audit")
-        self._enqueue(Job(run, ds))
+        self._enqueue(Job(run, prepare=True))
         return run
 
     def _enqueue(self, job: Job, key: str | None = None) -> None:
@@ -133,7 +132,7 @@ class JobManager:
     def _work(self) -> None:
         while True:
             job = self._queue.get()
-            from engine.training.audit import execute
+            from engine.training.audit import execute, prepare_reserved
             from engine.training.loop import Cancelled
 
             try:
@@ -145,9 +144,9 @@ class JobManager:
                 if job.kind == "scores":
                     self._run_scores(job)
                     continue
-                ds, job.dataset = job.dataset, None
                 try:
-                    execute(job.run, ds, cancel=job.cancel, resume=job.resume)  # decodes lazily read images
+                    ds = prepare_reserved(job.run) if job.prepare else None  # failures go to the run's status
+                    execute(job.run, ds, cancel=job.cancel, resume=job.resume)
                 except Cancelled:
                     pass
                 except BaseException as exc:  # the run's status.json records it as failed

@@ -222,6 +222,11 @@ class Run:
         arr = np.load(self.dynamics_path(pass_idx, name), mmap_mode="r")
         return arr[: self.epochs_done(pass_idx)] if finished_only else arr
 
+    def prepared(self) -> bool:
+        """Whether the run's dataset has been read (its sample table exists): a run the dashboard queued is not
+        until its worker has read the dataset."""
+        return (self.path / "samples.parquet").is_file()
+
     def n_passes(self) -> int:
         return int(self.raw_status().get("passes", 1))
 
@@ -259,8 +264,11 @@ def new_run_id(dataset: str) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(dataset)}-{secrets.token_hex(2)}"
 
 
-def create_run(root: str | os.PathLike, config: dict, samples: pd.DataFrame, classes: list[str]) -> Run:
-    """Create a new run directory with its config, sample table and a ``pending`` status."""
+def create_run(root: str | os.PathLike, config: dict, samples: pd.DataFrame | None = None,
+               classes: list[str] | None = None) -> Run:
+    """Create a new run directory with its config and a ``pending`` status, and its sample table and classes
+    when given; without them the run is not prepared yet (``Run.prepared``: the dashboard's worker reads the
+    dataset later and calls ``write_prepared``)."""
     root_p = Path(root)
     path = root_p / new_run_id(config.get("dataset", "data"))
     try:
@@ -269,14 +277,23 @@ def create_run(root: str | os.PathLike, config: dict, samples: pd.DataFrame, cla
     except OSError as exc:
         raise RunError(f"cannot create a run in {root_p}: {exc.strerror or exc}. Choose a writable runs folder "
                        f"(--out, or ${RUNS_ENV}).") from exc
-    atomic_write_json(path / "classes.json", list(classes))
-    atomic_write_parquet(path / "samples.parquet", samples)
+    if samples is not None:
+        atomic_write_json(path / "classes.json", list(classes))
+        atomic_write_parquet(path / "samples.parquet", samples)
     atomic_write_json(
         path / "status.json",
         {"state": "pending", "created_at": time.time(), "updated_at": time.time(), **owner_fields()},
     )
     atomic_write_json(path / "config.json", config)  # last: its presence marks a run directory
     return Run(path)
+
+
+def write_prepared(run: Run, config: dict, samples: pd.DataFrame, classes: list[str]) -> None:
+    """Complete a run created without its dataset: classes, the full config, then the sample table (last: its
+    presence marks the run as prepared)."""
+    atomic_write_json(run.path / "classes.json", list(classes))
+    atomic_write_json(run.path / "config.json", config)
+    atomic_write_parquet(run.path / "samples.parquet", samples)
 
 
 def open_run(ref: str | os.PathLike, root: str | os.PathLike | None = None) -> Run:
@@ -384,6 +401,9 @@ def resume_problem(run: Run, world_size: int) -> str | None:
     process, each rank's shard and the effective batch depend on that count, so another count would
     train a different model than the uninterrupted run (and silently change its scores).
     """
+    if not run.prepared():
+        return (f"run {run.id} stopped before its dataset was read (nothing was trained): start a new audit "
+                "(the run's status says why, e.g. a file that could not be read)")
     origin = run.config().get("origin")
     if origin:  # a Recorder in a user's loop, or import-logits: there is no training of ours to continue
         return f"run {run.id} was made by {origin}, not by our training loop: record or import it again"

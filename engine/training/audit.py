@@ -39,6 +39,7 @@ from engine.store.runs import (
     owner_fields,
     resume_problem,
     trained_rows,
+    write_prepared,
 )
 from engine.training.config import AuditConfig, ConfigError
 from engine.training.loop import Cancelled, EpochResult, train_pass
@@ -90,23 +91,48 @@ def load_run_dataset(cfg: AuditConfig):
     return data
 
 
-def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None, decode: bool = True) -> tuple[Run, IndexedDataset]:
-    """Validate config and dataset, assign roles and threshold samples, measure the normalisation statistics,
-    create the run directory. Returns the run and its training samples (``ds.stats`` set).
-
-    ``decode=False`` leaves image files read by header only (the dashboard decodes them in its worker
-    thread, not in the request; a corrupt file then fails the run, named in its status); ``execute``
-    then measures the normalisation statistics once and records them in the run's config.
+def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None) -> tuple[Run, IndexedDataset]:
+    """Validate config and dataset, assign roles and threshold samples, decode the images (memory loader) and
+    measure the normalisation statistics, then create the run directory. Returns the run and its training
+    samples (``ds.stats`` set). The CLI and ``engine.audit`` call it: nothing is created for a bad dataset.
     """
     from engine.store.runs import runs_root
 
     cfg.validate()
+    ds, samples, classes, config = _read_dataset(cfg)
+    return create_run(runs_root(root), config, samples, classes), ds
+
+
+def prepare_reserved(run: Run) -> IndexedDataset:
+    """``prepare`` for a run created before its dataset was read (``JobManager.start``: the dashboard's request
+    thread only checks the config): read the dataset (index, headers, decoding, normalisation statistics,
+    roles) in the worker and write the run's sample table, classes and config. A dataset that cannot be read
+    fails the run: its status says why (``error``), and nothing else is written."""
+    run.update_status(state="running", phase="preparing", started_at=time.time(), **owner_fields())
+    try:
+        cfg = AuditConfig.from_run_config(run.config())
+        ds, samples, classes, config = _read_dataset(cfg)
+        write_prepared(run, config, samples, classes)
+    except BaseException as exc:
+        bad_input = isinstance(exc, ValueError)  # DatasetError, ConfigError: the message says what to fix
+        run.update_status(state="failed", phase=None, finished_at=time.time(),
+                          error=f"the dataset could not be prepared: {exc if bad_input else f'{type(exc).__name__}: {exc}'}",
+                          traceback=None if bad_input else traceback.format_exc(limit=20))
+        raise
+    run.update_status(phase=None)
+    return ds
+
+
+def _read_dataset(cfg: AuditConfig) -> tuple[IndexedDataset, pd.DataFrame, list[str], dict]:
+    """The one way to read an audit's dataset: its training samples (decoded when the loader keeps them in
+    memory, ``stats`` measured), the run's sample table (every sample with its role and threshold pass), the
+    class names and the run's config (``dataset_root``, ``dataset_info``, ``image_shape``, ``normalization``)."""
     data = load_run_dataset(cfg)
     ds = data.train
     check_dataset(ds, cfg)
-    if decode and is_lazy(ds.images) and choose_loader(cfg.loader, ds.images) == "memory":
+    if is_lazy(ds.images) and choose_loader(cfg.loader, ds.images) == "memory":
         ds.images = materialize(ds.images, cfg.workers)  # a corrupt file found while decoding stops here
-    if ds.stats is None and decode:  # once, before the run exists, for every loader (a streamed source decodes them here)
+    if ds.stats is None:  # once, before training, for every loader (a streamed source decodes them here)
         ds.stats = normalization_stats(ds.images, cfg.workers, cfg.seed)
     n_trained_classes = int((np.bincount(ds.labels, minlength=ds.n_classes) > 0).sum())
     tpass_train = (
@@ -131,10 +157,9 @@ def prepare(cfg: AuditConfig, root: str | os.PathLike | None = None, decode: boo
     )
     config = cfg.run_dict() | {
         "dataset_root": full.root, "dataset_info": full.info, "image_shape": list(ds.images.shape[1:]),
-        "normalization": stats_record(ds.stats, len(stats_sample(len(ds), cfg.seed))) if ds.stats is not None else None,
+        "normalization": stats_record(ds.stats, len(stats_sample(len(ds), cfg.seed))),
     }
-    run = create_run(runs_root(root), config, samples, full.classes)
-    return run, ds
+    return ds, samples, full.classes, config
 
 
 def execute(
@@ -181,7 +206,7 @@ def execute(
             on_epoch(r)
 
     try:
-        if stats is None:  # prepared with decode=False (the dashboard): measured here, once, recorded for --resume
+        if stats is None:  # a run prepared before statistics were recorded (--resume): measured once, recorded
             stats = normalization_stats(ds.images, cfg.workers, cfg.seed)  # a corrupt file fails the run here
             if main:
                 atomic_write_json(run.path / "config.json",
