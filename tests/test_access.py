@@ -68,3 +68,27 @@ def test_an_admin_can_start_and_strangers_and_the_signed_out_cannot_enter(monkey
     assert not any(b.label == "Start audit" for b in at.button)
     at = _app(monkeypatch, tmp_path, {"is_logged_in": False})
     assert [b.label for b in at.button] == ["Sign in"]
+
+
+def test_sign_in_works_from_a_fresh_install_when_configured(monkeypatch, tmp_path):
+    """st.login needs Authlib (``streamlit[auth]`` in pyproject.toml): without it the Sign in button raised
+    StreamlitMissingAuthlibError. A real ``[auth]`` section in a secrets file (no identity provider is contacted:
+    the button only sends the browser to the login route)."""
+    from streamlit import config
+    from streamlit.runtime.secrets import secrets_singleton
+
+    secrets = tmp_path / "secrets.toml"
+    secrets.write_text('[auth]\nredirect_uri = "http://localhost:8501/oauth2callback"\n'
+                       f'cookie_secret = "{"c" * 40}"\nclient_id = "difficulty-audit"\nclient_secret = "s"\n'
+                       'server_metadata_url = "https://idp.example.com/.well-known/openid-configuration"\n')
+    before = config.get_option("secrets.files")
+    config.set_option("secrets.files", [str(secrets)])
+    secrets_singleton._reset()
+    try:
+        at = _app(monkeypatch, tmp_path, {"is_logged_in": False})
+        (sign_in,) = at.button
+        sign_in.click().run()
+        assert not at.exception, at.exception[0].message
+    finally:
+        config.set_option("secrets.files", before)
+        secrets_singleton._reset()
