@@ -114,3 +114,21 @@ def test_every_page_renders_a_run_with_held_out_samples(held_out_run, monkeypatc
         assert not at.exception, (page, at.exception)
     at.switch_page("app_pages/ood.py").run()
     assert len(at.get("image")) == 12  # the lowest-density grid is full: NaN (unscored) samples sort last
+
+
+@pytest.mark.slow
+def test_scores_of_never_scored_samples_are_nan_without_a_warning(held_out_run):
+    """Held-out samples have no value in any pass: np.nanmean warned "Mean of empty slice" for each score."""
+    import warnings
+
+    from engine.scores.registry import compute_scores, mean_over_passes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any RuntimeWarning fails the test
+        table, _ = compute_scores(held_out_run)
+        both = mean_over_passes(np.array([[1.0, np.nan, np.nan], [3.0, 5.0, np.nan]], dtype=np.float32))
+    held = (held_out_run.samples()["role"] == "ood_holdout").to_numpy()
+    assert held.any() and table.loc[held, ["aum", "confidence", "el2n"]].isna().all().all()
+    assert np.isfinite(table.loc[~held & table["aum"].notna(), "aum"]).all()
+    np.testing.assert_array_equal(both, np.array([2.0, 5.0, np.nan], dtype=np.float32))
+    assert both.dtype == np.float32
