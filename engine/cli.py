@@ -86,12 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--dataset-folder", metavar="OUT", default=None,
                       help="the cleaned dataset as an image folder OUT/<class>/<file> (+ OUT/manifest.csv): every "
                            "sample, relabels applied, removals dropped; audit it again with --dataset OUT")
-    e.add_argument("--cutoff", default=None, metavar="RULE",
-                   help="auto | threshold | value:V | quantile:Q (e.g. value:-0.5 flags AUM < -0.5; quantile:0.1 the "
-                        "10%% most suspicious by --rank-by). Default: the run's saved policy. Not saved")
-    e.add_argument("--rank-by", default=None, metavar="SCORE",
-                   help="score that ranks (and, with value:/quantile:, cuts): aum, confidence, ... or csv:NAME of an "
-                        "imported score. Default: the run's saved policy. Not saved")
+    for flag, metavar, what in (  # this export's own review policy
+        ("--cutoff", "RULE", "auto | threshold | value:V | quantile:Q (e.g. value:-0.5 flags AUM < -0.5; quantile:0.1 "
+                             "the 10%% most suspicious by --rank-by)"),
+        ("--rank-by", "SCORE", "score that ranks (and, with value:/quantile:, cuts): aum, confidence, ... or csv:NAME "
+                               "of an imported score"),
+    ):
+        e.add_argument(flag, default=None, metavar=metavar, help=f"{what}. Default: the run's saved policy. Not saved")
     en = sub.add_parser("ensemble", help="average one score per sample over several runs (seeds) into a CSV")
     en.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
     en.add_argument("--score", default="aum")

@@ -44,14 +44,40 @@ def small_run(tmp_path_factory):
     return run
 
 
-@pytest.fixture
-def own_small_run(small_run, tmp_path):
-    """A copy of ``small_run`` in this test's runs root, for tests that write into a run (scores, decisions)."""
+def copy_run(run, root: Path):
+    """A copy of a finished run in the runs folder ``root`` (same id), for a test that writes into a run (decisions,
+    policy, scores): the shared session runs must stay as the engine made them (``_shared_runs_stay_unchanged``)."""
     import shutil
 
     from engine.store.runs import Run
 
-    return Run(shutil.copytree(small_run.path, tmp_path / "runs" / small_run.id))
+    return Run(shutil.copytree(run.path, Path(root) / run.id))
+
+
+@pytest.fixture
+def own_small_run(small_run, tmp_path):
+    """A copy of ``small_run`` in this test's runs root, for tests that write into a run (scores, decisions)."""
+    return copy_run(small_run, tmp_path / "runs")
+
+
+SHARED_RUNS = ("small_run", "digits_run", "held_out_run")  # trained once, read by many tests
+
+
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def _shared_runs_stay_unchanged(request):
+    """Fail a test that writes into a shared run (a decision, a policy, a score, a new file): the tests after it
+    would pass or fail by the order they run in. Such a test works on ``own_small_run`` or ``copy_run``."""
+    runs = [request.getfixturevalue(name) for name in SHARED_RUNS if name in request.fixturenames]
+    before = [_files(r.path) for r in runs]
+    yield
+    for run, was in zip(runs, before, strict=True):
+        now = _files(run.path)
+        changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        assert not changed, f"the test changed the shared run {run.id}: {changed}; write into a copy (copy_run)"
 
 
 CHROMIUM_ENV = "DIFFICULTY_AUDIT_CHROMIUM"  # the browser the end-to-end tests drive (default: Debian's)

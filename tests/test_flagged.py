@@ -63,20 +63,22 @@ def test_filter_by_given_label(monkeypatch, small_run):
     assert len(table) == int((samples["label"] == 3).sum()) and set(table["label"]) == {"3"}
 
 
-def test_decision_is_saved_at_once_and_survives_a_reload(monkeypatch, small_run):
-    at = _flagged_page(monkeypatch, small_run)
+def test_decision_is_saved_at_once_and_survives_a_reload(monkeypatch, own_small_run):
+    run = own_small_run  # its own copy: the decision stays in this test
+    at = _flagged_page(monkeypatch, run)
     row = _card_rows(at)[1]
-    sid = small_run.samples()["sample_id"].iat[row]
+    sid = run.samples()["sample_id"].iat[row]
     at.button(key=f"rem-{row}").click().run()
     assert not at.exception, at.exception
-    current = ReviewStore(small_run.path).current().set_index("sample_id")
-    assert current.loc[sid, "decision"] == "remove"
-    reloaded = _flagged_page(monkeypatch, small_run)  # a fresh session, as after a browser reload
+    current = ReviewStore(run.path).current().set_index("sample_id")
+    assert list(current.index) == [sid] and current.loc[sid, "decision"] == "remove"
+    reloaded = _flagged_page(monkeypatch, run)  # a fresh session, as after a browser reload
     assert ":red-badge[:material/delete: Remove]" in [m.value for m in reloaded.markdown]
     assert "Reviewed / flagged" in [m.label for m in reloaded.metric]
 
 
-def test_exports_row_by_row(small_run):
+def test_exports_row_by_row(own_small_run):
+    small_run = own_small_run  # its own copy: the decisions stay in this test
     store = ReviewStore(small_run.path)
     table = export_frame(small_run, "all")
     a, b, c = table["sample_id"].iloc[:3]
@@ -99,16 +101,15 @@ def test_exports_row_by_row(small_run):
     assert manifest.loc[a, "path"] == f"7/{a}.png"
     decisions = export_frame(small_run, "decisions").set_index("sample_id")
     assert decisions.loc[[a, b, c], "decision"].tolist() == ["mislabeled", "remove", "unsure"]
-    assert len(store.history()) >= 4
+    assert len(decisions) == 3 and len(store.history()) == 4
     assert export_filename(small_run, "flagged") == f"{small_run.id}-flagged.csv"
 
 
-def test_concurrent_reviewers_lose_nothing(small_run, tmp_path):
-    shutil.copytree(small_run.path, tmp_path / "copy")
-    ids = small_run.samples()["sample_id"].tolist()[:500]
+def test_concurrent_reviewers_lose_nothing(own_small_run):
+    ids = own_small_run.samples()["sample_id"].tolist()[:500]
 
     def reviewer(name: str, decision: str) -> None:
-        store = ReviewStore(tmp_path / "copy")
+        store = ReviewStore(own_small_run.path)
         for s in ids:
             store.record(s, decision, session=name)
 
@@ -118,9 +119,8 @@ def test_concurrent_reviewers_lose_nothing(small_run, tmp_path):
         t.start()
     for t in threads:
         t.join()
-    store = ReviewStore(tmp_path / "copy")
+    store = ReviewStore(own_small_run.path)
     hist = store.history()
-    hist = hist[hist["session"].isin(["tab1", "tab2"])]  # the shared run may hold other tests' decisions
     assert len(hist) == 1000 and hist.groupby("session").size().tolist() == [500, 500]
     current = store.current().set_index("sample_id")
     last = hist.sort_values("id").groupby("sample_id").tail(1).set_index("sample_id")
@@ -146,13 +146,8 @@ def test_cleaned_manifest_reaudit_flags_fewer(tmp_path):
     assert (pd.read_csv(data / "cleaned.csv")["sample_id"] == sorted(ds.sample_ids)).all()
 
 
-def test_bulk_decision_on_the_filtered_selection(monkeypatch, small_run, tmp_path):
-    shutil.copytree(small_run.path, tmp_path / "runs" / small_run.id)  # its own copy: decisions stay local
-    from engine.store.runs import Run
-
-    run = Run(tmp_path / "runs" / small_run.id)
-    for f in run.path.glob("reviews.sqlite*"):  # start without the other tests' decisions
-        f.unlink()
+def test_bulk_decision_on_the_filtered_selection(monkeypatch, own_small_run):
+    run = own_small_run  # its own copy: decisions stay local
     at = _flagged_page(monkeypatch, run)
     at.selectbox(key="flt_flagged").set_value("all").run()
     at.multiselect(key="flt_given").set_value(["5"]).run()
@@ -171,13 +166,8 @@ def test_bulk_decision_on_the_filtered_selection(monkeypatch, small_run, tmp_pat
     assert ReviewStore(run.path).current().empty
 
 
-def test_two_reviewers_show_agreement_on_the_card(monkeypatch, small_run, tmp_path):
-    shutil.copytree(small_run.path, tmp_path / "runs" / small_run.id)
-    from engine.store.runs import Run
-
-    run = Run(tmp_path / "runs" / small_run.id)
-    for f in run.path.glob("reviews.sqlite*"):
-        f.unlink()
+def test_two_reviewers_show_agreement_on_the_card(monkeypatch, own_small_run):
+    run = own_small_run
     at = _flagged_page(monkeypatch, run)
     a, b = _card_ids(at, run)[:2]
     store = ReviewStore(run.path)

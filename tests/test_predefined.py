@@ -136,7 +136,8 @@ def _scores_page(monkeypatch, root) -> AppTest:
     return at
 
 
-def test_import_sample_csv_into_a_run_and_see_correlations(monkeypatch, small_run):
+def test_import_sample_csv_into_a_run_and_see_correlations(monkeypatch, own_small_run):
+    small_run = own_small_run  # its own copy: the import writes predefined.parquet into the run
     at = _scores_page(monkeypatch, small_run.path.parent)
     assert len(at.get("plotly_chart")) == 3  # heatmap, pair scatter, top-k overlap of the run's own scores
     at.text_input(key="predef_path").set_value(str(SAMPLE)).run()

@@ -33,6 +33,7 @@ from engine.scores.registry import REGISTRY, compute_scores, mean_over_passes
 from engine.store.runs import (
     DynamicsWriter,
     Run,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_parquet,
     create_run,
@@ -206,11 +207,8 @@ def execute(
             on_epoch(r)
 
     try:
-        if stats is None:  # a run prepared before statistics were recorded (--resume): measured once, recorded
-            stats = normalization_stats(ds.images, cfg.workers, cfg.seed)  # a corrupt file fails the run here
-            if main:
-                atomic_write_json(run.path / "config.json",
-                                  raw | {"normalization": stats_record(stats, len(stats_sample(len(ds), cfg.seed)))})
+        if stats is None:
+            stats = _measure_missing_stats(run, raw, cfg, ds, main)
         source = make_source(ds.images, device, cfg.loader, cfg.workers, stats=stats, seed=cfg.seed)
         status(input_pipeline={"loader": source.kind, "workers": source.workers, "device": str(device)})
         for p in range(cfg.passes):
@@ -223,27 +221,37 @@ def execute(
             run.update_status(state="done", finished_at=time.time())
         _wait_for_all_ranks()  # torchrun: no rank tears down the process group while rank 0 still writes
         return summary
-    except Cancelled:
-        if main:
-            _finalize_partial(run)
-        status(state="cancelled", finished_at=time.time())
-        raise
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM in the CLI (a scheduler ending the job): resumable, not failed
-        if main:
-            _finalize_partial(run)
-        status(state="interrupted", finished_at=time.time())
-        raise
     except BaseException as exc:
-        if main:
-            _finalize_partial(run)
-        status(
-            state="failed", finished_at=time.time(),
-            error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20),
-        )
+        _stopped_early(run, main, status, exc)
         raise
     finally:
         if source is not None:
             source.close()
+
+
+def _measure_missing_stats(run: Run, raw: dict, cfg: AuditConfig, ds: IndexedDataset, main: bool):
+    """The normalisation statistics of a run prepared before they were recorded (its ``--resume``): measured once
+    (a corrupt file fails the run here) and recorded in its config."""
+    stats = normalization_stats(ds.images, cfg.workers, cfg.seed)
+    if main:
+        atomic_write_json(run.path / "config.json",
+                          raw | {"normalization": stats_record(stats, len(stats_sample(len(ds), cfg.seed)))})
+    return stats
+
+
+def _stopped_early(run: Run, main: bool, status, exc: BaseException) -> None:
+    """A run that stopped before the end: scores and summary from its finished epochs (``partial``), and its
+    state: ``cancelled`` (the user), ``interrupted`` (Ctrl-C, or SIGTERM in the CLI: a scheduler ending the job;
+    resumable) or ``failed`` (with the error and its traceback)."""
+    if main:
+        _finalize_partial(run)
+    if isinstance(exc, Cancelled):
+        status(state="cancelled", finished_at=time.time())
+    elif isinstance(exc, KeyboardInterrupt):
+        status(state="interrupted", finished_at=time.time())
+    else:
+        status(state="failed", finished_at=time.time(), error=f"{type(exc).__name__}: {exc}",
+               traceback=traceback.format_exc(limit=20))
 
 
 def _run_data(cfg: AuditConfig, ds: IndexedDataset | None):
@@ -302,8 +310,6 @@ def save_sat_disagreement(run: Run, pass_idx: int, targets: np.ndarray, labels: 
     trained samples (at ``rows`` of the run; NaN for that pass's threshold samples and for samples not trained
     on), kept in ``sat.npy`` as ``(passes, samples)``."""
     import io
-
-    from engine.store.runs import atomic_write_bytes
 
     path = run.path / "sat.npy"
     table = np.load(path) if path.is_file() else np.full((run.n_passes(), n_all), np.nan)
