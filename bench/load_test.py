@@ -76,6 +76,10 @@ def _session(url: str, seconds: float, seed: int, out: multiprocessing.Queue) ->
     out.put({"clicks": clicks, "js_errors": js_errors, "exceptions": exceptions})
 
 
+def _load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
 def _train(runs: Path) -> Path:
     import torch
 
@@ -115,13 +119,17 @@ def main() -> int:
         for p in sessions:
             p.start()
         time.sleep(15)  # the sessions open the page first
-        exports, bad_exports, decided, shrinks, skipped = 0, [], [], 0, 0
-        running: list[tuple[subprocess.Popen, Path]] = []
+        exports, bad_exports, decided, shrinks, skipped, seconds = 0, [], [], 0, 0, []
+        running: list[tuple[subprocess.Popen, Path, float]] = []
         started = time.time()
+        load_before = _load()
+        ended: dict[int, float] = {}
 
-        def check(proc: subprocess.Popen, out: Path) -> None:
+        def check(proc: subprocess.Popen, out: Path, launched: float) -> None:
             nonlocal shrinks
-            if proc.wait() != 0:
+            code = proc.wait()
+            seconds.append(ended.pop(proc.pid, time.time()) - launched)
+            if code != 0:
                 bad_exports.append(proc.stderr.read().strip()[-200:])
                 return
             rows = list(csv.DictReader(io.StringIO(out.read_text())))
@@ -135,19 +143,22 @@ def main() -> int:
 
         while any(p.is_alive() for p in sessions):  # one export launched every second (at most 3 in flight)
             t0 = time.time()
+            for proc, _, _ in running:  # when each export ended (checked in launch order below)
+                if proc.pid not in ended and proc.poll() is not None:
+                    ended[proc.pid] = time.time()
             while running and (running[0][0].poll() is not None or len(running) >= 3):
                 check(*running.pop(0))
             if len(running) < 3:
                 out = tmp / f"decisions-{exports:03d}.csv"
                 running.append((subprocess.Popen(
                     [sys.executable, "-m", "engine", "export", str(run_dir), "--out", str(out), "--decisions"],
-                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out))
+                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out, time.time()))
                 exports += 1
             else:
                 skipped += 1
             time.sleep(max(0.0, 1.0 - (time.time() - t0)))
-        for proc, out in running:
-            check(proc, out)
+        for proc, out, launched in running:
+            check(proc, out, launched)
         per = [results.get(timeout=30) for _ in sessions]
         elapsed = time.time() - started
     finally:
@@ -166,6 +177,10 @@ def main() -> int:
           f"with 3 still running), failed or inconsistent: "
           f"{len(bad_exports)}, decided-count decreases: {shrinks}, decided samples in the last: "
           f"{decided[-1] if decided else 0}")
+    wall = sorted(seconds)
+    if wall:  # (measured to within the 1 s polling step for exports that ended while another was awaited)
+        print(f"export wall time: median {wall[len(wall) // 2]:.2f} s, max {wall[-1]:.2f} s")
+    print(f"load average (1 min) before the exports: {load_before}, after: {_load()}")
     print(f"page exceptions: {exc}, JavaScript errors: {len(js)} {js[:2]}")
     ok = clicks == history and not bad_exports and shrinks == 0 and exc == 0 and not js and clicks > 0
     print("RESULT:", "pass" if ok else "FAIL")
