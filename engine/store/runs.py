@@ -337,7 +337,7 @@ def delete_run(ref: str | os.PathLike | Run, root: str | os.PathLike | None = No
     """
     import shutil
 
-    from engine.jobs.ownership import RunBusy, claim
+    from engine.jobs.ownership import RunBusy, claim, release
 
     base = runs_root(root).resolve()
     given = Path(ref.path if isinstance(ref, Run) else ref)
@@ -354,7 +354,11 @@ def delete_run(ref: str | os.PathLike | Run, root: str | os.PathLike | None = No
     except RunBusy as exc:
         raise RunError(f"cannot delete: {exc}") from None
     trash = base / f"{TRASH_PREFIX}{run.id}-{secrets.token_hex(3)}"
-    os.rename(run.path, trash)
+    try:
+        os.rename(run.path, trash)
+    except OSError as exc:
+        release(run)
+        raise RunError(f"cannot delete run {run.id}: {exc.strerror or exc}") from exc
     shutil.rmtree(trash)
     return run.id
 
