@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from engine.ood.evaluate import class_indices
+from engine.store.runs import list_runs
 from engine.training import audit
 from engine.training.config import AuditConfig, ConfigError, parse_class_list
 
@@ -56,7 +58,15 @@ def test_the_audit_page_explains_a_bad_holdout_list(monkeypatch, tmp_path):
     at.text_input(key="ood_holdout").set_value("cat,dog")
     next(b for b in at.button if b.label == "Start audit").click().run()
     assert not at.exception, at.exception
+    # The names are checked against the dataset's classes, which the background worker reads: the run fails
+    # at once, and the Audit page says why.
+    (run,) = list_runs(tmp_path / "runs")
+    end = time.time() + 120
+    while run.status()["state"] in ("pending", "running") and time.time() < end:
+        time.sleep(0.2)
+    at.run()
+    assert not at.exception, at.exception
     errors = " ".join(e.value for e in at.error)
     assert "invalid literal" not in errors
-    assert "'cat' is neither a class name nor an index" in errors
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert "'cat' is neither a class name nor an index" in errors.replace("\\", "")
+    assert run.status()["state"] == "failed" and not run.prepared()  # nothing trained
