@@ -189,6 +189,7 @@ def _small_folder(root: Path, per_class: int = 12) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_start_reads_no_file_of_the_dataset_in_the_request(tmp_path):
     """start() used to list the folder and read every image header in the request thread (an unreadable header
     raised there, while the page waited). Now the request only checks the settings: with the worker busy, a
