@@ -1,19 +1,31 @@
-"""Detection quality on digits with known flipped labels, ours beside cleanlab and the paper's rule.
+"""Detection quality with default settings on digits with known flipped labels, over noise settings and seeds.
 
-For each setting (20% / 40% symmetric, 20% asymmetric noise), one default audit
-(`python -m engine audit --dataset digits --noise R [--noise-kind asymmetric]`) gives:
-  * ours (auto cut-off): precision / recall / F1, and AUROC of the AUM ranking;
-  * the paper's rule on the same run's AUM (Pleiss et al. 2020; the aum package's procedure:
-    threshold samples, 99th percentile, flagged in both threshold runs);
-  * cleanlab.filter.find_label_issues on 5-fold out-of-sample probabilities from the same
-    network, settings and epochs (no threshold samples), with the same augmentation.
-Also prints the wall time of the default demo audit (digits, 10% noise).
-Usage: python bench/detection.py [--epochs 30]
+The table (issue 19 targets: F1 >= 0.95 and AUROC >= 0.9995 in every setting): for each setting
+(10 / 20 / 40% symmetric, 20 / 40% asymmetric noise) and each seed, one default audit
+(`python -m engine audit --dataset digits --noise R [--noise-kind asymmetric] --seed S`: 30 epochs x
+2 threshold runs, automatic cut-off); per setting the mean, standard deviation and worst seed of F1
+(automatic cut-off) and AUROC (AUM ranking), each target marked met / not met on the mean and on
+the worst seed.
+
+Options:
+  --seeds N              seeds 0..N-1 (default 3)
+  --settings LIST        e.g. sym10,sym20,sym40,asym20,asym40 (default: all five)
+  --without-correction   the same table with --no-forward-correction (the previous recipe), for comparison
+  --checks               data the defaults were not tuned on: the 300-image sample_data/digits_folder (12
+                         misfiled, see its WRONG_LABELS.md) at 8, 16 and 32 px, and each half of digits
+                         (even / odd samples) with 20% asymmetric noise, written as image folders
+  --retrain POLICIES     after each audit of sym20, sym40, asym20: `engine retrain` (engine.training.retrain,
+                         held-out 20% with true labels, 1 training seed per audit seed) for each policy in
+                         POLICIES (e.g. remove,relabel,both); prints the recovered share of the accuracy lost
+  --out DIR              keep the runs there (e.g. to run `python -m engine retrain` on them later)
+  --cleanlab             also cleanlab.filter.find_label_issues on 5-fold out-of-sample probabilities (slow)
+Usage: python bench/detection.py [--seeds 3] [--checks] [--retrain relabel]
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -21,52 +33,171 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 from bench._common import machine  # noqa: E402
-from engine.data.datasets import load_dataset  # noqa: E402
-from engine.review.policy import Policy, decision_for  # noqa: E402
-from engine.scores.extra import out_of_sample_probs  # noqa: E402
+from engine.data.datasets import digits_images, inject_noise, load_dataset  # noqa: E402
 from engine.scores.metrics import detection_metrics  # noqa: E402
-from engine.scores.registry import compute_scores, oriented  # noqa: E402
+from engine.store.runs import Run  # noqa: E402
 from engine.training import audit  # noqa: E402
 from engine.training.config import AuditConfig  # noqa: E402
+
+SETTINGS = {"sym10": (0.1, "symmetric"), "sym20": (0.2, "symmetric"), "sym40": (0.4, "symmetric"),
+            "asym20": (0.2, "asymmetric"), "asym40": (0.4, "asymmetric")}
+RETRAIN_SETTINGS = ("sym20", "sym40", "asym20")
+F1_TARGET, AUROC_TARGET, RECOVERED_TARGET = 0.95, 0.9995, 0.9
+
+
+def run_audit(cfg: AuditConfig, root: str) -> Run:
+    run, ds = audit.prepare(cfg, root)
+    audit.execute(run, ds)
+    return run
+
+
+def met(value: float, target: float) -> str:
+    return "met" if value >= target else "NOT met"
+
+
+def detection_table(args, root: str) -> list[str]:
+    lines = ["| setting | F1 mean ± sd (worst) | AUROC mean ± sd (worst) | precision / recall (mean) | "
+             "F1 >= 0.95 (mean; worst) | AUROC >= 0.9995 (mean; worst) |", "|---|---|---|---|---|---|"]
+    retrain_rows = []
+    for name in args.settings.split(","):
+        noise, kind = SETTINGS[name]
+        f1, auroc, prec, rec = [], [], [], []
+        for seed in range(args.seeds):
+            cfg = AuditConfig(noise=noise, noise_kind=kind, seed=seed, forward_correction=not args.without_correction)
+            t0 = time.perf_counter()
+            run = run_audit(cfg, root)
+            s = run.summary()
+            f1.append(s["f1"])
+            auroc.append(s["auroc"])
+            prec.append(s["precision"])
+            rec.append(s["recall"])
+            print(f"  {name} seed {seed}: F1 {s['f1']:.3f} AUROC {s['auroc']:.4f} (P {s['precision']:.3f} R "
+                  f"{s['recall']:.3f}, {s['n_flagged']} flagged of {s['n_label_errors']} errors) "
+                  f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+            if args.retrain and name in RETRAIN_SETTINGS:
+                retrain_rows += retrain_run(run, name, seed, args.retrain.split(","))
+        f, a = np.array(f1), np.array(auroc)
+        lines.append(f"| {noise:.0%} {kind} | {f.mean():.3f} ± {f.std():.3f} ({f.min():.3f}) | "
+                     f"{a.mean():.4f} ± {a.std():.4f} ({a.min():.4f}) | {np.mean(prec):.3f} / {np.mean(rec):.3f} | "
+                     f"{met(f.mean(), F1_TARGET)}; {met(f.min(), F1_TARGET)} | "
+                     f"{met(a.mean(), AUROC_TARGET)}; {met(a.min(), AUROC_TARGET)} |")
+        if args.cleanlab:
+            lines.append(cleanlab_row(name, args.seeds))
+    if retrain_rows:
+        lines += ["", "retrain (held-out 20% per true class, true labels; 1 training seed per audit seed):",
+                  "| setting | policy | seed | noisy | cleaned | oracle | recovered |", "|---|---|---|---|---|---|---|"]
+        lines += [r[0] for r in retrain_rows]
+        for name in RETRAIN_SETTINGS:
+            for policy in args.retrain.split(","):
+                rec = [r[1] for r in retrain_rows if r[2] == (name, policy)]
+                if rec:
+                    lines.append(f"| {name} | {policy} | mean of {len(rec)} | | | | {np.mean(rec):.0%} (worst "
+                                 f"{min(rec):.0%}): {met(np.mean(rec), RECOVERED_TARGET)} |")
+    return lines
+
+
+def retrain_run(run: Run, name: str, seed: int, policies: list[str]) -> list[tuple]:
+    from engine.training.retrain import retrain
+
+    rows = []
+    for policy in policies:
+        r = retrain(run, policy=policy, seeds=1)
+        rec = r["recovered"] if r["recovered"] is not None else float("nan")
+        print(f"  retrain {name} seed {seed} {policy}: noisy {r['accuracy_noisy']:.3f} cleaned "
+              f"{r['accuracy_cleaned']:.3f} oracle {r['accuracy_oracle']:.3f} recovered {rec:.0%}", flush=True)
+        rows.append((f"| {name} | {policy} | {seed} | {r['accuracy_noisy']:.3f} | {r['accuracy_cleaned']:.3f} | "
+                     f"{r['accuracy_oracle']:.3f} | {rec:.0%} |", rec, (name, policy)))
+    return rows
+
+
+def cleanlab_row(name: str, seeds: int) -> str:
+    from cleanlab.filter import find_label_issues
+
+    from engine.scores.extra import out_of_sample_probs
+
+    noise, kind = SETTINGS[name]
+    f1, auroc = [], []
+    for seed in range(seeds):
+        cfg = AuditConfig(noise=noise, noise_kind=kind, seed=seed, threshold_samples=False)
+        ds = load_dataset(cfg.dataset, noise, kind, seed)
+        probs = out_of_sample_probs(cfg, ds, folds=5)
+        errors = ds.labels != ds.true_labels
+        m = detection_metrics(find_label_issues(ds.labels, probs), 1 - probs[np.arange(len(ds)), ds.labels], errors)
+        f1.append(m["f1"])
+        auroc.append(m["auroc"])
+    return f"| {name} cleanlab (5-fold, same recipe) | {np.mean(f1):.3f} ({min(f1):.3f}) | {np.mean(auroc):.4f} | | | |"
+
+
+def folder_metrics(run: Run, wrong: set[str]) -> dict:
+    table = run.scores()
+    err = table["sample_id"].astype(str).isin(wrong).to_numpy()
+    m = detection_metrics(table["flagged"].to_numpy(bool), -table["aum"].to_numpy(), err)
+    return m | {"n_flagged": int(table["flagged"].sum()), "n_errors": int(err.sum())}
+
+
+def write_half(root: Path, half: int, noise: float, seed: int) -> tuple[Path, set[str]]:
+    """Half of digits (samples with index % 2 == half), 20% asymmetric noise injected, as an image folder
+    ``root/<noisy label>/<i>.png``; returns the folder and the sample ids whose label is wrong."""
+    from PIL import Image
+
+    images, true = digits_images()
+    idx = np.flatnonzero(np.arange(len(true)) % 2 == half)
+    noisy = inject_noise(true[idx], noise, "asymmetric", 10, seed)
+    out = root / f"half{half}"
+    wrong = set()
+    for i, y, t in zip(idx, noisy, true[idx], strict=True):
+        (out / str(y)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(out / str(y) / f"{i:04d}.png")
+        if y != t:
+            wrong.add(f"{y}/{i:04d}.png")
+    return out, wrong
+
+
+def checks(args, root: str) -> list[str]:
+    folder = ROOT / "sample_data" / "digits_folder"
+    wrong = set(re.findall(r"\| (\d/digit_\d+\.png) \|", (folder.parent / "WRONG_LABELS.md").read_text()))
+    lines = ["| data | recipe | flagged | errors | precision / recall / F1 | AUROC |", "|---|---|---|---|---|---|"]
+    cases = [(f"digits_folder {s} px", str(folder), s, wrong) for s in (8, 16, 32)]
+    for half in (0, 1):
+        path, w = write_half(Path(root) / "halves", half, 0.2, 0)
+        cases.append((f"digits half {half}, 20% asymmetric", str(path), None, w))
+    for title, path, size, w in cases:
+        for correction in (True, False):
+            cfg = AuditConfig(dataset=path, image_size=size, forward_correction=correction)
+            m = folder_metrics(run_audit(cfg, root), w)
+            recipe = "default" if correction else "--no-forward-correction"
+            lines.append(f"| {title} | {recipe} | {m['n_flagged']} | {m['n_errors']} | {m['precision']:.3f} / "
+                         f"{m['recall']:.3f} / {m['f1']:.3f} | {m['auroc']:.4f} |")
+            print("  " + lines[-1], flush=True)
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--without-correction", action="store_true")
+    ap.add_argument("--checks", action="store_true")
+    ap.add_argument("--no-table", action="store_true", help="skip the digits table (e.g. with --checks)")
+    ap.add_argument("--retrain", default=None, metavar="POLICIES")
+    ap.add_argument("--cleanlab", action="store_true")
+    ap.add_argument("--out", default=None, help="keep the runs in this folder (default: a temporary one)")
     args = ap.parse_args()
-    from cleanlab.filter import find_label_issues
-
-    print(f"machine: {machine()}")
-    rows = []
+    print(f"machine: {machine()}", flush=True)
+    lines = []
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = args.out or tmp
         t0 = time.perf_counter()
-        run, ds = audit.prepare(AuditConfig(noise=0.1, epochs=args.epochs), tmp)
-        audit.execute(run, ds)
-        demo_wall = time.perf_counter() - t0
-        for noise, kind in [(0.2, "symmetric"), (0.4, "symmetric"), (0.2, "asymmetric")]:
-            cfg = AuditConfig(noise=noise, noise_kind=kind, epochs=args.epochs)
-            run, ds = audit.prepare(cfg, tmp)
-            audit.execute(run, ds)
-            s = run.summary()
-            errors = ds.labels != ds.true_labels
-            table, info = compute_scores(run)
-            rule, _ = decision_for(run, table, info, Policy("threshold"))  # the paper's rule, not saved
-            paper = detection_metrics(rule.flagged, oriented(table["aum"].to_numpy(), "aum"), errors)
-            oos_cfg = AuditConfig(noise=noise, noise_kind=kind, epochs=args.epochs, threshold_samples=False)
-            oos_ds = load_dataset(oos_cfg.dataset, noise, kind, oos_cfg.seed)
-            probs, labels = out_of_sample_probs(oos_cfg, oos_ds, folds=5), oos_ds.labels
-            issues = find_label_issues(labels, probs)
-            cl = detection_metrics(issues, 1 - probs[np.arange(len(labels)), labels], errors)
-            rows.append((f"{noise:.0%} {kind}", s, paper, cl))
-    print(f"default demo audit (digits, 10% noise, {args.epochs} epochs x 2 passes) wall time: {demo_wall:.1f} s")
-    print("| setting | ours AUROC | ours P / R / F1 (auto) | paper rule P / R / F1 | cleanlab AUROC | cleanlab P / R / F1 |")
-    print("|---|---|---|---|---|---|")
-    for name, s, p, c in rows:
-        print(f"| {name} | {s['auroc']:.4f} | {s['precision']:.3f} / {s['recall']:.3f} / {s['f1']:.3f} | "
-              f"{p['precision']:.3f} / {p['recall']:.3f} / {p['f1']:.3f} | {c['auroc']:.4f} | "
-              f"{c['precision']:.3f} / {c['recall']:.3f} / {c['f1']:.3f} |")
+        if not args.no_table:
+            lines += detection_table(args, tmp)
+        if args.checks:
+            lines += ["", "checks on data the defaults were not tuned on:"] + checks(args, tmp)
+        print(f"\n{'--no-forward-correction' if args.without_correction else 'defaults'}, seeds 0..{args.seeds - 1}, "
+              f"total {time.perf_counter() - t0:.0f} s")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

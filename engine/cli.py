@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto: two-component mixture on AUM, capped by the threshold rule; threshold: Pleiss et al.")
     a.add_argument("--aum-start", type=int, default=d.aum_start, help="first epoch of the AUM window (0-based)")
     a.add_argument("--aum-end", type=int, default=None, help="epoch after the AUM window (default: all)")
+    a.add_argument("--no-forward-correction", action="store_true",
+                   help="train on plain cross-entropy throughout (default: from --correction-start on, forward loss "
+                        "correction with a noise matrix estimated from the run's own early predictions)")
+    a.add_argument("--correction-start", type=int, default=d.correction_start,
+                   help="first epoch (0-based) of the forward-corrected loss (default: epochs / 6, at least 2)")
     a.add_argument("--spectral-norm", type=float, default=None, metavar="COEFF",
                    help="soft spectral normalisation of every layer with this coefficient (DDU), e.g. 3")
     a.add_argument("--sat", choices=["paper", "incerto"], default=None,
@@ -229,7 +234,8 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         device=args.device, loader=args.loader, workers=args.workers,
         threshold_samples=not args.no_threshold_samples, threshold_runs=args.threshold_runs,
         threshold_percentile=args.threshold_percentile, cutoff=args.cutoff, aum_start=args.aum_start,
-        aum_end=args.aum_end, el2n_epoch=args.el2n_epoch, spectral_norm=args.spectral_norm, sat=args.sat,
+        aum_end=args.aum_end, forward_correction=not args.no_forward_correction,
+        correction_start=args.correction_start, el2n_epoch=args.el2n_epoch, spectral_norm=args.spectral_norm, sat=args.sat,
         sat_warmup=args.sat_warmup, ood_folder=args.ood, eval_fraction=args.eval_fraction,
         holdout_classes=parse_class_list(args.holdout_classes),
         corruptions=(list(args.corruptions) if isinstance(args.corruptions, list | tuple) else

@@ -1,4 +1,5 @@
-"""Noise estimate (summary.json ``noise_estimate``) and ``engine retrain``: does cleaning help."""
+"""Detection quality with default settings (forward correction), noise estimate (summary.json
+``noise_estimate``) and ``engine retrain``: does cleaning help."""
 
 from __future__ import annotations
 
@@ -9,12 +10,88 @@ import numpy as np
 import pytest
 
 from engine.cli import main
-from engine.scores.noise import estimated_joint, most_likely_true, noise_estimate, noise_rates, true_joint
+from engine.scores.noise import (
+    estimated_joint,
+    most_likely_true,
+    noise_estimate,
+    noise_rates,
+    transition_matrix,
+    true_joint,
+)
 from engine.training import audit
 from engine.training.config import AuditConfig, ConfigError
 from engine.training.retrain import cleaned_labels
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_transition_matrix_from_confusion_of_given_and_predicted():
+    # confusion[given, predicted]: of the samples predicted 0, 8 were given 0 and 2 given 1 -> T[0] = [.8, .2, 0]
+    confusion = np.array([[8, 0, 0], [2, 5, 0], [0, 0, 0]])
+    t = transition_matrix(confusion)
+    np.testing.assert_allclose(t, [[0.8, 0.2, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # class 2 never predicted
+    np.testing.assert_allclose(t.sum(axis=1), 1.0)
+
+
+def test_forward_correction_estimates_t_then_corrects_the_loss():
+    """Counts (given, predicted) in the epochs before the start, T at the end of the last one, then
+    ``-log (softmax(z) @ T)[y]``; the fake class of threshold samples is neither counted nor corrected."""
+    import torch
+    import torch.nn.functional as F
+
+    from engine.training.correction import ForwardCorrection
+
+    cfg = AuditConfig(epochs=30)
+    assert cfg.correction_epoch == 5 and AuditConfig(epochs=30, forward_correction=False).correction_epoch is None
+    assert AuditConfig(epochs=30, sat="paper").correction_epoch is None  # self-adaptive training owns the loss
+    assert AuditConfig(epochs=2).correction_epoch is None  # too short to estimate first
+    corr = ForwardCorrection(cfg, n_outputs=3, n_real=2, device=torch.device("cpu"))
+    assert list(corr.estimate_epochs) == [1, 2, 3, 4]
+    logits = torch.tensor([[5.0, 0.0, 0.0], [5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 5.0, 0.0], [5.0, 0.0, 0.0]])
+    y = torch.tensor([0, 1, 1, 1, 2])  # one 1 predicted 0; the last is a threshold sample (fake class 2)
+    corr.observe(0, logits, y)  # epoch 0 is not an estimation epoch
+    assert corr.counts.sum() == 0
+    corr.observe(4, logits, y)
+    assert corr.counts.tolist() == [[1, 0], [1, 2]]
+    assert corr.loss(logits, y) is None  # plain cross-entropy until T exists
+    corr.end_epoch(4, distributed=False)
+    t = corr.matrix.numpy()
+    np.testing.assert_allclose(t, [[0.5, 0.5, 0], [0, 1, 0], [0, 0, 1]])
+    expected = F.nll_loss(torch.log(torch.softmax(logits, 1) @ corr.matrix), y)
+    assert torch.allclose(corr.loss(logits, y), expected)
+    resumed = ForwardCorrection(cfg, 3, 2, torch.device("cpu"))
+    resumed.load_state(corr.state())  # a checkpoint keeps counts and T
+    assert torch.equal(resumed.matrix, corr.matrix) and torch.equal(resumed.counts, corr.counts)
+
+
+def test_forward_correction_options_and_old_runs():
+    from engine.cli import _parser, config_from_args
+
+    args = _parser().parse_args(["audit", "--no-forward-correction"])
+    assert config_from_args(args).forward_correction is False
+    args = _parser().parse_args(["audit", "--correction-start", "3"])
+    assert config_from_args(args).correction_epoch == 3
+    with pytest.raises(ConfigError, match="correction start"):
+        AuditConfig(epochs=5, correction_start=5).validate()
+    # a run saved before the correction existed keeps training (resume, retrain) without it
+    old = {k: v for k, v in AuditConfig().run_dict().items() if k not in ("forward_correction", "correction_start")}
+    assert AuditConfig.from_run_config(old).forward_correction is False
+    assert AuditConfig(epochs=30).run_dict()["correction_start"] == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("noise, kind, f1_bar, auroc_bar", [(0.2, "asymmetric", 0.94, 0.998),
+                                                            (0.4, "symmetric", 0.97, 0.999)])
+def test_default_audit_detects_flipped_digits(tmp_path, noise, kind, f1_bar, auroc_bar):
+    """A default audit (30 epochs x 2 threshold runs, forward correction, automatic cut-off) on digits with
+    injected noise: F1 and AUROC against the known flips clear a bar a little below what bench/detection.py
+    measures over three seeds (the bench is the judge of the issue's targets; this catches a regression)."""
+    run, ds = audit.prepare(AuditConfig(noise=noise, noise_kind=kind), tmp_path / "runs")
+    audit.execute(run, ds)
+    s = run.summary()
+    assert s["n_label_errors"] == (ds.labels != ds.true_labels).sum() > 0
+    assert s["f1"] >= f1_bar, s
+    assert s["auroc"] >= auroc_bar, s
 
 
 def test_estimated_joint_counts_flags_as_their_suggested_class():

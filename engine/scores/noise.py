@@ -107,3 +107,24 @@ def noise_estimate(labels: np.ndarray, flagged: np.ndarray, suggested: np.ndarra
         out["joint_tv_error"] = float(0.5 * np.abs(joint / joint.sum() - truth / truth.sum()).sum())
     out["true_class_accuracy"] = float((likely[noisy] == t_likely[noisy]).mean()) if noisy.any() else None
     return out
+
+
+def transition_matrix(confusion: np.ndarray) -> np.ndarray:
+    """Noise transition matrix ``T[j, i] = P(given label i | true class j)`` for forward correction.
+
+    ``confusion[i, j]`` counts samples given label ``i`` that a network trained on the given labels
+    predicts as ``j``; the prediction stands in for the true class, so ``T[j, i] = confusion[i, j] /
+    sum_i' confusion[i', j]``. A class never predicted keeps the identity row (no noise assumed).
+    Patrini et al. 2017 ("Making deep neural networks robust to label noise: a loss correction
+    approach") train on ``softmax(z) @ T`` and estimate ``T`` from the same noisy-trained network at
+    anchor points (its most confident sample per class); we differ on purpose: the confusion of the
+    given labels with the network's early predictions (before it memorises) uses every sample, and
+    needs no separate estimation run.
+    """
+    counts = np.asarray(confusion, dtype=np.float64)
+    k = counts.shape[0]
+    t = np.eye(k)
+    col = counts.sum(axis=0)
+    seen = col > 0
+    t[seen] = (counts[:, seen] / col[seen]).T
+    return t

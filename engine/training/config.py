@@ -47,6 +47,8 @@ class AuditConfig:
     aum_end: int | None = None
     el2n_epoch: int | None = None
     spectral_norm: float | None = None  # soft spectral normalisation coefficient (DDU), e.g. 3.0
+    forward_correction: bool = True  # class-dependent noise: train on softmax @ T after correction_start (see loop.py)
+    correction_start: int | None = None  # first epoch (0-based) of the corrected loss (auto: epochs / 6, at least 2)
     sat: str | None = None  # self-adaptive training: "paper" (Huang et al. 2020) or "incerto"
     sat_warmup: int = 5  # warm-up epochs: plain cross-entropy (paper form), alpha = sat_alpha_start (incerto form)
     sat_momentum: float = 0.9  # paper form: t <- m t + (1 - m) softmax
@@ -89,6 +91,10 @@ class AuditConfig:
         if start >= self.epochs:
             raise ConfigError(f"aum start {start} must be below the {self.epochs} epochs (epochs are 0-based); "
                               f"give --aum-start 0..{self.epochs - 1} or train longer")
+        if self.correction_start is not None and not 1 <= self.correction_start < self.epochs:
+            raise ConfigError(f"correction start {self.correction_start} must be in 1..{self.epochs - 1} (0-based, after "
+                              "at least one epoch of plain cross-entropy that estimates the noise); or give "
+                              "--no-forward-correction")
         if self.el2n_epoch is not None and not 0 <= self.el2n_epoch < self.epochs:
             raise ConfigError(f"el2n epoch {self.el2n_epoch} must be in 0..{self.epochs - 1} (0-based, below the "
                               f"{self.epochs} epochs)")
@@ -137,6 +143,16 @@ class AuditConfig:
         return 1 if self.epochs > 1 else 0
 
     @property
+    def correction_epoch(self) -> int | None:
+        """First epoch of the forward-corrected loss, or None when there is none: ``forward_correction`` off,
+        self-adaptive training on (it replaces the loss), or a run too short to estimate the noise first.
+        ``correction_start`` as given, else ``max(2, round(epochs / 6))`` (epoch 5 of 30)."""
+        if not self.forward_correction or self.sat is not None:
+            return None
+        start = self.correction_start if self.correction_start is not None else max(2, round(self.epochs / 6))
+        return start if start < self.epochs else None
+
+    @property
     def eval_share(self) -> float:
         """Fraction of ID samples held out: as configured, else 0.2 when any OoD set is asked for, else 0."""
         if self.eval_fraction is not None:
@@ -156,13 +172,17 @@ class AuditConfig:
         return asdict(self)
 
     def run_dict(self) -> dict:
-        """The config as ``config.json`` stores it: every field, with the automatic AUM start resolved."""
-        return self.to_dict() | {"aum_start": self.aum_first_epoch}
+        """The config as ``config.json`` stores it: every field, with the automatic AUM and correction starts resolved."""
+        corr = self.correction_epoch
+        return self.to_dict() | {"aum_start": self.aum_first_epoch,
+                                 "correction_start": corr if corr is not None else self.correction_start}
 
     @classmethod
     def from_run_config(cls, raw: dict) -> AuditConfig:
         """The ``AuditConfig`` of a run's ``config.json`` (run-level keys such as ``dataset_root`` left out)."""
-        return cls.from_dict({k: v for k, v in raw.items() if k not in RUN_KEYS})
+        d = {k: v for k, v in raw.items() if k not in RUN_KEYS}
+        d.setdefault("forward_correction", False)  # a run made before the correction existed trained without it
+        return cls.from_dict(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> AuditConfig:

@@ -22,6 +22,7 @@ from engine.capture.dynamics import batch_capture
 from engine.data.pipeline import DeviceImages, StreamImages, normalize
 from engine.store.runs import DYNAMICS, DynamicsWriter, atomic_write_bytes
 from engine.training.config import AuditConfig
+from engine.training.correction import ForwardCorrection
 from engine.training.models import model_for
 
 ImageSource = DeviceImages | StreamImages
@@ -68,9 +69,9 @@ def epoch_generator(seed: int, pass_idx: int, epoch: int) -> torch.Generator:
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int,
-                    sat_targets: torch.Tensor | None = None) -> None:
+                    sat_targets: torch.Tensor | None = None, extra: dict | None = None) -> None:
     buf = io.BytesIO()
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch}
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch} | (extra or {})
     if sat_targets is not None:
         state["sat_targets"] = sat_targets.cpu()
     torch.save(state, buf)
@@ -113,6 +114,10 @@ def train_pass(
     ``sat_out["targets"]``. ``incerto`` (incerto's SelfAdaptiveTraining): targets
     ``(1 - a) onehot + a softmax(z)`` of the batch with incerto's schedule ``a = sat_alpha(cfg, epoch)``
     (``sat_alpha_start`` during warm-up, then linear towards ``sat_alpha_end``), no per-sample memory.
+
+    Forward correction (``cfg.correction_epoch``, on by default, off under self-adaptive training):
+    from that epoch the loss is ``-log (softmax(z) @ T)[y]``, ``T`` estimated from the pass's own
+    predictions just before (``engine.training.correction``).
     """
     from engine.training.distributed import shard, world
 
@@ -122,8 +127,9 @@ def train_pass(
     sat_targets = F.one_hot(targets, n_outputs).float() if cfg.sat == "paper" else None
     if cfg.sat == "paper" and size > 1:
         raise ValueError("self-adaptive training (paper form) keeps per-sample targets: run it in one process")
+    correction = ForwardCorrection(cfg, n_outputs, n_real, device)
     if start_epoch > 0 and checkpoint is not None:
-        sat_targets = _restore(checkpoint, start_epoch, model, opt, sat_targets, device)
+        sat_targets = _restore(checkpoint, start_epoch, model, opt, sat_targets, device, correction)
     buffers = _CaptureBuffers(n, device, distributed=size > 1)
     real = targets < n_real
     max_shift = max(1, source.side // 8) if cfg.augment else 0
@@ -151,19 +157,23 @@ def train_pass(
             y = targets[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
                 logits = net(x)
-            loss = _loss(cfg, logits.float(), y, idx, epoch, sat_targets, n_outputs)
+            correction.observe(epoch, logits, y)
+            loss = correction.loss(logits.float(), y)
+            if loss is None:
+                loss = _loss(cfg, logits.float(), y, idx, epoch, sat_targets, n_outputs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if capture:  # padded repeats of DistributedSampler are trained, not captured
                 buffers.add(idx, batch_capture(logits, y, n_real), None if keep_all is None else keep_all[sl])
+        correction.end_epoch(epoch, distributed=size > 1)
         if not capture:
             continue
         host = buffers.gather()
         if writer is not None:
             writer.write_epoch(epoch, {k: v.astype(DYNAMICS[k], copy=False) for k, v in host.items()})
         if checkpoint is not None and rank == 0:
-            save_checkpoint(checkpoint, model, opt, epoch, sat_targets)
+            save_checkpoint(checkpoint, model, opt, epoch, sat_targets, extra=correction.state())
         if on_epoch is not None:
             r = real.cpu().numpy()
             on_epoch(
@@ -198,13 +208,17 @@ def _new_model(cfg: AuditConfig, source: ImageSource, n_outputs: int, pass_idx: 
 
 
 def _restore(checkpoint: Path, start_epoch: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-             sat_targets: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """Model, optimiser and self-adaptive targets after epoch ``start_epoch - 1`` (weights_only load)."""
+             sat_targets: torch.Tensor | None, device: torch.device,
+             correction: ForwardCorrection | None = None) -> torch.Tensor | None:
+    """Model, optimiser, self-adaptive targets and forward-correction state after epoch ``start_epoch - 1``
+    (weights_only load)."""
     state = torch.load(checkpoint, map_location=device, weights_only=True)
     if int(state["epoch"]) != start_epoch - 1:
         raise RuntimeError(f"checkpoint {checkpoint} holds epoch {state['epoch']}, not {start_epoch - 1}: cannot resume")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
+    if correction is not None:
+        correction.load_state(state)
     return state["sat_targets"].to(device) if sat_targets is not None else None
 
 
