@@ -13,7 +13,8 @@ Options:
   --without-correction   the same table with --no-forward-correction (the previous recipe), for comparison
   --checks               data the defaults were not tuned on: the 300-image sample_data/digits_folder (12
                          misfiled, see its WRONG_LABELS.md) at 8, 16 and 32 px, and each half of digits
-                         (even / odd samples) with 20% asymmetric noise, written as image folders
+                         (even / odd samples) with 20% asymmetric noise, written as image folders (with
+                         --without-correction: the same checks with the previous recipe)
   --retrain POLICIES     after each audit of sym20, sym40, asym20: `engine retrain` (engine.training.retrain,
                          held-out 20% with true labels, 1 training seed per audit seed) for each policy in
                          POLICIES (e.g. remove,relabel,both); prints the recovered share of the accuracy lost
@@ -165,13 +166,12 @@ def checks(args, root: str) -> list[str]:
         path, w = write_half(Path(root) / "halves", half, 0.2, 0)
         cases.append((f"digits half {half}, 20% asymmetric", str(path), None, w))
     for title, path, size, w in cases:
-        for correction in (True, False):
-            cfg = AuditConfig(dataset=path, image_size=size, forward_correction=correction)
-            m = folder_metrics(run_audit(cfg, root), w)
-            recipe = "default" if correction else "--no-forward-correction"
-            lines.append(f"| {title} | {recipe} | {m['n_flagged']} | {m['n_errors']} | {m['precision']:.3f} / "
-                         f"{m['recall']:.3f} / {m['f1']:.3f} | {m['auroc']:.4f} |")
-            print("  " + lines[-1], flush=True)
+        cfg = AuditConfig(dataset=path, image_size=size, forward_correction=not args.without_correction)
+        m = folder_metrics(run_audit(cfg, root), w)
+        recipe = "--no-forward-correction" if args.without_correction else "default"
+        lines.append(f"| {title} | {recipe} | {m['n_flagged']} | {m['n_errors']} | {m['precision']:.3f} / "
+                     f"{m['recall']:.3f} / {m['f1']:.3f} | {m['auroc']:.4f} |")
+        print("  " + lines[-1], flush=True)
     return lines
 
 
@@ -185,7 +185,11 @@ def main() -> None:
     ap.add_argument("--retrain", default=None, metavar="POLICIES")
     ap.add_argument("--cleanlab", action="store_true")
     ap.add_argument("--out", default=None, help="keep the runs in this folder (default: a temporary one)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     print(f"machine: {machine()}", flush=True)
     lines = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,8 +34,9 @@ def test_transition_matrix_from_confusion_of_given_and_predicted():
 
 
 def test_forward_correction_estimates_t_then_corrects_the_loss():
-    """Counts (given, predicted) in the epochs before the start, T at the end of the last one, then
-    ``-log (softmax(z) @ T)[y]``; the fake class of threshold samples is neither counted nor corrected."""
+    """A sample counts as truly of the class the network predicted in every estimation epoch (else as its given
+    label); T at the end of the last one, then ``-log (softmax(z) @ T)[y]``. The fake class of threshold
+    samples is neither counted nor corrected."""
     import torch
     import torch.nn.functional as F
 
@@ -46,22 +47,38 @@ def test_forward_correction_estimates_t_then_corrects_the_loss():
     assert AuditConfig(epochs=30, sat="paper").correction_epoch is None  # self-adaptive training owns the loss
     assert AuditConfig(epochs=2).correction_epoch is None  # too short to estimate first
     corr = ForwardCorrection(cfg, n_outputs=3, n_real=2, device=torch.device("cpu"))
-    assert list(corr.estimate_epochs) == [1, 2, 3, 4]
-    logits = torch.tensor([[5.0, 0.0, 0.0], [5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 5.0, 0.0], [5.0, 0.0, 0.0]])
-    y = torch.tensor([0, 1, 1, 1, 2])  # one 1 predicted 0; the last is a threshold sample (fake class 2)
-    corr.observe(0, logits, y)  # epoch 0 is not an estimation epoch
-    assert corr.counts.sum() == 0
-    corr.observe(4, logits, y)
-    assert corr.counts.tolist() == [[1, 0], [1, 2]]
-    assert corr.loss(logits, y) is None  # plain cross-entropy until T exists
-    corr.end_epoch(4, distributed=False)
+    assert list(corr.estimate_epochs) == [2, 3, 4]
+    y = np.array([0, 1, 1, 1, 1, 2])  # the last is a threshold sample (fake class 2)
+    corr.end_epoch(0, np.array([1, 1, 1, 1, 1, 1]), y)  # epoch 0 is not an estimation epoch
+    assert corr.last is None
+    corr.end_epoch(2, np.array([0, 0, 1, 0, 1, 2]), y)
+    corr.end_epoch(3, np.array([0, 0, 1, 1, 1, 0]), y)
+    assert corr.matrix is None
+    logits = torch.tensor([[5.0, 0.0, 0.0], [5.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
+    assert corr.loss(logits, torch.tensor([0, 1, 1])) is None  # plain cross-entropy until T exists
+    corr.end_epoch(4, np.array([0, 0, 1, 1, 0, 0]), y)
+    # sample 1 (given 1) was predicted 0 in all three epochs: truly 0; samples 3 and 4 changed: their given label
     t = corr.matrix.numpy()
     np.testing.assert_allclose(t, [[0.5, 0.5, 0], [0, 1, 0], [0, 0, 1]])
-    expected = F.nll_loss(torch.log(torch.softmax(logits, 1) @ corr.matrix), y)
-    assert torch.allclose(corr.loss(logits, y), expected)
+    yb = torch.tensor([0, 1, 1])
+    expected = F.nll_loss(torch.log(torch.softmax(logits, 1) @ corr.matrix), yb)
+    assert torch.allclose(corr.loss(logits, yb), expected)
     resumed = ForwardCorrection(cfg, 3, 2, torch.device("cpu"))
-    resumed.load_state(corr.state())  # a checkpoint keeps counts and T
-    assert torch.equal(resumed.matrix, corr.matrix) and torch.equal(resumed.counts, corr.counts)
+    resumed.load_state(corr.state())  # a checkpoint keeps the predictions' streaks and T
+    assert torch.equal(resumed.matrix, corr.matrix) and (resumed.streak == corr.streak).all()
+
+
+def test_forward_correction_ignores_predictions_that_keep_changing():
+    """An under-fitted network (its predictions still change every epoch) invents no noise: T stays the identity."""
+    import torch
+
+    from engine.training.correction import ForwardCorrection
+
+    corr = ForwardCorrection(AuditConfig(epochs=30), 4, 4, torch.device("cpu"))
+    y = np.repeat(np.arange(4), 25)
+    for epoch in (2, 3, 4):
+        corr.end_epoch(epoch, (y + 1 + epoch % 2) % 4, y)  # wrong, and never the same two epochs in a row
+    np.testing.assert_allclose(corr.matrix.numpy(), np.eye(4))
 
 
 def test_forward_correction_options_and_old_runs():

@@ -7,12 +7,18 @@ correction trains on ``q = softmax(z) @ T`` instead, with ``T[j, i] = P(given i 
 ``softmax(z)`` estimates the *clean* posterior and the captured margins (from ``z``) separate the
 flipped samples again (bench/RESULTS.md, detection section).
 
-``T`` comes from the run itself: during the ``ESTIMATE_EPOCHS`` epochs before ``cfg.correction_epoch``
-the pass counts, per given label, the class the network predicts (plain cross-entropy, before it
-memorises); at the end of the epoch before the correction starts, ``engine.scores.noise.
-transition_matrix`` turns the counts into ``T``. Threshold samples (the fake class, targets ``>=
-n_real``) are neither counted nor corrected: ``T`` is the identity on the fake class, so the threshold
-samples' margins keep the meaning Pleiss et al. give them.
+``T`` comes from the pass itself: in the ``ESTIMATE_EPOCHS`` epochs before ``cfg.correction_epoch``
+(plain cross-entropy, before the network memorises) a sample counts as truly of class ``j`` when the
+network predicted ``j`` in every one of those epochs, else as truly of its given label; at the end
+of the epoch before the correction starts, ``engine.scores.noise.transition_matrix`` turns the
+(given, estimated true) counts into ``T``. Requiring the same prediction in every estimation epoch
+keeps a network that has not fitted the data yet (small data, large images: its predictions still
+change from epoch to epoch) from inventing noise: its ``T`` stays close to the identity.
+Threshold samples (the fake class, targets ``>= n_real``) are neither counted nor corrected: ``T``
+is the identity on the fake class, so their margins keep the meaning Pleiss et al. give them.
+
+The predictions are the captured ones (every rank holds all of them after the epoch's gather), so a
+pass trained without capture (k-fold scores, ``retrain``) trains on plain cross-entropy.
 """
 
 from __future__ import annotations
@@ -24,45 +30,44 @@ import torch.nn.functional as F
 from engine.scores.noise import transition_matrix
 from engine.training.config import AuditConfig
 
-ESTIMATE_EPOCHS = 4  # epochs whose predictions estimate T (the last ones before the correction starts, not epoch 0)
+ESTIMATE_EPOCHS = 3  # the epochs just before the correction starts whose predictions estimate T (never epoch 0)
 
 
 class ForwardCorrection:
-    """The per-pass state of the correction: prediction counts, then the matrix ``T`` (``n_outputs`` square)."""
+    """The per-pass state of the correction: each sample's last prediction and how many estimation epochs in a
+    row it has been the same, then the matrix ``T`` (``n_outputs`` square)."""
 
     def __init__(self, cfg: AuditConfig, n_outputs: int, n_real: int, device: torch.device):
         self.start = cfg.correction_epoch
-        self.n_outputs, self.n_real = n_outputs, n_real
+        self.n_outputs, self.n_real, self.device = n_outputs, n_real, device
         first = max(1, (self.start or 0) - ESTIMATE_EPOCHS)
         self.estimate_epochs = range(first, self.start) if self.start is not None else range(0)
-        self.counts = torch.zeros((n_real, n_real), dtype=torch.float64, device=device)
+        self.last: np.ndarray | None = None
+        self.streak: np.ndarray | None = None
         self.matrix: torch.Tensor | None = None
 
-    @property
-    def active(self) -> bool:
-        return self.start is not None
-
-    def observe(self, epoch: int, logits: torch.Tensor, y: torch.Tensor) -> None:
-        """Count (given label, predicted real class) of the batch's real-labelled samples in an estimation epoch."""
-        if epoch not in self.estimate_epochs:
+    def end_epoch(self, epoch: int, pred: np.ndarray | None, targets: np.ndarray) -> None:
+        """Record an estimation epoch's captured predictions ``pred`` (one per sample); after the last one, ``T``
+        from the counts of (given label, estimated true class) over the real-labelled samples."""
+        if epoch not in self.estimate_epochs or pred is None:
             return
-        with torch.no_grad():
-            real = y < self.n_real
-            pred = logits.detach()[real, : self.n_real].argmax(dim=1)
-            flat = y[real] * self.n_real + pred
-            self.counts += torch.bincount(flat, minlength=self.n_real**2).view(self.n_real, self.n_real).double()
-
-    def end_epoch(self, epoch: int, distributed: bool) -> None:
-        """After the last estimation epoch: ``T`` from the counts (summed over ranks under torchrun)."""
-        if self.start is None or epoch != self.start - 1:
+        pred = np.asarray(pred, dtype=np.int64)
+        if self.last is None:
+            self.last, self.streak = pred.copy(), np.ones(len(pred), dtype=np.int64)
+        else:
+            self.streak = np.where(pred == self.last, self.streak + 1, 1)
+            self.last = pred.copy()
+        if epoch != self.start - 1:
             return
-        if distributed:
-            import torch.distributed as dist
-
-            dist.all_reduce(self.counts)
+        y = np.asarray(targets, dtype=np.int64)
+        real = y < self.n_real
+        stable = (self.streak >= len(self.estimate_epochs)) & (self.last < self.n_real)
+        true = np.where(stable, self.last, y)[real]
+        counts = np.zeros((self.n_real, self.n_real), dtype=np.int64)
+        np.add.at(counts, (y[real], true), 1)
         t = np.eye(self.n_outputs)
-        t[: self.n_real, : self.n_real] = transition_matrix(self.counts.cpu().numpy())
-        self.matrix = torch.as_tensor(t, dtype=torch.float32, device=self.counts.device)
+        t[: self.n_real, : self.n_real] = transition_matrix(counts)
+        self.matrix = torch.as_tensor(t, dtype=torch.float32, device=self.device)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """``-log (softmax(z) @ T)[y]`` averaged over the batch, or None before ``T`` exists."""
@@ -72,14 +77,18 @@ class ForwardCorrection:
         return F.nll_loss(torch.log(q.clamp_min(1e-12)), y)
 
     def state(self) -> dict:
-        """What a checkpoint keeps (counts and ``T``), so that a resumed pass trains on the same loss."""
-        out = {"correction_counts": self.counts.cpu()}
+        """What a checkpoint keeps, so that a resumed pass trains on the same loss."""
+        out = {}
+        if self.last is not None:
+            out["correction_last"] = torch.from_numpy(self.last.astype(np.int16))
+            out["correction_streak"] = torch.from_numpy(self.streak.astype(np.int16))
         if self.matrix is not None:
             out["correction_matrix"] = self.matrix.cpu()
         return out
 
     def load_state(self, state: dict) -> None:
-        if "correction_counts" in state:
-            self.counts = state["correction_counts"].to(self.counts.device, torch.float64)
+        if "correction_last" in state:
+            self.last = state["correction_last"].numpy().astype(np.int64)
+            self.streak = state["correction_streak"].numpy().astype(np.int64)
         if "correction_matrix" in state:
-            self.matrix = state["correction_matrix"].to(self.counts.device)
+            self.matrix = state["correction_matrix"].to(self.device)

@@ -117,7 +117,7 @@ def train_pass(
 
     Forward correction (``cfg.correction_epoch``, on by default, off under self-adaptive training):
     from that epoch the loss is ``-log (softmax(z) @ T)[y]``, ``T`` estimated from the pass's own
-    predictions just before (``engine.training.correction``).
+    captured predictions just before (``engine.training.correction``; none without capture).
     """
     from engine.training.distributed import shard, world
 
@@ -128,6 +128,7 @@ def train_pass(
     if cfg.sat == "paper" and size > 1:
         raise ValueError("self-adaptive training (paper form) keeps per-sample targets: run it in one process")
     correction = ForwardCorrection(cfg, n_outputs, n_real, device)
+    targets_host = targets.cpu().numpy()
     if start_epoch > 0 and checkpoint is not None:
         sat_targets = _restore(checkpoint, start_epoch, model, opt, sat_targets, device, correction)
     buffers = _CaptureBuffers(n, device, distributed=size > 1)
@@ -157,7 +158,6 @@ def train_pass(
             y = targets[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
                 logits = net(x)
-            correction.observe(epoch, logits, y)
             loss = correction.loss(logits.float(), y)
             if loss is None:
                 loss = _loss(cfg, logits.float(), y, idx, epoch, sat_targets, n_outputs)
@@ -166,10 +166,10 @@ def train_pass(
             opt.step()
             if capture:  # padded repeats of DistributedSampler are trained, not captured
                 buffers.add(idx, batch_capture(logits, y, n_real), None if keep_all is None else keep_all[sl])
-        correction.end_epoch(epoch, distributed=size > 1)
         if not capture:
             continue
         host = buffers.gather()
+        correction.end_epoch(epoch, host["pred"], targets_host)
         if writer is not None:
             writer.write_epoch(epoch, {k: v.astype(DYNAMICS[k], copy=False) for k, v in host.items()})
         if checkpoint is not None and rank == 0:
