@@ -39,7 +39,7 @@ def retrain_section(run: Run) -> None:
     """Test accuracy of the recipe trained on the noisy, cleaned and oracle labels, when ``engine retrain`` ran."""
     r = load_retrain(run)
     if r is None:
-        st.caption(f"Does cleaning help? `python -m engine retrain {run.path} --policy remove` trains the same recipe "
+        st.caption(f"Does cleaning help? `python -m engine retrain {run.path} --policy relabel` trains the same recipe "
                    "on the noisy and on the cleaned labels and shows the comparison here.")
         return
     st.subheader("Does cleaning help?")

@@ -46,7 +46,8 @@ def test_run_directory_contract(digits_run):
     assert sorted(scores["rank"]) == list(range(1, 1798))
     assert (samples["role"] == np.where(tp >= 0, "threshold", "train")).all()  # nothing held out
     cfg = digits_run.config()
-    assert AuditConfig.from_run_config(cfg) == AuditConfig(dataset="digits", noise=0.2, epochs=30, aum_start=1)
+    assert AuditConfig.from_run_config(cfg) == AuditConfig(dataset="digits", noise=0.2, epochs=30, aum_start=1,
+                                                          correction_start=5)  # automatic starts resolved
     assert cfg["normalization"]["images"] == 1797 and len(cfg["normalization"]["mean"]) == 1
 
 

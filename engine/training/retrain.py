@@ -118,7 +118,7 @@ def _test_set(spec: str, classes: list[str], image_shape: tuple):
     return ds.images, remap[ds.labels]
 
 
-def retrain(run: Run, policy: str = "remove", test: str | None = None, seeds: int = 3,
+def retrain(run: Run, policy: str = "relabel", test: str | None = None, seeds: int = 3,
             test_fraction: float = 0.2, progress: Callable[[float, str], None] | None = None,
             cancel: threading.Event | None = None) -> dict:
     """Train noisy / cleaned / oracle variants (``seeds`` seeds each) and write ``retrain.json``; returns it."""
