@@ -97,8 +97,8 @@ def test_forward_correction_options_and_old_runs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("noise, kind, f1_bar, auroc_bar", [(0.2, "asymmetric", 0.94, 0.998),
-                                                            (0.4, "symmetric", 0.97, 0.999)])
+@pytest.mark.parametrize("noise, kind, f1_bar, auroc_bar", [(0.2, "asymmetric", 0.94, 0.997),
+                                                            (0.4, "symmetric", 0.97, 0.998)])
 def test_default_audit_detects_flipped_digits(tmp_path, noise, kind, f1_bar, auroc_bar):
     """A default audit (30 epochs x 2 threshold runs, forward correction, automatic cut-off) on digits with
     injected noise: F1 and AUROC against the known flips clear a bar a little below what bench/detection.py
