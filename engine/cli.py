@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="train on plain cross-entropy throughout (default: from --correction-start on, forward loss "
                         "correction with a noise matrix estimated from the run's own early predictions)")
     a.add_argument("--correction-start", type=int, default=d.correction_start,
-                   help="first epoch (0-based) of the forward-corrected loss (default: epochs / 6, at least 2)")
+                   help="first epoch (0-based) of the forward-corrected loss (default: epochs / 6, at least 3)")
     a.add_argument("--spectral-norm", type=float, default=None, metavar="COEFF",
                    help="soft spectral normalisation of every layer with this coefficient (DDU), e.g. 3")
     a.add_argument("--sat", choices=["paper", "incerto"], default=None,

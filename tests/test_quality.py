@@ -45,7 +45,8 @@ def test_forward_correction_estimates_t_then_corrects_the_loss():
     cfg = AuditConfig(epochs=30)
     assert cfg.correction_epoch == 5 and AuditConfig(epochs=30, forward_correction=False).correction_epoch is None
     assert AuditConfig(epochs=30, sat="paper").correction_epoch is None  # self-adaptive training owns the loss
-    assert AuditConfig(epochs=2).correction_epoch is None  # too short to estimate first
+    assert AuditConfig(epochs=3).correction_epoch is None  # too short to estimate first
+    assert AuditConfig(epochs=12).correction_epoch == 3  # at least two estimation epochs (1, 2) before it
     corr = ForwardCorrection(cfg, n_outputs=3, n_real=2, device=torch.device("cpu"))
     assert list(corr.estimate_epochs) == [2, 3, 4]
     y = np.array([0, 1, 1, 1, 1, 2])  # the last is a threshold sample (fake class 2)

@@ -48,7 +48,7 @@ class AuditConfig:
     el2n_epoch: int | None = None
     spectral_norm: float | None = None  # soft spectral normalisation coefficient (DDU), e.g. 3.0
     forward_correction: bool = True  # class-dependent noise: train on softmax @ T after correction_start (see loop.py)
-    correction_start: int | None = None  # first epoch (0-based) of the corrected loss (auto: epochs / 6, at least 2)
+    correction_start: int | None = None  # first epoch (0-based) of the corrected loss (auto: epochs / 6, at least 3)
     sat: str | None = None  # self-adaptive training: "paper" (Huang et al. 2020) or "incerto"
     sat_warmup: int = 5  # warm-up epochs: plain cross-entropy (paper form), alpha = sat_alpha_start (incerto form)
     sat_momentum: float = 0.9  # paper form: t <- m t + (1 - m) softmax
@@ -146,10 +146,11 @@ class AuditConfig:
     def correction_epoch(self) -> int | None:
         """First epoch of the forward-corrected loss, or None when there is none: ``forward_correction`` off,
         self-adaptive training on (it replaces the loss), or a run too short to estimate the noise first.
-        ``correction_start`` as given, else ``max(2, round(epochs / 6))`` (epoch 5 of 30)."""
+        ``correction_start`` as given, else ``max(3, round(epochs / 6))`` (epoch 5 of 30; at least two estimation
+        epochs before it, see ``engine.training.correction``)."""
         if not self.forward_correction or self.sat is not None:
             return None
-        start = self.correction_start if self.correction_start is not None else max(2, round(self.epochs / 6))
+        start = self.correction_start if self.correction_start is not None else max(3, round(self.epochs / 6))
         return start if start < self.epochs else None
 
     @property
