@@ -15,12 +15,11 @@ Options:
                          misfiled, see its WRONG_LABELS.md) at 8, 16 and 32 px, and each half of digits
                          (even / odd samples) with 20% asymmetric noise, written as image folders (with
                          --without-correction: the same checks with the previous recipe)
-  --retrain POLICIES     after each audit of sym20, sym40, asym20: `engine retrain` (engine.training.retrain,
-                         held-out 20% with true labels, 1 training seed per audit seed) for each policy in
-                         POLICIES (e.g. remove,relabel,both); prints the recovered share of the accuracy lost
   --out DIR              keep the runs there (e.g. to run `python -m engine retrain` on them later)
   --cleanlab             also cleanlab.filter.find_label_issues on 5-fold out-of-sample probabilities (slow)
-Usage: python bench/detection.py [--seeds 3] [--checks] [--retrain relabel]
+Retrain (issue 19 item 3) is measured with `python -m engine retrain RUN --policy relabel --seeds 1` on the
+runs kept by --out (bench/RESULTS.md).
+Usage: python bench/detection.py [--seeds 3] [--checks] [--out DIR]
 """
 
 from __future__ import annotations
@@ -45,8 +44,7 @@ from engine.training.config import AuditConfig  # noqa: E402
 
 SETTINGS = {"sym10": (0.1, "symmetric"), "sym20": (0.2, "symmetric"), "sym40": (0.4, "symmetric"),
             "asym20": (0.2, "asymmetric"), "asym40": (0.4, "asymmetric")}
-RETRAIN_SETTINGS = ("sym20", "sym40", "asym20")
-F1_TARGET, AUROC_TARGET, RECOVERED_TARGET = 0.95, 0.9995, 0.9
+F1_TARGET, AUROC_TARGET = 0.95, 0.9995
 
 
 def run_audit(cfg: AuditConfig, root: str) -> Run:
@@ -62,7 +60,6 @@ def met(value: float, target: float) -> str:
 def detection_table(args, root: str) -> list[str]:
     lines = ["| setting | F1 mean ± sd (worst) | AUROC mean ± sd (worst) | precision / recall (mean) | "
              "F1 >= 0.95 (mean; worst) | AUROC >= 0.9995 (mean; worst) |", "|---|---|---|---|---|---|"]
-    retrain_rows = []
     for name in args.settings.split(","):
         noise, kind = SETTINGS[name]
         f1, auroc, prec, rec = [], [], [], []
@@ -78,8 +75,6 @@ def detection_table(args, root: str) -> list[str]:
             print(f"  {name} seed {seed}: F1 {s['f1']:.3f} AUROC {s['auroc']:.4f} (P {s['precision']:.3f} R "
                   f"{s['recall']:.3f}, {s['n_flagged']} flagged of {s['n_label_errors']} errors) "
                   f"[{time.perf_counter() - t0:.0f} s]", flush=True)
-            if args.retrain and name in RETRAIN_SETTINGS:
-                retrain_rows += retrain_run(run, name, seed, args.retrain.split(","))
         f, a = np.array(f1), np.array(auroc)
         lines.append(f"| {noise:.0%} {kind} | {f.mean():.3f} ± {f.std():.3f} ({f.min():.3f}) | "
                      f"{a.mean():.4f} ± {a.std():.4f} ({a.min():.4f}) | {np.mean(prec):.3f} / {np.mean(rec):.3f} | "
@@ -87,31 +82,7 @@ def detection_table(args, root: str) -> list[str]:
                      f"{met(a.mean(), AUROC_TARGET)}; {met(a.min(), AUROC_TARGET)} |")
         if args.cleanlab:
             lines.append(cleanlab_row(name, args.seeds))
-    if retrain_rows:
-        lines += ["", "retrain (held-out 20% per true class, true labels; 1 training seed per audit seed):",
-                  "| setting | policy | seed | noisy | cleaned | oracle | recovered |", "|---|---|---|---|---|---|---|"]
-        lines += [r[0] for r in retrain_rows]
-        for name in RETRAIN_SETTINGS:
-            for policy in args.retrain.split(","):
-                rec = [r[1] for r in retrain_rows if r[2] == (name, policy)]
-                if rec:
-                    lines.append(f"| {name} | {policy} | mean of {len(rec)} | | | | {np.mean(rec):.0%} (worst "
-                                 f"{min(rec):.0%}): {met(np.mean(rec), RECOVERED_TARGET)} |")
     return lines
-
-
-def retrain_run(run: Run, name: str, seed: int, policies: list[str]) -> list[tuple]:
-    from engine.training.retrain import retrain
-
-    rows = []
-    for policy in policies:
-        r = retrain(run, policy=policy, seeds=1)
-        rec = r["recovered"] if r["recovered"] is not None else float("nan")
-        print(f"  retrain {name} seed {seed} {policy}: noisy {r['accuracy_noisy']:.3f} cleaned "
-              f"{r['accuracy_cleaned']:.3f} oracle {r['accuracy_oracle']:.3f} recovered {rec:.0%}", flush=True)
-        rows.append((f"| {name} | {policy} | {seed} | {r['accuracy_noisy']:.3f} | {r['accuracy_cleaned']:.3f} | "
-                     f"{r['accuracy_oracle']:.3f} | {rec:.0%} |", rec, (name, policy)))
-    return rows
 
 
 def cleanlab_row(name: str, seeds: int) -> str:
@@ -182,7 +153,6 @@ def main() -> None:
     ap.add_argument("--without-correction", action="store_true")
     ap.add_argument("--checks", action="store_true")
     ap.add_argument("--no-table", action="store_true", help="skip the digits table (e.g. with --checks)")
-    ap.add_argument("--retrain", default=None, metavar="POLICIES")
     ap.add_argument("--cleanlab", action="store_true")
     ap.add_argument("--out", default=None, help="keep the runs in this folder (default: a temporary one)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
