@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 
+import plotly.graph_objects as go
 import streamlit as st
+from plotly.subplots import make_subplots
 
 from app_pages.cleaning import retrain_section
 from app_pages.common import (
     current_role,
     current_run,
     detection_row,
+    fmt_num,
     fmt_seconds,
     job_manager,
     may_run_audits,
@@ -24,6 +27,7 @@ from engine.ui import (
     AuditConfig,
     ConfigError,
     DatasetError,
+    Run,
     data_root,
     delete_run,
     describe,
@@ -35,6 +39,7 @@ from engine.ui import (
     resume_problem,
     runs_root,
     torchvision_architectures,
+    training_curves,
 )
 
 st.title(":material/rocket_launch: Audit")
@@ -165,6 +170,48 @@ jobs = job_manager()
 active = run.status().get("state") in ("running", "pending")
 
 
+# Mid-tone colours readable on the light and the dark theme's background.
+PASS_COLORS = ["#4c78a8", "#f58518", "#54a24b", "#b279a2", "#e45756"]
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def curves_of(path: str, epochs_done: tuple, n_history: int):
+    """``training_curves`` of the run, read again only when an epoch finishes."""
+    return training_curves(Run(path))
+
+
+def curves_chart(status: dict) -> None:
+    """Training loss and accuracy per epoch, one line per pass (live: the fragment redraws it as epochs finish)."""
+    curves = curves_of(str(run.path), tuple(status.get("epochs_done") or ()), len(status.get("history") or []))
+    if curves.empty:
+        return
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Training loss", "Training accuracy"), horizontal_spacing=0.08)
+    passes = sorted(curves["pass"].unique())
+    for p in passes:
+        c = curves[curves["pass"] == p]
+        epoch = (c["epoch"] + 1).tolist()  # plain lists: a few numbers, readable in the figure's JSON
+        name = f"pass {p + 1}" if len(passes) > 1 else "training"
+        color = PASS_COLORS[p % len(PASS_COLORS)]  # one colour per pass in both panels
+        fig.add_trace(go.Scatter(x=epoch, y=c["loss"].tolist(), mode="lines+markers", name=name, legendgroup=name,
+                                 line=dict(color=color),
+                                 hovertemplate="epoch %{x}<br>loss %{y:.4f}<extra>" + name + "</extra>"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=epoch, y=c["accuracy"].tolist(), mode="lines+markers", name=name, legendgroup=name,
+                                 line=dict(color=color),
+                                 showlegend=False, hovertemplate="epoch %{x}<br>accuracy %{y:.1%}<extra>" + name
+                                 + "</extra>"), row=1, col=2)
+    fig.update_xaxes(title_text="epoch", tickformat="d", rangemode="tozero")
+    fig.update_yaxes(title_text="mean loss", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="share predicted as its target", tickformat=".0%", row=1, col=2)
+    fig.update_layout(height=300, margin=dict(t=30, b=40), legend=dict(orientation="h", y=-0.25))
+    st.plotly_chart(fig, width="stretch", key=f"curves-{run.id}", config={"displayModeBar": False})
+    if (curves["source"] == "dynamics").any():
+        st.caption("Some epochs have no recorded history: their values are read back from the run's dynamics arrays "
+                   "(mean loss, share predicted as the given label) over a subset of up to 50,000 trained samples.")
+    elif len(passes) > 1:
+        st.caption("Each pass trains a fresh model with its own threshold samples (a fake extra class): their targets "
+                   "count in its loss and accuracy.")
+
+
 @st.fragment(run_every=1.0 if active else None)
 def progress() -> None:
     status = run.status()
@@ -193,6 +240,7 @@ def progress() -> None:
         if pipe:
             way = "streamed from disk" if pipe["loader"] == "stream" else "held in memory"
             st.caption(f"Images {way} on {pipe['device']}, {pipe['workers']} decoding worker(s).")
+    curves_chart(status)
     if status.get("phase") == "preparing":
         st.info("Reading the dataset: file list, image headers, decoding and normalisation statistics…")
     elif state == "pending":
@@ -239,12 +287,15 @@ if state in ("interrupted", "cancelled", "failed"):
             st.rerun()
 summary = run.summary()
 if state == "done" and summary:
-    st.success(f"Done: {summary['n_flagged']} of {summary['n_samples']} samples flagged as likely mislabeled.")
+    st.success(f"Done: {fmt_num(summary['n_flagged'])} of {fmt_num(summary['n_samples'])} samples flagged as likely "
+               "mislabeled.")
     if "precision" in summary and summary.get("n_label_errors"):
         detection_row(summary)
         st.caption(f"Against the {summary['n_label_errors']} labels that were flipped on purpose.")
     for warning in summary.get("warnings") or []:  # what the engine changed about the data (e.g. resized images)
         st.warning(warning, icon=":material/warning:")
+    st.page_link("app_pages/flagged.py", label=f"Review the {fmt_num(summary['n_flagged'])} flagged samples",
+                 icon=":material/flag:")
     st.page_link("app_pages/aum.py", label="See the AUM distribution and the cut-off", icon=":material/show_chart:")
     retrain_section(run)
 if state not in ("running", "pending"):

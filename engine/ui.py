@@ -124,6 +124,7 @@ from engine.store.views import (
     nearest_neighbours,
     per_class,
     subsample,
+    training_curves,
 )
 from engine.training.config import (
     LOADERS,
@@ -218,6 +219,7 @@ __all__ = [
     "score_values",
     "sign_in_configured",
     "subsample",
+    "training_curves",
     "summary_line",
     "suspicious_of",
     "thumbnail_png",

@@ -46,3 +46,26 @@ def test_three_audits_in_a_row_switch_to_the_newest_run(monkeypatch, tmp_path):
     while any(r.status()["state"] in ("pending", "running") for r in list_runs(root)) and time.time() < end:
         time.sleep(0.2)
     assert {r.status()["state"] for r in list_runs(root)} <= {"done", "cancelled"}
+
+
+def test_finished_run_shows_its_training_curves_and_links_to_the_flagged_page(monkeypatch, small_run):
+    """Issue 15 item 7: loss and accuracy per epoch and pass (the run's own numbers); a link to review the flags."""
+    import json
+
+    monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(small_run.path.parent))
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception, at.exception
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    curves = next(s for s in specs if any("Training loss" in a.get("text", "") for a in s["layout"]["annotations"]))
+    history = small_run.raw_status()["history"]
+    passes = sorted({h["pass"] for h in history})
+    assert len(curves["data"]) == 2 * len(passes)  # a loss and an accuracy line per pass
+    for trace in curves["data"]:
+        p = passes[[t["name"] for t in curves["data"][::2]].index(trace["name"])]
+        mine = [h for h in history if h["pass"] == p]
+        want = [h["loss" if trace["yaxis"] == "y" else "accuracy"] for h in mine]
+        assert trace["x"] == [h["epoch"] + 1 for h in mine]
+        assert trace["y"] == pytest.approx(want)
+    links = [(ln.proto.page, ln.proto.label) for ln in at.get("page_link")]
+    n = small_run.summary()["n_flagged"]
+    assert any(page == "flagged" and f"Review the {n:,} flagged samples" == label for page, label in links), links

@@ -140,3 +140,45 @@ def nearest_neighbours(features: np.ndarray, candidates: np.ndarray, query: int,
     take = min(k, cand.size)
     part = np.argpartition(d, take - 1)[:take]
     return cand[part[np.argsort(d[part], kind="stable")]]
+
+
+def training_curves(run: Run, max_samples: int = 50_000, seed: int = 0) -> pd.DataFrame:
+    """Per pass and finished epoch, the training loss and accuracy: columns ``pass, epoch, loss, accuracy, source``.
+
+    ``source`` = ``history``: the values ``status.json`` recorded at the end of each epoch (our training loop,
+    the ``Recorder`` and ``import-logits`` all write them: the mean loss of the epoch's samples and the share
+    predicted as their training target). ``source`` = ``dynamics``: an epoch finished but missing from that
+    history (a run written before the history existed, a run assembled by other tools) is read back from the
+    dynamics arrays instead, as the mean of ``loss`` and the share of ``pred`` equal to the given label over a
+    seeded subset of at most ``max_samples`` of the samples the pass trained on with their given label.
+    Empty before the first finished epoch.
+    """
+    status = run.raw_status()
+    done = [int(d) for d in status.get("epochs_done") or []]
+    rows = [{"pass": int(h["pass"]), "epoch": int(h["epoch"]), "loss": float(h["loss"]),
+             "accuracy": float(h["accuracy"]), "source": "history"}
+            for h in status.get("history") or []
+            if int(h["pass"]) < len(done) and int(h["epoch"]) < done[int(h["pass"])]]
+    have = {(r["pass"], r["epoch"]) for r in rows}
+    missing = [(p, e) for p, n in enumerate(done) for e in range(n) if (p, e) not in have]
+    if missing:
+        samples = run.samples(["label", "threshold_pass"])
+        labels = samples["label"].to_numpy()
+        tpass = samples["threshold_pass"].to_numpy()
+        for p in sorted({p for p, _ in missing}):
+            kept = np.flatnonzero(tpass != p)  # the pass's threshold samples trained on a fake class
+            kept = kept[subsample(kept.size, max_samples, seed)]
+            epochs = [e for q, e in missing if q == p]
+            try:
+                loss_arr, pred_arr = run.dynamics(p, "loss"), run.dynamics(p, "pred")
+            except (FileNotFoundError, ValueError):
+                continue  # no arrays for this pass (yet)
+            for e in epochs:  # one epoch row at a time: never the whole (epochs, samples) array in memory
+                loss = np.asarray(loss_arr[e][kept], dtype=np.float64)
+                m = np.isfinite(loss)  # NaN: not trained on in this pass (held out)
+                if m.any():
+                    right = np.asarray(pred_arr[e][kept])[m] == labels[kept][m]
+                    rows.append({"pass": p, "epoch": e, "loss": float(loss[m].mean()),
+                                 "accuracy": float(right.mean()), "source": "dynamics"})
+    frame = pd.DataFrame(rows, columns=["pass", "epoch", "loss", "accuracy", "source"])
+    return frame.sort_values(["pass", "epoch"], kind="stable").reset_index(drop=True)
