@@ -346,3 +346,47 @@ def class_axis(names) -> dict:
     are not read as numbers), every class labelled, names escaped and long ones shortened."""
     names = [str(n) for n in names]
     return dict(type="category", tickmode="array", tickvals=names, ticktext=[plot_text(n, 24) for n in names])
+
+
+# ---- samples opened from a chart (issue 15 item 5) --------------------------------------------------------------
+
+def clicked_row(event: object) -> int | None:
+    """The run row of the first clicked point of a Plotly selection event, or None when nothing was clicked.
+
+    ``event`` is the value ``st.plotly_chart(..., on_select=..., selection_mode="points")`` keeps in
+    ``st.session_state[key]``: ``{"selection": {"points": [{"customdata": ROW, ...}, ...], ...}}``. The charts
+    that open samples put each point's row (its position in the run's samples) in ``customdata``, as a
+    number or as the first item of a list.
+    """
+    try:
+        points = event["selection"]["points"]  # type: ignore[index]
+    except (KeyError, TypeError):
+        return None
+    for point in points or []:
+        data = point.get("customdata") if isinstance(point, dict) else None
+        if isinstance(data, (list, tuple)):
+            data = data[0] if data else None
+        try:
+            return int(data)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def open_sample(row: int) -> None:
+    """Open the sample at ``row``, focused, on the Flagged page (from a callback; ``follow_open`` switches)."""
+    st.session_state["_open"] = int(row)
+    st.session_state["_switch_to_flagged"] = True
+
+
+def open_clicked(chart_key: str) -> None:
+    """``on_select`` callback of a chart whose points carry their row in ``customdata``: opens the clicked sample."""
+    row = clicked_row(st.session_state.get(chart_key))
+    if row is not None:
+        open_sample(row)
+
+
+def follow_open() -> None:
+    """First thing on a page whose charts open samples: go to the Flagged page when a click just opened one."""
+    if st.session_state.pop("_switch_to_flagged", False):
+        st.switch_page("app_pages/flagged.py")

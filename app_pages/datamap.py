@@ -6,22 +6,13 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import fmt_num, plot_text, require_run, require_scores
+from app_pages.common import fmt_num, follow_open, open_clicked, plot_text, require_run, require_scores
 from engine.ui import subsample
 
 MAX_POINTS = 50_000
 
 
-def open_clicked(chart_key: str) -> None:
-    """A click on a point opens that sample, focused, on the Flagged page."""
-    points = st.session_state[chart_key]["selection"]["points"]
-    if points:
-        st.session_state["_open"] = int(points[0]["customdata"])
-        st.session_state["_switch_to_flagged"] = True
-
-
-if st.session_state.pop("_switch_to_flagged", False):
-    st.switch_page("app_pages/flagged.py")
+follow_open()
 
 st.title(":material/scatter_plot: Data map")
 run = require_run("The data map")

@@ -7,24 +7,19 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import fmt_num, load_scores, md_escape, require_run, sample_images
+from app_pages.common import (
+    fmt_num,
+    follow_open,
+    load_scores,
+    md_escape,
+    open_clicked,
+    open_sample,
+    require_run,
+    sample_images,
+)
 from engine.ui import ImageError, common_edges, histogram, load_report, load_results, subsample
 
-
-def open_sample(i: int) -> None:
-    """Open training sample ``i``, focused, on the Flagged page (after this callback's rerun)."""
-    st.session_state["_open"] = int(i)
-    st.session_state["_switch_to_flagged"] = True
-
-
-def open_clicked() -> None:
-    points = st.session_state["ood-scatter"]["selection"]["points"]
-    if points:
-        open_sample(int(points[0]["customdata"]))
-
-
-if st.session_state.pop("_switch_to_flagged", False):
-    st.switch_page("app_pages/flagged.py")
+follow_open()
 
 st.title(":material/blur_on: Out of distribution & uncertainty")
 run = require_run("The OoD page")
@@ -90,7 +85,7 @@ x_hi, y_hi = float(np.nanmax(dens)), float(np.nanmax(ent)) or 1.0
 for text, x, y in [("confident", x_hi, 0), ("ambiguous", x_hi, y_hi), ("OoD", d_cut, 0), ("OoD and ambiguous", d_cut, y_hi)]:
     sc.add_annotation(x=x, y=y, text=text, showarrow=False, xanchor="right", font=dict(size=13, color="gray"))
 sc.update_layout(height=420, xaxis_title="log feature density", yaxis_title="softmax entropy", margin=dict(t=20))
-st.plotly_chart(sc, width="stretch", key="ood-scatter", on_select=open_clicked, selection_mode="points")
+st.plotly_chart(sc, width="stretch", key="ood-scatter", on_select=lambda: open_clicked("ood-scatter"), selection_mode="points")
 st.caption(f"Dashed lines: 5th percentile of density ({fmt_num(d_cut)}) and 95th percentile of entropy ({fmt_num(e_cut)}) "
            "over the training samples. Click a point to review that sample on the Flagged page.")
 

@@ -10,7 +10,16 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import current_run, job_manager, load_scores, may_run_audits, refuse_outside_root, stamp
+from app_pages.common import (
+    current_run,
+    follow_open,
+    job_manager,
+    load_scores,
+    may_run_audits,
+    open_clicked,
+    refuse_outside_root,
+    stamp,
+)
 from engine.ui import (
     EXTRA,
     MAX_BYTES,
@@ -35,6 +44,7 @@ from engine.ui import (
 
 NO_ID = "(none: match rows by position)"
 
+follow_open()
 st.title(":material/functions: Scores")
 st.write("Difficulty is not one number. Compare the scores of an audit with each other and with scores you "
          "computed elsewhere: a verdict is more trustworthy when independent scores agree.")
@@ -297,11 +307,18 @@ if len(chosen) >= 2:
         else [("samples", np.ones(sel.size, dtype=bool), "#4c78a8")]
     for name, m, color in groups:
         idx = sel[m]
+        # customdata: the sample's row, so that a click opens it on the Flagged page (with a run)
         scatter.add_trace(go.Scattergl(x=table[x_name].to_numpy()[idx], y=table[y_name].to_numpy()[idx], mode="markers",
-                                       name=name, marker=dict(size=4, color=color, opacity=0.6),
-                                       text=ids[idx] if ids is not None else None))
+                                       name=name, marker=dict(size=4, color=color, opacity=0.6), customdata=idx,
+                                       hovertemplate="%{x:.4g}, %{y:.4g}" + ("<br>click to review" if run else "")
+                                       + "<extra>" + name + "</extra>"))
     scatter.update_layout(height=420, xaxis_title=label(x_name), yaxis_title=label(y_name), margin=dict(t=10))
-    st.plotly_chart(scatter, width="stretch", key="pair-scatter")
+    if run is not None:
+        st.plotly_chart(scatter, width="stretch", key="pair-scatter", on_select=lambda: open_clicked("pair-scatter"),
+                        selection_mode="points")
+        st.caption("Click a point to review that sample on the Flagged page.")
+    else:
+        st.plotly_chart(scatter, width="stretch", key="pair-scatter")
     if sel.size < len(table):
         st.caption(f"A random {sel.size:,} of {len(table):,} samples are drawn.")
 

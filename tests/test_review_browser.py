@@ -223,3 +223,69 @@ def test_hostile_class_and_file_names_are_shown_as_text(server, browser, tmp_pat
         assert count == 0, f"{name}: {count} injected element(s)"
         assert page.title() not in ("1", "2"), f"{name}: a script from a name ran"
     assert not dialogs, dialogs
+
+
+# The pixel position and row (customdata) of a point of a Plotly chart that no other point lies near, so that a
+# click at it can only select that point: Plotly selects the point nearest to the mouse.
+ISOLATED_POINT = """(key) => {
+  const gd = document.querySelector(`.st-key-${key} .js-plotly-plot`);
+  const fl = gd._fullLayout, r = gd.getBoundingClientRect(), pts = [];
+  gd._fullData.forEach((t, c) => { if (t.visible !== true || !t.customdata) return;
+    for (let k = 0; k < t.x.length; k++) {
+      const px = fl.xaxis.l2p(t.x[k]), py = fl.yaxis.l2p(t.y[k]);
+      if (isFinite(px) && isFinite(py) && px > 5 && py > 5 && px < fl._size.w - 5 && py < fl._size.h - 5)
+        pts.push([r.left + fl._size.l + px, r.top + fl._size.t + py, Number(t.customdata[k])]); } });
+  let best = null, gap = -1;
+  for (const p of pts) { let d = Infinity;
+    for (const q of pts) if (q !== p) d = Math.min(d, Math.hypot(p[0] - q[0], p[1] - q[1]));
+    if (d > gap) { gap = d; best = p; } }
+  return [best[0], best[1], best[2], gap]; }"""
+
+
+def _click_isolated_point(page, key: str) -> int:
+    """Click the most isolated point of chart ``key``; returns its row."""
+    chart = page.locator(f".st-key-{key} .js-plotly-plot")
+    chart.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)
+    x, y, row, gap = page.evaluate(ISOLATED_POINT, key)
+    assert gap > 6, f"no isolated point on {key} ({gap:.1f} px)"
+    page.mouse.move(x, y)
+    page.wait_for_timeout(300)
+    page.mouse.click(x, y)
+    return int(row)
+
+
+def test_clicks_on_charts_and_neighbours_open_samples(server, browser):  # noqa: F811
+    """Issue 15 item 5: a click on a point of the Scores page's scatter and of the OoD scatter opens that sample,
+    focused, on the Flagged page; there, a nearest neighbour's Open button focuses the neighbour."""
+    from playwright.sync_api import expect
+
+    from engine.training import audit
+    from engine.training.config import AuditConfig
+
+    url, runs = server
+    run, ds = audit.prepare(AuditConfig(dataset="digits", noise=0.1, epochs=2, seed=7), runs)
+    audit.execute(run, ds)
+    ids = run.samples(["sample_id"])["sample_id"]
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    focused = page.locator(".st-key-focus-card [data-testid='stMarkdownContainer'] strong").first
+
+    for name, key in [("scores", "pair-scatter"), ("ood", "ood-scatter")]:
+        page.goto(f"{url}/{name}?run={run.id}")
+        page.wait_for_selector(f".st-key-{key} .js-plotly-plot .main-svg", timeout=60_000)
+        _wait_idle(page)
+        row = _click_isolated_point(page, key)
+        expect(focused).to_have_text(ids.iat[row], timeout=30_000)
+        assert page.url.split("?")[0].endswith("/flagged"), name
+        assert page.locator("[data-testid='stException']").count() == 0, name
+        page.screenshot(path=ARTIFACTS / f"review-05-opened-from-{name}.png", full_page=True)
+
+    # The focused sample's nearest neighbours: Open focuses one of them.
+    _wait_idle(page)
+    neighbour = page.locator("[class*='st-key-nn-0-']").first  # the first neighbour of the given class
+    neighbour.scroll_into_view_if_needed()
+    nn_row = int(next(c for c in neighbour.get_attribute("class").split()
+                      if c.startswith("st-key-nn-0-"))[len("st-key-nn-0-"):])
+    neighbour.get_by_role("button", name="Open").click()
+    expect(focused).to_have_text(ids.iat[nn_row], timeout=30_000)
+    assert page.locator("[data-testid='stException']").count() == 0

@@ -118,3 +118,20 @@ def test_dataset_values_are_literal_text_in_markdown_and_plotly():
     assert plot_text("x" * 40, 24) == "x" * 23 + "…"
     assert [fmt_num(v) for v in (1234567, 0.12345, 12.345, 1234.5, float("nan"), 0)] == ["1,234,567", "0.123", "12.3",
                                                                                           "1,234", "–", "0"]
+
+
+def test_a_click_event_gives_the_row_of_the_clicked_sample():
+    """The value st.plotly_chart(on_select=..., selection_mode="points") keeps for a click on a scatter point (the
+    shape Streamlit's frontend sends: one point with its curve, index, coordinates and customdata)."""
+    from app_pages.common import clicked_row
+
+    click = {"selection": {"points": [{"curve_number": 1, "point_number": 3, "point_index": 3, "x": -0.42, "y": 1.7,
+                                       "customdata": 1234, "legendgroup": ""}],
+                           "point_indices": [3], "box": [], "lasso": []}}
+    assert clicked_row(click) == 1234
+    two_columns = {"selection": {"points": [{"point_index": 0, "customdata": [17, "digits-0017"]}]}}
+    assert clicked_row(two_columns) == 17
+    nothing = {"selection": {"points": [], "point_indices": [], "box": [], "lasso": []}}
+    assert clicked_row(nothing) is None and clicked_row(None) is None and clicked_row({}) is None
+    no_row = {"selection": {"points": [{"point_index": 2, "x": 1, "y": 2}]}}  # a trace without customdata
+    assert clicked_row(no_row) is None
