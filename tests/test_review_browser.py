@@ -289,3 +289,69 @@ def test_clicks_on_charts_and_neighbours_open_samples(server, browser):  # noqa:
     neighbour.get_by_role("button", name="Open").click()
     expect(focused).to_have_text(ids.iat[nn_row], timeout=30_000)
     assert page.locator("[data-testid='stException']").count() == 0
+
+
+def _edit_table_cell(page, row: int, column: int, text: str) -> None:
+    """Type ``text`` into the selectbox cell at ``row`` (0 = first data row) and ``column`` (0 = sample_id) of the
+    Flagged page's editable table: click the row's sample_id cell, move with the arrow keys, Enter opens the
+    cell's editor, the typed option is chosen with Enter."""
+    grid = page.locator("[data-testid='stDataFrame']").last  # the per-class table comes first
+    grid.scroll_into_view_if_needed()
+    box = grid.bounding_box()
+    page.mouse.click(box["x"] + 120, box["y"] + 35 + 52 * row + 26)  # header 35 px, rows 52 px, image column ~75 px
+    page.wait_for_timeout(300)
+    for _ in range(column):
+        page.keyboard.press("ArrowRight")
+    page.keyboard.press("Enter")
+    page.wait_for_timeout(500)
+    page.keyboard.type(text)
+    page.keyboard.press("Enter")
+
+
+def test_table_edits_are_saved_as_decisions(server, browser):  # noqa: F811
+    """Issue 15 item 4: the table view's decision and new-label cells save decisions into reviews.sqlite."""
+    from playwright.sync_api import expect
+
+    from engine.review.reviews import ReviewStore
+    from engine.training import audit
+    from engine.training.config import AuditConfig
+
+    url, runs = server
+    run, ds = audit.prepare(AuditConfig(dataset="digits", noise=0.1, epochs=2, seed=11), runs)
+    audit.execute(run, ds)
+    samples, scores, classes = run.samples(), run.scores(), run.classes()
+    shown = np.flatnonzero(scores["flagged"].to_numpy())  # the table: flagged samples, most suspicious first
+    shown = shown[np.argsort(scores["rank"].to_numpy()[shown], kind="stable")]
+    first, second = (samples["sample_id"].iat[i] for i in shown[:2])
+    given, suggested = samples["label"].iat[shown[1]], scores["suggested_label"].iat[shown[1]]
+    new_class = next(c for k, c in enumerate(classes) if k not in (given, suggested))
+    store = ReviewStore(run.path)
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(f"{url}/flagged?run={run.id}&reviewer=tab")
+    expect(page.get_by_text("Focused sample").first).to_be_visible(timeout=60_000)
+    _wait_idle(page)
+    page.get_by_text("Table", exact=True).click()
+    _wait_idle(page)
+    expect(page.get_by_text("Edit the decision and new label cells").first).to_be_visible(timeout=30_000)
+
+    _edit_table_cell(page, 0, 3, "remove")  # sample_id, label, suggested_label, decision
+    assert _poll(lambda: first in set(store.current()["sample_id"])), "the edited decision was not saved"
+    _wait_idle(page)
+    _edit_table_cell(page, 1, 3, "mislabeled")  # a relabel: to the suggested label until a new label is chosen
+    assert _poll(lambda: second in set(store.current()["sample_id"]))
+    _wait_idle(page)
+    _edit_table_cell(page, 1, 4, new_class)  # the new label cell
+    assert _poll(lambda: (store.current().set_index("sample_id").loc[second, "new_label"] == new_class))
+    _wait_idle(page)
+    page.screenshot(path=ARTIFACTS / "review-06-table-edits.png", full_page=True)
+
+    now = store.current().set_index("sample_id")
+    assert now.loc[first, "decision"] == "remove"
+    assert now.loc[second, "decision"] == "mislabeled" and now.loc[second, "new_label"] == new_class
+    assert set(now.index) == {first, second}
+    hist = store.history()
+    assert set(hist["reviewer"]) == {"tab"}  # the reviewer named in the URL
+    assert list(hist["sample_id"]) == [first, second, second]  # the relabel's first step (to the suggestion) is kept
+    assert hist["new_label"].iat[1] == classes[suggested]
+    assert page.locator("[data-testid='stException']").count() == 0
