@@ -37,7 +37,9 @@ from engine.ui import (
     ImageError,
     ReviewStore,
     agreement,
+    available_scores,
     cleaned_zip,
+    direction_label,
     export_bytes,
     export_filename,
     first_kept_pass,
@@ -46,6 +48,8 @@ from engine.ui import (
     new_batch_id,
     oriented,
     per_class_table,
+    score_values,
+    suspicious_of,
     to_csv_bytes,
 )
 
@@ -103,9 +107,29 @@ def agreement_summary(run_path: str, last_id: int) -> pd.DataFrame:
     return agreement(ReviewStore(run_path).by_reviewer())
 
 
+@st.cache_data(max_entries=4, show_spinner=False)
+def ranking_choices(run_key: tuple) -> list[str]:
+    """The scores 'Rank by' offers (``available_scores``): the registry's, then the run's imported ``csv:`` ones."""
+    return available_scores(run, scores)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _suspicion(run_key: tuple, name: str) -> np.ndarray:
+    values = score_values(run, scores, name)
+    if values is None:
+        return np.full(len(ids), -np.inf)
+    return np.nan_to_num(oriented(values, name, suspicious_of(run, name)), nan=-np.inf)
+
+
 def suspicion(name: str) -> np.ndarray:
-    """Values of score ``name`` turned so that higher = more suspicious: the one place this page ranks."""
-    return np.nan_to_num(oriented(scores[name].to_numpy(dtype=np.float64), name), nan=-np.inf)
+    """Values of score ``name`` (a column or an imported ``csv:`` score) turned so that higher = more suspicious:
+    the one place this page ranks (cached per run state: shared, read-only)."""
+    return _suspicion(key, name)
+
+
+def choice_label(name: str) -> str:
+    spec = REGISTRY.get(name)
+    return f"{name} ({spec.direction}): {spec.title}" if spec else f"{direction_label(run, name)}: imported from a CSV"
 
 
 arr = decision_arrays((str(run.path), len(ids)))
@@ -264,8 +288,7 @@ with st.expander(f":material/grid_on: Given vs suggested label of the {fmt_num(n
 
 # ---- the selection -----------------------------------------------------------------------------------
 f = st.columns([2, 2, 2, 3, 3])
-rank_by = f[0].selectbox("Rank by (most suspicious first)", score_cols, key="rank_by",
-                         format_func=lambda c: f"{c} ({REGISTRY[c].direction}): {REGISTRY[c].title}")
+rank_by = f[0].selectbox("Rank by (most suspicious first)", ranking_choices(key), key="rank_by", format_func=choice_label)
 show = f[1].selectbox("Show", ["flagged", "not flagged", "all"], key="flt_flagged")
 review = f[2].selectbox("Review", ["all", "not reviewed", "reviewed"], key="flt_review")
 given = f[3].multiselect("Given label", classes, key="flt_given")

@@ -178,3 +178,26 @@ def test_two_reviewers_show_agreement_on_the_card(monkeypatch, own_small_run):
     assert ":red-badge[:material/warning: 2 reviewers disagree]" in badges
     assert ":green-badge[:material/thumb_up: 2 reviewers agree]" in badges
     assert any("2 samples were decided by two or more reviewers: 1 agree, 1 disagree" in c.value for c in at.caption)
+
+
+def test_rank_by_offers_and_applies_imported_csv_scores(monkeypatch, own_small_run):
+    """'Rank by' lists the run's imported (csv:) scores with their suspicious end, and ranks the gallery by them."""
+    from engine.scores.predefined import join_to_run, parse_csv, save_to_run, validate
+
+    run = own_small_run
+    frame = parse_csv((ROOT / "sample_data" / "predefined_scores.csv").read_bytes()).frame
+    clean = validate(frame, "sample_id", ["knn_disagreement", "pixel_distance_to_class_mean"],
+                     {"knn_disagreement": True, "pixel_distance_to_class_mean": False})
+    save_to_run(run.path, join_to_run(clean, run.samples(["sample_id"])["sample_id"].to_numpy()))
+    at = _flagged_page(monkeypatch, run)
+    rank_by = at.selectbox(key="rank_by")
+    shown = rank_by.options  # as the user reads them: name, suspicious end, what it is
+    assert any(o.startswith("csv:knn_disagreement (high = suspicious)") for o in shown), shown
+    assert any(o.startswith("csv:pixel_distance_to_class_mean (low = suspicious)") for o in shown), shown
+    at.selectbox(key="flt_flagged").set_value("all").run()
+    rank_by.set_value("csv:pixel_distance_to_class_mean").run()
+    assert not at.exception, at.exception
+    ids = run.samples(["sample_id"])["sample_id"].to_numpy()
+    distance = pd.Series(frame["pixel_distance_to_class_mean"].astype(float).to_numpy(), index=frame["sample_id"])
+    want = distance.reindex(ids).sort_values(kind="stable").index[:12].tolist()  # low = suspicious: lowest first
+    assert _card_ids(at, run) == want
