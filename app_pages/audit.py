@@ -17,7 +17,7 @@ from app_pages.common import (
     fmt_seconds,
     job_manager,
     may_run_audits,
-    plain,
+    md_escape,
     refuse_outside_root,
     select_run,
 )
@@ -153,7 +153,7 @@ if submitted and may_run_audits():
             cfg.weights_enum, cfg.finetune = tv_enum.strip() or None, tv_finetune
         run = job_manager().start(cfg)  # checks the settings; the worker reads the dataset
     except ValueError as exc:  # ConfigError, DatasetError, PathRefused, RunBusy
-        st.error(f"Cannot start: {plain(exc)}")
+        st.error(f"Cannot start: {md_escape(exc)}")
     else:
         select_run(run.id)
         st.rerun()
@@ -252,7 +252,7 @@ def progress() -> None:
             else:  # not a job of this dashboard process: say whose it is instead of pretending
                 owner = owner_of(run)
                 who = describe(owner) if owner else f"process {status.get('pid')} on {status.get('host')}"
-                st.warning(f"This dashboard cannot cancel run {run.id}: it belongs to {plain(who)}. Stop it there "
+                st.warning(f"This dashboard cannot cancel run {run.id}: it belongs to {md_escape(who)}. Stop it there "
                            "(Ctrl-C or `kill -TERM` of that process; finished epochs are kept).")
         if done:
             st.caption("The AUM page already shows the finished epochs.")
@@ -266,7 +266,7 @@ status = run.status()
 state = status.get("state")
 if state == "failed":
     kept = " Finished epochs are kept and can be viewed." if sum(status.get("epochs_done") or []) else ""
-    st.error(f"The audit failed: {plain(status.get('error'))}.{kept}")
+    st.error(f"The audit failed: {md_escape(status.get('error'))}.{kept}")
     if status.get("traceback"):
         with st.expander("Traceback"):
             st.code(status["traceback"])
@@ -276,12 +276,12 @@ if state in ("interrupted", "cancelled", "failed"):
                    "a scheduler's SIGTERM or a crash). Finished epochs are kept.")
     problem = resume_problem(run, 1)
     if problem:
-        st.info(plain(problem))
+        st.info(md_escape(problem))
     elif st.button("Resume from the last finished epoch", key=f"resume-{run.id}", disabled=not may_run_audits()):
         try:
             jobs.resume(run)
         except ConfigError as exc:  # queued already (another tab), or owned by another process
-            st.error(f"Cannot resume: {plain(exc)}")
+            st.error(f"Cannot resume: {md_escape(exc)}")
         else:
             time.sleep(0.2)
             st.rerun()
@@ -307,7 +307,7 @@ if state not in ("running", "pending"):
             try:
                 delete_run(run.path, runs_root())
             except ValueError as exc:  # owned or trained by a process meanwhile, or not in the runs folder
-                st.error(f"Cannot delete: {plain(exc)}")
+                st.error(f"Cannot delete: {md_escape(exc)}")
             else:
                 st.rerun()
         if not allowed:

@@ -44,14 +44,20 @@ def job_manager() -> JobManager:
     return JobManager()
 
 
-_MARKDOWN_SPECIALS = "\\`*_{}[]()<>#+-.!|~$:"
+# Markdown, HTML and Streamlit-directive metacharacters. Quotes are left alone: they only matter inside a link or
+# an HTML tag, whose brackets are escaped, and an escaped quote would read as such in messages ('cat' is ...).
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>:~$&=^%@/])")
 
 
-def plain(value) -> str:
-    """``value`` as literal text inside Streamlit markdown (st.markdown, st.caption, st.error, ...): every markdown
-    character is backslash-escaped, so a dataset's folder or file name cannot become a link, an image, a
-    formula or formatting."""
-    return "".join("\\" + ch if ch in _MARKDOWN_SPECIALS else ch for ch in str(value))
+def md_escape(value: object) -> str:
+    """``value`` as literal text inside Streamlit markdown (st.markdown, st.caption, st.error, labels, badges): no
+    link, image, HTML, formula, colour directive or formatting.
+
+    The one escape of the pages for markdown. Every markdown and HTML metacharacter is backslash-escaped
+    (CommonMark shows it as itself); line breaks become spaces. Use it for anything a dataset, a file or a
+    user chose: sample ids, class names, paths, and messages that quote them (errors).
+    """
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
 
 
 def _user() -> dict:
@@ -99,12 +105,12 @@ def require_access() -> None:
         st.button("Sign in", type="primary", on_click=st.login)
         st.stop()
     if role == NOBODY:
-        st.error(f"Signed in as {plain(identity(user))}, who is not listed in the dashboard's roles. Ask an admin to add "
+        st.error(f"Signed in as {md_escape(identity(user))}, who is not listed in the dashboard's roles. Ask an admin to add "
                  "you to `[roles]` in `.streamlit/secrets.toml`.")
         st.button("Sign out", on_click=st.logout)
         st.stop()
     with st.sidebar:
-        st.caption(f"Signed in as **{plain(identity(user))}** ({role})")
+        st.caption(f"Signed in as **{md_escape(identity(user))}** ({role})")
         st.button("Sign out", on_click=st.logout, key="sign-out")
 
 
@@ -159,7 +165,7 @@ def sidebar_run_picker() -> Run | None:
         st.caption(policy_caption(run), help="The review policy decides which samples are flagged and their rank on "
                    "every page and in every export. Change it on the AUM page.")
         noise = f", {cfg['noise']:.0%} {cfg['noise_kind']} noise injected" if cfg.get("noise") else ""
-        st.caption(f"Dataset **{plain(cfg['dataset'])}**{noise} · model **{plain(cfg['model'])}** · "
+        st.caption(f"Dataset **{md_escape(cfg['dataset'])}**{noise} · model **{md_escape(cfg['model'])}** · "
                    f"{cfg['epochs']} epochs × {cfg['threshold_runs'] if cfg['threshold_samples'] else 1} pass(es)")
         with st.expander(f"All runs ({len(runs)})"):
             st.markdown("\n".join(f"- `{r.id}` {state_badge(r)}" for r in runs))
@@ -174,7 +180,7 @@ def refuse_outside_root(text: str) -> bool:
     try:
         resolve_user_path(text)
     except PathRefused as exc:
-        st.error(f"Not allowed: {plain(exc)}")
+        st.error(f"Not allowed: {md_escape(exc)}")
         return True
     return False
 
@@ -239,7 +245,7 @@ def load_scores(run: Run) -> tuple[pd.DataFrame, dict, pd.DataFrame, list[str]] 
     try:
         return _load(_stamp(run))
     except (ValueError, FileNotFoundError, RunError) as exc:
-        st.warning(f"This run cannot be scored yet: {plain(exc)}")
+        st.warning(f"This run cannot be scored yet: {md_escape(exc)}")
         return None
 
 
@@ -277,7 +283,7 @@ def image_grid(images, indices, captions: list[str], cols: int = 6, size: int = 
             try:
                 col.image(images.png(int(i), size), caption=cap)
             except ImageError as exc:
-                col.caption(f"{plain(cap)}: no image ({plain(exc)})")
+                col.caption(f"{md_escape(cap)}: no image ({md_escape(exc)})")
 
 
 def detection_row(m: dict) -> None:
@@ -289,18 +295,6 @@ def detection_row(m: dict) -> None:
 
 
 # ---- values from datasets on the page, and one number format (issue 15 item 7, issue 17 item 1) ---------------
-
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>:~$&=\"'^%@/])")
-
-
-def md_escape(value: object) -> str:
-    """``value`` as literal text inside Streamlit markdown (captions, labels, badges): no link, image, HTML or directive.
-
-    Every ASCII punctuation character is backslash-escaped (CommonMark shows it as itself); line breaks
-    become spaces. Use it for anything a dataset, a file or a user chose: sample ids, class names, paths.
-    """
-    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
-
 
 def plot_text(value: object, max_chars: int | None = None) -> str:
     """``value`` for Plotly hover text and tick labels, which understand a few HTML tags: escaped, shown as typed.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from app_pages.common import plain
+from app_pages.common import md_escape
 from engine.training import audit
 from engine.training.config import AuditConfig
 
@@ -15,9 +15,9 @@ APP = str(Path(__file__).resolve().parent.parent / "app.py")
 HOSTILE = "[x](javascript:alert(1)) ![t](http://evil.example/t.png) <img src=x onerror=alert(1)> **b** $x$"
 
 
-def test_plain_escapes_every_markdown_character():
-    assert plain("a_b [c](d)") == "a\\_b \\[c\\]\\(d\\)"
-    assert plain("<img src=x>") == "\\<img src=x\\>"
+def test_md_escape_escapes_every_markdown_character():
+    assert md_escape("a_b [c](d)") == "a\\_b \\[c\\]\\(d\\)"
+    assert md_escape("<img src=x>") == "\\<img src\\=x\\>"
 
 
 def test_a_hostile_dataset_name_is_shown_as_text(monkeypatch, tmp_path):
@@ -29,6 +29,6 @@ def test_a_hostile_dataset_name_is_shown_as_text(monkeypatch, tmp_path):
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception, at.exception
     shown = [c.value for c in at.sidebar.caption] + [e.value for e in at.error]
-    assert any(plain(HOSTILE) in v for v in shown if v.startswith("Dataset")), shown
-    assert any(plain(HOSTILE) in v for v in shown if v.startswith("The audit failed")), shown
+    assert any(md_escape(HOSTILE) in v for v in shown if v.startswith("Dataset")), shown
+    assert any(md_escape(HOSTILE) in v for v in shown if v.startswith("The audit failed")), shown
     assert not any(HOSTILE in v for v in shown)  # never the raw markdown
