@@ -6,10 +6,10 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages.common import fmt_num, follow_open, open_clicked, plot_text, require_run, require_scores
+from app_pages.common import fmt_num, follow_open, open_clicked, require_run, require_scores, stamp
 from engine.ui import subsample
 
-MAX_POINTS = 50_000
+MAX_POINTS = 20_000  # points drawn; the browser draws more slowly, not more clearly, beyond that
 
 
 follow_open()
@@ -24,24 +24,31 @@ st.markdown(
 )
 confidence = scores["confidence"].to_numpy()
 variability = scores["variability"].to_numpy()
-correct = scores["cumulative_accuracy"].to_numpy()
-ok = np.isfinite(confidence)
-idx = np.flatnonzero(ok)
-sel = idx[subsample(idx.size, MAX_POINTS)]
-if sel.size < idx.size:
-    st.caption(f"Showing a random {fmt_num(sel.size)} of {fmt_num(idx.size)} samples (WebGL scatter; subsampled above "
+
+
+@st.cache_resource(max_entries=2, show_spinner=False)
+def map_figure(run_key: tuple, _scores) -> tuple[go.Figure, int, int]:
+    """The map's figure, built once per run state and shared (read-only): a seeded subsample of at most
+    ``MAX_POINTS`` samples, each point carrying its row (``customdata``) and no per-point text (a million-sample
+    run would send every id to the browser). Returns the figure, the points drawn and the samples with a value."""
+    conf, var = _scores["confidence"].to_numpy(), _scores["variability"].to_numpy()
+    idx = np.flatnonzero(np.isfinite(conf))
+    sel = idx[subsample(idx.size, MAX_POINTS)]
+    fig = go.Figure(go.Scattergl(
+        x=var[sel], y=conf[sel], mode="markers", customdata=sel,
+        marker=dict(color=_scores["cumulative_accuracy"].to_numpy()[sel], colorscale="RdYlBu", cmin=0, cmax=1, size=5,
+                    opacity=0.7, colorbar=dict(title="correctness")),
+        hovertemplate="variability %{x:.3f}<br>confidence %{y:.3f}<br>correctness %{marker.color:.2f}"
+                      "<br>click to review<extra></extra>",
+    ))
+    fig.update_layout(height=560, xaxis_title="variability", yaxis_title="confidence", margin=dict(t=20))
+    return fig, int(sel.size), int(idx.size)
+
+
+fig, drawn, finite = map_figure(stamp(run), scores)
+if drawn < finite:
+    st.caption(f"Showing a random {fmt_num(drawn)} of {fmt_num(finite)} samples (WebGL scatter; subsampled above "
                f"{fmt_num(MAX_POINTS)}).")
-ids = samples["sample_id"].to_numpy()
-labels = np.array(classes)[samples["label"].to_numpy()]
-fig = go.Figure(go.Scattergl(
-    x=variability[sel], y=confidence[sel], mode="markers",
-    marker=dict(color=correct[sel], colorscale="RdYlBu", cmin=0, cmax=1, size=5, opacity=0.7,
-                colorbar=dict(title="correctness")),
-    customdata=sel,
-    text=[f"{plot_text(i)} · label {plot_text(lab)}" for i, lab in zip(ids[sel], labels[sel], strict=True)],
-    hovertemplate="%{text}<br>variability %{x:.3f}<br>confidence %{y:.3f}<extra></extra>",
-))
-fig.update_layout(height=560, xaxis_title="variability", yaxis_title="confidence", margin=dict(t=20))
 st.plotly_chart(fig, width="stretch", key="datamap", on_select=lambda: open_clicked("datamap"),
                 selection_mode="points")
 st.caption("Click a point to review that sample on the Flagged page.")

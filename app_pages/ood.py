@@ -16,8 +16,11 @@ from app_pages.common import (
     open_sample,
     require_run,
     sample_images,
+    stamp,
 )
 from engine.ui import ImageError, common_edges, histogram, load_report, load_results, subsample
+
+MAX_POINTS = 20_000  # as the data map: the browser draws more slowly, not more clearly, beyond that
 
 follow_open()
 
@@ -63,8 +66,6 @@ if report.get("ood"):
 # ---- entropy vs density -------------------------------------------------------------------------
 st.subheader("Entropy vs density (training samples)")
 dens, ent = results["train_log_density"], results["train_entropy"]
-d_cut, e_cut = float(np.nanpercentile(dens, 5)), float(np.nanpercentile(ent, 95))  # NaN: not scored
-sel = subsample(len(dens), 50_000)
 loaded = load_scores(run)  # the cached tables (ids of a million samples are not read again on each rerun)
 ids = (loaded[2] if loaded else run.samples(["sample_id"]))["sample_id"].to_numpy()
 if loaded is not None and len(loaded[0]) == len(dens):
@@ -72,22 +73,38 @@ if loaded is not None and len(loaded[0]) == len(dens):
 else:
     scores = run.scores(["flagged"])
     flagged = scores["flagged"].to_numpy() if scores is not None else np.zeros(len(dens), dtype=bool)
-sc = go.Figure()
-for name, m, color in [("not flagged", ~flagged[sel], "#4c78a8"), ("flagged", flagged[sel], "#e45756")]:
-    idx = sel[m]
-    # No per-point text (50,000 names would double the figure): the hover says how to open the sample.
-    sc.add_trace(go.Scattergl(x=dens[idx], y=ent[idx], mode="markers", name=name, customdata=idx,
-                              hovertemplate="log density %{x:.1f}<br>entropy %{y:.3f}<br>click to review<extra></extra>",
-                              marker=dict(size=4, color=color, opacity=0.6)))
-sc.add_vline(x=d_cut, line_dash="dash")
-sc.add_hline(y=e_cut, line_dash="dash")
-x_hi, y_hi = float(np.nanmax(dens)), float(np.nanmax(ent)) or 1.0
-for text, x, y in [("confident", x_hi, 0), ("ambiguous", x_hi, y_hi), ("OoD", d_cut, 0), ("OoD and ambiguous", d_cut, y_hi)]:
-    sc.add_annotation(x=x, y=y, text=text, showarrow=False, xanchor="right", font=dict(size=13, color="gray"))
-sc.update_layout(height=420, xaxis_title="log feature density", yaxis_title="softmax entropy", margin=dict(t=20))
+
+
+@st.cache_resource(max_entries=2, show_spinner=False)
+def scatter_figure(run_key: tuple, _dens, _ent, _flagged) -> tuple[go.Figure, float, float, int, int]:
+    """Entropy vs density of a seeded subsample of at most MAX_POINTS scored samples, built once per run state and
+    shared (read-only); each point carries its row (customdata). Returns the figure, the 5th percentile of density,
+    the 95th of entropy, the points drawn and the samples scored."""
+    d_cut, e_cut = float(np.nanpercentile(_dens, 5)), float(np.nanpercentile(_ent, 95))  # NaN: not scored
+    scored = np.flatnonzero(np.isfinite(_dens) & np.isfinite(_ent))
+    sel = scored[subsample(scored.size, MAX_POINTS)]
+    sc = go.Figure()
+    for name, m, color in [("not flagged", ~_flagged[sel], "#4c78a8"), ("flagged", _flagged[sel], "#e45756")]:
+        idx = sel[m]
+        # No per-point text (a million names would dwarf the figure): the hover says how to open the sample.
+        sc.add_trace(go.Scattergl(x=_dens[idx], y=_ent[idx], mode="markers", name=name, customdata=idx,
+                                  hovertemplate="log density %{x:.1f}<br>entropy %{y:.3f}<br>click to review<extra></extra>",
+                                  marker=dict(size=4, color=color, opacity=0.6)))
+    sc.add_vline(x=d_cut, line_dash="dash")
+    sc.add_hline(y=e_cut, line_dash="dash")
+    x_hi, y_hi = float(np.nanmax(_dens)), float(np.nanmax(_ent)) or 1.0
+    for text, x, y in [("confident", x_hi, 0), ("ambiguous", x_hi, y_hi), ("OoD", d_cut, 0),
+                       ("OoD and ambiguous", d_cut, y_hi)]:
+        sc.add_annotation(x=x, y=y, text=text, showarrow=False, xanchor="right", font=dict(size=13, color="gray"))
+    sc.update_layout(height=420, xaxis_title="log feature density", yaxis_title="softmax entropy", margin=dict(t=20))
+    return sc, d_cut, e_cut, int(sel.size), int(scored.size)
+
+
+sc, d_cut, e_cut, drawn, n_scored = scatter_figure(stamp(run), dens, ent, flagged)
 st.plotly_chart(sc, width="stretch", key="ood-scatter", on_select=lambda: open_clicked("ood-scatter"), selection_mode="points")
 st.caption(f"Dashed lines: 5th percentile of density ({fmt_num(d_cut)}) and 95th percentile of entropy ({fmt_num(e_cut)}) "
-           "over the training samples. Click a point to review that sample on the Flagged page.")
+           "over the training samples. Click a point to review that sample on the Flagged page."
+           + (f" A random {fmt_num(drawn)} of the {fmt_num(n_scored)} samples are drawn." if drawn < n_scored else ""))
 
 # ---- calibration and selective prediction ---------------------------------------------------------
 cal = report.get("calibration")
@@ -116,7 +133,9 @@ if cal:
 # ---- the least typical training samples --------------------------------------------------------------
 st.subheader("Lowest-density training samples")
 k = st.slider("How many", 6, 48, 12, 6, key="ood_k")
-low = np.argsort(dens, kind="stable")[: min(k, int(np.isfinite(dens).sum()))]  # NaN sorts last
+take = min(k, int(np.isfinite(dens).sum()))
+low = np.argpartition(np.nan_to_num(dens, nan=np.inf), take)[:take] if 0 < take < len(dens) else np.arange(take)
+low = low[np.lexsort((low, dens[low]))]  # lowest density first, ties in run order (NaN: never among them)
 images = sample_images(run)
 for start in range(0, len(low), 6):
     row = st.columns(6)
