@@ -199,7 +199,7 @@ def curves_chart(status: dict) -> None:
                                  line=dict(color=color),
                                  showlegend=False, hovertemplate="epoch %{x}<br>accuracy %{y:.1%}<extra>" + name
                                  + "</extra>"), row=1, col=2)
-    fig.update_xaxes(title_text="epoch", tickformat="d", rangemode="tozero")
+    fig.update_xaxes(title_text="epoch", tickformat="d")
     fig.update_yaxes(title_text="mean loss", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="share predicted as its target", tickformat=".0%", row=1, col=2)
     fig.update_layout(height=300, margin=dict(t=30, b=40), legend=dict(orientation="h", y=-0.25))

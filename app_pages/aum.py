@@ -102,13 +102,16 @@ if rule == "threshold" and not (saved.rule == "threshold" and saved.value) and \
         value == float(run.config().get("threshold_percentile", 99.0)):
     value = None  # the run's own percentile
 candidate = Policy(rule, None if value is None else float(value), score)
-try:
-    decision, fields = decision_for(run, scores, info, candidate)
-except PolicyError as exc:
-    st.error(f"This policy cannot be used: {exc}")
-    st.stop()
-flagged = decision.flagged
-cut = decision.cutoff if cut_score == "aum" else float("nan")  # drawn on the AUM axes only
+if candidate == saved and info.get("policy") and not info["policy"].get("note"):  # the loaded table already holds its flags
+    flagged, cutoff, fields = scores["flagged"].to_numpy(), info["cutoff"], info
+else:
+    try:
+        decision, fields = decision_for(run, scores, info, candidate)
+    except PolicyError as exc:
+        st.error(f"This policy cannot be used: {exc}")
+        st.stop()
+    flagged, cutoff = decision.flagged, decision.cutoff
+cut = cutoff if cut_score == "aum" else float("nan")  # drawn on the AUM axes only
 c2.write(f"Flags: **{fields['policy']['text']}**")
 c3.metric("Flagged", f"{int(flagged.sum()):,} of {len(aum):,}")
 c3.caption(f"{flagged.mean():.1%} of the samples")

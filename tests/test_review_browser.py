@@ -355,3 +355,67 @@ def test_table_edits_are_saved_as_decisions(server, browser):  # noqa: F811
     assert list(hist["sample_id"]) == [first, second, second]  # the relabel's first step (to the suggestion) is kept
     assert hist["new_label"].iat[1] == classes[suggested]
     assert page.locator("[data-testid='stException']").count() == 0
+
+
+@pytest.mark.slow
+def test_cleaned_dataset_round_trip_in_the_browser(server, browser, tmp_path):  # noqa: F811
+    """Issue 15 item 6 as a user does it: decide by key, download the cleaned dataset (zip), upload that zip on the
+    Audit page and audit it: the removed sample is absent, the relabelled one sits in its new class."""
+    from playwright.sync_api import expect
+
+    from engine.review.reviews import ReviewStore
+    from engine.store.runs import list_runs
+    from engine.training import audit
+    from engine.training.config import AuditConfig
+
+    url, runs = server
+    run, ds = audit.prepare(AuditConfig(dataset="digits", noise=0.1, epochs=2, seed=13), runs)
+    audit.execute(run, ds)
+    classes, n = run.classes(), len(run.samples(["sample_id"]))
+    store = ReviewStore(run.path)
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(f"{url}/flagged?run={run.id}&reviewer=ann")
+    expect(page.get_by_text("Focused sample").first).to_be_visible(timeout=60_000)
+    _wait_idle(page)
+    page.get_by_role("heading", name="Flagged samples").click()  # keyboard focus on the page
+    removed = _focused_id(page)
+    page.keyboard.press("x")
+    assert _poll(lambda: removed in set(store.current()["sample_id"]))
+    _wait_idle(page)
+    expect(page.locator(".st-key-focus-card [data-testid='stMarkdownContainer'] strong").first).not_to_have_text(
+        removed, timeout=20_000)
+    relabelled = _focused_id(page)
+    page.keyboard.press("s")
+    assert _poll(lambda: relabelled in set(store.current()["sample_id"]))
+    new_label = store.current().set_index("sample_id").loc[relabelled, "new_label"]
+    _wait_idle(page)
+
+    with page.expect_download(timeout=120_000) as dl:
+        page.get_by_role("button", name="Cleaned dataset (image folder, zip)").click()
+    cleaned = tmp_path / "cleaned.zip"
+    dl.value.save_as(cleaned)
+
+    page.get_by_role("link", name="Audit", exact=True).click()
+    page.get_by_text("Upload a zip of an image folder").click()
+    page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(str(cleaned))
+    expect(page.get_by_text("cleaned.zip")).to_be_visible(timeout=30_000)
+    page.get_by_text("Training settings").click()
+    epochs = page.get_by_label("Epochs")
+    epochs.fill("1")
+    epochs.press("Tab")
+    page.get_by_role("button", name="Start audit").click()
+    assert _poll(lambda: len(list_runs(runs)) == 2, timeout=120), "no second audit started"
+    again = list_runs(runs)[0]
+    expect(page.locator("h3").filter(has_text=again.id)).to_be_visible(timeout=60_000)  # the page follows it
+    assert _poll(lambda: again.status()["state"] not in ("pending", "running"), timeout=600)
+    assert again.status()["state"] == "done", again.status().get("error")
+    expect(page.get_by_text("Done:")).to_be_visible(timeout=60_000)
+    assert page.locator("[data-testid='stException']").count() == 0
+    page.screenshot(path=ARTIFACTS / "review-07-round-trip-audit.png", full_page=True)
+
+    samples = again.samples(["sample_id", "label"])
+    label_of = {sid.rsplit("/", 1)[-1].removesuffix(".png"): again.classes()[k]
+                for sid, k in zip(samples["sample_id"], samples["label"], strict=True)}
+    assert len(label_of) == n - 1 and removed not in label_of  # every sample but the removed one
+    assert label_of[relabelled] == new_label and new_label in classes
