@@ -10,7 +10,9 @@ chart has laid out and drawn its SVG and every image has loaded. After each page
 resident memory (VmRSS) and peak (VmHWM) are read from ``/proc``: one process serves every page,
 so the caches of the pages visited so far add up.
 
-Usage: python bench/browser_pages.py [--samples 1000000] [--epochs 30]
+Usage: python bench/browser_pages.py [--samples 1000000] [--epochs 30] [--runs DIR]
+(``--runs DIR``: use the run already in DIR, e.g. one kept by ``render_pages.py --keep DIR``, instead of
+building one; two versions of the app can then be timed on the same run, one after the other.)
 Needs Debian's chromium (``make chromium``, as root) and the playwright package (``.[test]``).
 """
 
@@ -112,11 +114,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=1_000_000)
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--runs", default=None, help="a runs folder holding the run to show (default: build one)")
     args = ap.parse_args()
     if not Path(CHROMIUM).exists():
         raise SystemExit(f"{CHROMIUM} not found: install Debian's chromium (make chromium, as root)")
     with tempfile.TemporaryDirectory() as tmp:
-        run_id = make_run(Path(tmp), args.samples, args.epochs).name
+        if args.runs:
+            tmp = args.runs
+            run_id = next(p.name for p in Path(tmp).iterdir() if (p / "status.json").is_file())
+        else:
+            run_id = make_run(Path(tmp), args.samples, args.epochs).name
+        print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         proc, url = start_server(Path(tmp))
         print(f"server pid {proc.pid}, memory at start: {_memory_mb(proc.pid)[0]:.0f} MB")
         print("| visit | page | script done (s) | shown (s) | charts, images | server RSS / peak (MB) | browser JS heap (MB) |\n"
@@ -143,6 +151,7 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
