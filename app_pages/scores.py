@@ -16,6 +16,7 @@ from app_pages.common import (
     job_manager,
     load_scores,
     may_run_audits,
+    md_escape,
     open_clicked,
     refuse_outside_root,
     stamp,
@@ -72,12 +73,12 @@ with st.expander("Import predefined scores from a CSV", expanded=run is None):
         parsed = parse_csv(data) if data is not None else None
         file_key = hashlib.sha256(data).hexdigest()[:10] if data is not None else ""  # fresh mapping widgets per file
     except (PredefinedError, PathRefused) as exc:
-        st.error(f"Cannot read {source or 'the file'}: {exc}")
+        st.error(f"Cannot read {md_escape(source or 'the file')}: {md_escape(exc)}")
         parsed = None
     if parsed is not None:
         df = parsed.frame
         id_guess, label_guess, numeric = guess_columns(df)
-        st.caption(f"{source}: {len(df):,} rows, {len(df.columns)} columns, read as {parsed.encoding} with "
+        st.caption(f"{md_escape(source)}: {len(df):,} rows, {len(df.columns)} columns, read as {parsed.encoding} with "
                    f"{parsed.delimiter!r} between fields.")
         c1, c2 = st.columns(2)
         id_options = list(df.columns) + [NO_ID]
@@ -111,11 +112,11 @@ with st.expander("Import predefined scores from a CSV", expanded=run is None):
                 ok = True
                 if joined.n_unknown:
                     st.warning(f"{joined.n_unknown:,} id(s) of the file are not samples of this run "
-                               f"(e.g. {joined.unknown_examples}); {joined.n_matched:,} match.")
+                               f"(e.g. {md_escape(joined.unknown_examples)}); {joined.n_matched:,} match.")
                     ok = st.checkbox(f"Import the {joined.n_matched:,} that match", key=f"predef_overlap_{file_key}")
                 if st.button("Import into this run", type="primary", disabled=not ok, key="predef_import"):
                     names = save_to_run(run.path, joined)
-                    st.success(f"Imported {', '.join(joined.values.columns)} for {joined.n_matched:,} samples "
+                    st.success(f"Imported {md_escape(', '.join(joined.values.columns))} for {joined.n_matched:,} samples "
                                f"(this run now has predefined scores: {', '.join(names)}).")
             else:
                 if id_col == NO_ID:
@@ -129,9 +130,9 @@ with st.expander("Import predefined scores from a CSV", expanded=run is None):
                 st.session_state["csv_only"] = {"name": source, "frame": clean, "sha": file_key,
                                                 "suspicious": dict(clean.attrs.get("suspicious", {})),
                                                 "root": str(resolve_user_path(image_root)) if "path" in clean else None}
-                st.success(f"Loaded {len(clean):,} samples with scores {', '.join(cols)} (no run needed).")
+                st.success(f"Loaded {len(clean):,} samples with scores {md_escape(', '.join(cols))} (no run needed).")
         except (PredefinedError, PathRefused) as exc:
-            st.error(f"Cannot import: {exc}")
+            st.error(f"Cannot import: {md_escape(exc)}")
 
 # ---- the scores to compare --------------------------------------------------------------------
 frames: dict[str, np.ndarray] = {}
@@ -158,7 +159,7 @@ if run is not None:
 elif "csv_only" in st.session_state:
     only = st.session_state["csv_only"]
     f = only["frame"]
-    st.info(f"No run selected: showing the scores of **{only['name']}** alone.")
+    st.info(f"No run selected: showing the scores of **{md_escape(only['name'])}** alone.")
     for c in f.columns:
         if c not in ("sample_id", "label", "path"):
             frames[c] = f[c].to_numpy(dtype=np.float64)
@@ -227,7 +228,7 @@ if run is not None:
             try:
                 jobs.start_scores(run, pick, folds=int(folds), k=int(knn))
             except ValueError as exc:  # the run is busy: training here, or owned by another process
-                st.error(f"Cannot compute now: {exc}")
+                st.error(f"Cannot compute now: {md_escape(exc)}")
             else:
                 st.rerun()
 
@@ -241,7 +242,7 @@ if run is not None:
                 if st.button("Cancel", key="extra_cancel") and jobs.cancel(f"{run.id}:scores"):
                     st.toast("Cancelling after the current step; the scores table stays as it was.")
             elif j.error:
-                st.error(f"Computing scores failed: {j.error}")
+                st.error(f"Computing scores failed: {md_escape(j.error)}")
             elif j.cancel.is_set():
                 st.info("Computing scores was cancelled; the scores table is unchanged.")
             elif busy:

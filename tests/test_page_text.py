@@ -32,3 +32,15 @@ def test_a_hostile_dataset_name_is_shown_as_text(monkeypatch, tmp_path):
     assert any(md_escape(HOSTILE) in v for v in shown if v.startswith("Dataset")), shown
     assert any(md_escape(HOSTILE) in v for v in shown if v.startswith("The audit failed")), shown
     assert not any(HOSTILE in v for v in shown)  # never the raw markdown
+
+
+def test_the_scores_page_shows_a_typed_path_as_text(monkeypatch, tmp_path):
+    """The CSV path field's error message quotes the path: as text, not as a markdown link or image."""
+    monkeypatch.setenv("DIFFICULTY_AUDIT_DATA_ROOT", str(tmp_path))
+    monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.switch_page("app_pages/scores.py").run()
+    at.text_input(key="predef_path").set_value("![i](x.png) [a](javascript:alert(1)).csv").run()
+    assert not at.exception, at.exception
+    (error,) = at.error
+    assert "\\[a\\]\\(javascript\\:alert\\(1\\)\\)" in error.value and "![i](x.png)" not in error.value, error.value
