@@ -187,10 +187,11 @@ def curves_chart(status: dict) -> None:
         return
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Training loss", "Training accuracy"), horizontal_spacing=0.08)
     passes = sorted(curves["pass"].unique())
+    several = int(status.get("passes") or 1) > 1 or len(passes) > 1
     for p in passes:
         c = curves[curves["pass"] == p]
         epoch = (c["epoch"] + 1).tolist()  # plain lists: a few numbers, readable in the figure's JSON
-        name = f"pass {p + 1}" if len(passes) > 1 else "training"
+        name = f"pass {p + 1}" if several else "training"
         color = PASS_COLORS[p % len(PASS_COLORS)]  # one colour per pass in both panels
         fig.add_trace(go.Scatter(x=epoch, y=c["loss"].tolist(), mode="lines+markers", name=name, legendgroup=name,
                                  line=dict(color=color),
@@ -199,7 +200,7 @@ def curves_chart(status: dict) -> None:
                                  line=dict(color=color),
                                  showlegend=False, hovertemplate="epoch %{x}<br>accuracy %{y:.1%}<extra>" + name
                                  + "</extra>"), row=1, col=2)
-    fig.update_xaxes(title_text="epoch", tickformat="d")
+    fig.update_xaxes(title_text="epoch", tickformat="d", dtick=max(1, int(curves["epoch"].max() + 1) // 8))
     fig.update_yaxes(title_text="mean loss", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="share predicted as its target", tickformat=".0%", row=1, col=2)
     fig.update_layout(height=300, margin=dict(t=30, b=40), legend=dict(orientation="h", y=-0.25))
@@ -207,9 +208,9 @@ def curves_chart(status: dict) -> None:
     if (curves["source"] == "dynamics").any():
         st.caption("Some epochs have no recorded history: their values are read back from the run's dynamics arrays "
                    "(mean loss, share predicted as the given label) over a subset of up to 50,000 trained samples.")
-    elif len(passes) > 1:
-        st.caption("Each pass trains a fresh model with its own threshold samples (a fake extra class): their targets "
-                   "count in its loss and accuracy.")
+    elif several:
+        st.caption("Each pass trains a fresh model with its own threshold samples (given a fake extra class): they count "
+                   "in its loss; its accuracy is over the samples trained on their real class.")
 
 
 @st.fragment(run_every=1.0 if active else None)
