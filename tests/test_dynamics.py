@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -54,6 +56,68 @@ def test_suggested_class_is_never_the_target_or_the_fake_class():
     masked = z[:, :10].clone()
     masked[torch.arange(2000)[y < 10], y[y < 10]] = float("-inf")
     assert torch.equal(c.other, masked.argmax(1))
+
+
+def _hard_logits(rows: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits with exact ties (integer values), -inf entries and huge finite values among ordinary ones."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, c, generator=g) * 4
+    z[: rows // 4] = torch.randint(0, 3, (rows // 4, c), generator=g).float()  # many exact ties
+    q = rows // 4
+    z[q : 2 * q][torch.rand(q, c, generator=g) < 0.3] = float("-inf")  # -inf logits (never a whole row)
+    z[q : 2 * q, 0] = 0.0
+    z[2 * q : 2 * q + 8, :3] = torch.tensor([1e30, -1e30, 5e29])[:c]  # huge finite logits
+    z[2 * q + 8 : 3 * q] *= 20  # confident: most logits more than SOFTMAX_FLOOR below the top
+    return z, torch.randint(0, c, (rows,), generator=g)
+
+
+@pytest.mark.parametrize(("c", "n_real"), [(2, 2), (10, 10), (11, 10), (1000, 1000), (1001, 1000)])
+def test_capture_steps_give_the_values_of_one_step(monkeypatch, c, n_real):
+    """On the CPU a large batch is captured in steps of WORKSPACE_VALUES logits: bit-identical to one step."""
+    z, y = _hard_logits(203, c, seed=c)
+    whole = dyn.batch_capture(z, y, n_real)
+    for values in (c, 7 * c, 64 * c):  # 1, 7 and 64 rows per step
+        monkeypatch.setattr(dyn, "WORKSPACE_VALUES", values)
+        steps = dyn.batch_capture(z, y, n_real)
+        for f in dataclasses.fields(dyn.BatchCapture):
+            a, b = getattr(whole, f.name), getattr(steps, f.name)
+            assert a.shape == (203,) and torch.equal(a.isnan(), b.isnan()), f.name
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"{f.name} with {values // c} rows per step"
+
+
+@pytest.mark.parametrize(("c", "n_real"), [(3, 3), (10, 10), (11, 10), (1000, 1000), (1001, 1000)])
+def test_capture_on_ties_infinite_and_huge_logits_matches_float64_definitions(c, n_real):
+    """Exact margins, first-index argmax ties (the target wins a tie: predicted), and float64 softmax values."""
+    import torch.nn.functional as F
+
+    z, y = _hard_logits(400, c, seed=c + 1)
+    cap = dyn.batch_capture(z, y, n_real)
+    zd = z.double()
+    rows = torch.arange(len(y))
+    zy = zd[rows, y]
+    others = zd.clone()
+    others[rows, y] = float("-inf")
+    best = others.amax(1)
+    np.testing.assert_array_equal(cap.margin, (zy - best).float())  # exact: one float32 subtraction
+    second = zd.sort(dim=1, descending=True).values[:, 1]
+    np.testing.assert_array_equal(cap.margin_yang, torch.where(zy >= best, zy - best, zy - second).float())
+    np.testing.assert_array_equal(cap.other, others[:, :n_real].argmax(1))  # torch's argmax: the first maximum
+    real = y < n_real
+    yr = y.clamp(max=n_real - 1)
+    zr = zd[:, :n_real]
+    pred_all = torch.where(zy >= best, y, zd.scatter(1, y.view(-1, 1), float("-inf")).argmax(1))
+    pred_real = torch.where(zy >= others[:, :n_real].amax(1), y, others[:, :n_real].argmax(1))
+    np.testing.assert_array_equal(cap.pred, torch.where(real, pred_real, pred_all))
+    p = torch.softmax(zd, 1)
+    pr = torch.softmax(zr, 1)
+    prob = torch.where(real, pr[rows, yr], p[rows, y])
+    el2n = torch.where(real, (pr - F.one_hot(yr, n_real).double()).norm(dim=1),
+                       (p - F.one_hot(y, c).double()).norm(dim=1))
+    loss = F.cross_entropy(zd, y, reduction="none")
+    np.testing.assert_allclose(cap.prob, prob, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(cap.el2n, el2n, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cap.loss, loss, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(cap.el2n).all() and torch.equal(torch.isinf(cap.loss), torch.isinf(zy))
 
 
 def test_yang_never_below_pleiss():
