@@ -5,8 +5,9 @@ of the batch written into the epoch's per-sample row (the run stores margins per
 is their mean, computed once at the end) vs AUMCalculator.update (compressed mode, running
 sums in Python dicts). Also shown: our full capture (``dynamics.batch_capture``: margin, Yang
 margin, p(y), pred, other, loss, EL2N) with running sums, and its cost as a multiple of the
-margin alone (target <= 3x at 1,000 classes). Each of our two sides is timed ``--repeats`` times
-in alternating order and the fastest pass over all batches is kept; times are this thread's CPU time
+margin alone (target <= 3x at 1,000 classes), and beside them the floor of any capture that gives
+p(y), loss or EL2N: one exponential of every logit, alone. Each of our three sides is timed ``--repeats`` times
+in rotating order and the fastest pass over all batches is kept; times are this thread's CPU time
 (``time.thread_time``), so run with ``--threads 1`` on a shared machine.
 Usage: python bench/aum_update.py [--repeats 5] [--threads N]
 """
@@ -19,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,7 +34,7 @@ def clock() -> float:
     return time.thread_time()
 
 
-def bench(batch: int, classes: int, steps: int, repeats: int) -> tuple[float, float, float]:
+def bench(batch: int, classes: int, steps: int, repeats: int) -> tuple[float, float, float, float]:
     from aum import AUMCalculator
 
     g = torch.Generator().manual_seed(0)
@@ -57,18 +59,27 @@ def bench(batch: int, classes: int, steps: int, repeats: int) -> tuple[float, fl
             epoch_row[ids] = pleiss_margin(logits, y)  # what the loop stores; AUM = mean of rows at the end
         return (clock() - t0) / steps
 
-    full, ours = [], []
-    for r in range(repeats):  # alternate which side goes first
-        for f, out in ((full_capture, full), (margin_only, ours)) if r % 2 else ((margin_only, ours), (full_capture, full)):
+    buf = torch.empty(batch, classes)
+
+    def one_exp() -> float:  # the floor of any capture with p(y), loss or EL2N: one exponential of every logit
+        t0 = clock()
+        for logits, _, _ in data:
+            np.exp2(logits.numpy(), out=buf.numpy())  # the fastest exp on this CPU (as in batch_capture)
+        return (clock() - t0) / steps
+
+    full, ours, exp = [], [], []
+    sides = [(margin_only, ours), (full_capture, full), (one_exp, exp)]
+    for r in range(repeats):  # rotate which side goes first
+        for f, out in sides[r % 3 :] + sides[: r % 3]:
             out.append(f())
-    full, ours = min(full), min(ours)
+    full, ours, exp = min(full), min(ours), min(exp)
     with tempfile.TemporaryDirectory() as tmp:
         calc = AUMCalculator(tmp, compressed=True)
         t0 = clock()
         for logits, y, ids in data:
             calc.update(logits, y, ids.tolist())
         ref = (clock() - t0) / steps
-    return ours, full, ref
+    return ours, full, ref, exp
 
 
 def main() -> None:
@@ -80,14 +91,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
     for batch, classes, steps in [(512, 10, 300), (1024, 1000, 100)]:
-        ours, full, ref = bench(batch, classes, steps, args.repeats)
+        ours, full, ref, exp = bench(batch, classes, steps, args.repeats)
         print(f"{batch} x {classes}: aum.AUMCalculator.update {ref * 1e6:.0f} us/batch | ours, margin + AUM sums "
               f"(like for like: margin into the epoch row) {ours * 1e6:.0f} us -> {ref / ours:.1f}x faster"
               + ("  (target >= 50x)" if classes == 10 else "")
               + f" | ours, full capture (margin, Yang, p(y), pred, other, loss, EL2N) {full * 1e6:.0f} us -> "
               f"{ref / full:.1f}x faster than aum; full / margin alone = {full / ours:.2f}"
-              + ("  (target <= 3)" if classes == 1000 else ""))
-
+              + ("  (target <= 3)" if classes == 1000 else "")
+              + f" | floor: one exp2 of every logit alone {exp * 1e6:.0f} us = {exp / ours:.2f} x margin")
 
 if __name__ == "__main__":
     main()

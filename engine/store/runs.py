@@ -383,12 +383,26 @@ class DynamicsWriter:
                 self.arrays[name] = arr
 
     def write_epoch(self, epoch: int, values: dict[str, np.ndarray]) -> None:
+        """Write row ``epoch`` of every array and wait until it is on disk."""
         for name, arr in self.arrays.items():
             if self.columns is None:
                 arr[epoch] = values[name]
             else:
                 arr[epoch, self.columns] = values[name]
-            arr.flush()
+        for arr in self.arrays.values():
+            _sync_file(arr.filename)
+
+
+def _sync_file(path: str | os.PathLike) -> None:
+    """``fdatasync`` a file (its size never changes), writing its pages dirtied through a shared memory map too
+    (Linux: ``msync(MS_SYNC)`` is an fsync of the range). Unlike ``np.memmap.flush`` (``mmap.flush``, which holds
+    the GIL during the msync), it releases the GIL, so a background writer (``Recorder``) does not stop the
+    training thread while the disk syncs."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        getattr(os, "fdatasync", os.fsync)(fd)
+    finally:
+        os.close(fd)
 
 
 def resume_command(run: Run, world_size: int) -> str:
