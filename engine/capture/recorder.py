@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from engine.capture.dynamics import CHUNK_VALUES, batch_capture
 from engine.store.runs import (
     DYNAMICS,
     DynamicsWriter,
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
 FLOAT_NAMES = [k for k, dt in DYNAMICS.items() if np.issubdtype(dt, np.floating)]
 INT_NAMES = [k for k in DYNAMICS if k not in FLOAT_NAMES]
 CAPTURED = FLOAT_NAMES + INT_NAMES
-CHUNK_VALUES = 1 << 22  # logits kept (4M values, 16 MB in float32) before they are captured in one call
 
 
 def threshold_targets(labels: Any, n_classes: int, pass_index: int, seed: int = 0) -> Any:
@@ -292,8 +292,6 @@ class Recorder:
         """``batch_capture`` on the batches kept since the last call, as one block (its cost per call is mostly
         fixed for small class counts: one call per chunk instead of per batch), scattered into the buffer."""
         import torch
-
-        from engine.capture.dynamics import batch_capture
 
         if not self._chunk:
             return

@@ -1,7 +1,7 @@
 """The training loop, capturing per-sample dynamics from its own forward pass.
 
-Every batch's logits go through ``dynamics.batch_capture`` and are scattered into
-device-resident buffers of length N; at the end of an epoch the buffers are copied to the host
+Every batch's logits go through ``dynamics.batch_capture`` (a few batches per call) and are scattered
+into device-resident buffers of length N; at the end of an epoch the buffers are copied to the host
 once and written as one row of the run's ``(epochs, samples)`` arrays.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.capture.dynamics import batch_capture
+from engine.capture.dynamics import CHUNK_VALUES, batch_capture
 from engine.data.pipeline import DeviceImages, StreamImages, normalize
 from engine.store.runs import DYNAMICS, DynamicsWriter, atomic_write_bytes
 from engine.training.config import AuditConfig
@@ -131,7 +131,7 @@ def train_pass(
     targets_host = targets.cpu().numpy()
     if start_epoch > 0 and checkpoint is not None:
         sat_targets = _restore(checkpoint, start_epoch, model, opt, sat_targets, device, correction)
-    buffers = _CaptureBuffers(n, device, distributed=size > 1)
+    buffers = _CaptureBuffers(n, device, n_real, distributed=size > 1)
     real = targets < n_real
     max_shift = max(1, source.side // 8) if cfg.augment else 0
     use_cuda = device.type == "cuda"
@@ -165,7 +165,7 @@ def train_pass(
             loss.backward()
             opt.step()
             if capture:  # padded repeats of DistributedSampler are trained, not captured
-                buffers.add(idx, batch_capture(logits, y, n_real), None if keep_all is None else keep_all[sl])
+                buffers.add(idx, logits, y, None if keep_all is None else keep_all[sl])
         if not capture:
             continue
         host = buffers.gather()
@@ -225,24 +225,44 @@ def _restore(checkpoint: Path, start_epoch: int, model: torch.nn.Module, opt: to
 class _CaptureBuffers:
     """Device buffers of length N for one epoch's captured values, copied to the host once per epoch.
 
+    A batch's logits are kept (not copied) and captured with the next ones in one ``batch_capture`` call of up
+    to ``CHUNK_VALUES`` logits (its cost per call is mostly fixed for few classes; the values of a sample do not
+    depend on which others share its call), at the latest when the epoch's values are gathered.
     Under torchrun every rank holds its own samples' values and zeros elsewhere; ``gather`` sums them
     across ranks and checks that every sample was captured exactly once.
     """
 
-    def __init__(self, n: int, device: torch.device, distributed: bool):
+    def __init__(self, n: int, device: torch.device, n_real: int, distributed: bool):
         self.float_names = [k for k, dt in DYNAMICS.items() if np.issubdtype(dt, np.floating)]
         self.int_names = [k for k in DYNAMICS if k not in self.float_names]
+        self.n_real = n_real
         self.fbuf = torch.zeros((len(self.float_names), n), dtype=torch.float32, device=device)
         self.ibuf = torch.zeros((len(self.int_names), n), dtype=torch.int64, device=device)
         self.count = torch.zeros(n, dtype=torch.int32, device=device) if distributed else None
+        self.pending: list[tuple] = []  # (idx, logits, targets, keep) of batches not captured yet
+        self.pending_values = 0
 
     def zero(self) -> None:
+        self.pending, self.pending_values = [], 0
         for t in (self.fbuf, self.ibuf, self.count):
             if t is not None:
                 t.zero_()
 
-    def add(self, idx: torch.Tensor, capture, keep: torch.Tensor | None) -> None:
-        c = vars(capture)
+    def add(self, idx: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, keep: torch.Tensor | None) -> None:
+        self.pending.append((idx, logits.detach(), y, keep))
+        self.pending_values += logits.numel()
+        if self.pending_values >= CHUNK_VALUES:
+            self.capture()
+
+    def capture(self) -> None:
+        """``batch_capture`` of the kept batches in one call, scattered into the buffers."""
+        if not self.pending:
+            return
+        idx, logits, y, keep = zip(*self.pending, strict=True)
+        self.pending, self.pending_values = [], 0
+        idx, logits, y = (torch.cat(p) if len(p) > 1 else p[0] for p in (idx, logits, y))
+        keep = None if keep[0] is None else torch.cat(keep)
+        c = vars(batch_capture(logits, y, self.n_real))
         fvals = torch.stack([c[k] for k in self.float_names])
         ivals = torch.stack([c[k] for k in self.int_names])
         if keep is not None:
@@ -252,6 +272,7 @@ class _CaptureBuffers:
         self.ibuf[:, idx] = ivals
 
     def gather(self) -> dict[str, np.ndarray]:
+        self.capture()
         if self.count is not None:  # one sum gathers every rank's samples
             import torch.distributed as dist
 
