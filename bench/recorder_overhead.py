@@ -4,8 +4,10 @@ The loop is a plain PyTorch loop (not ours): a small CNN on the digits (or rando
 ``--classes`` classes), SGD, batches of 64. Same model init, data and batch order on both sides;
 runs alternate in ABBA order so drift hits both alike, and the median epoch time is compared: wall
 time, and the CPU time of the process (all threads; insensitive to other processes on a shared machine).
-The Recorder side includes writing (and flushing) each epoch's row of the memory-mapped arrays and the
-status, the last epoch's included.
+The Recorder side includes writing (and syncing) each epoch's row of the memory-mapped arrays and the
+status, the last epoch's included. Last, one more Recorder run times the Recorder's own methods
+(``update`` and ``end_epoch`` in the loop's thread, the row writer in its background thread) with each
+thread's CPU clock: its share of the epoch, measured directly rather than as a difference of two times.
 Usage: python bench/recorder_overhead.py [--epochs 5] [--repeats 4] [--classes 10] [--device auto] [--threads N]
 """
 
@@ -68,6 +70,27 @@ def epoch_seconds(x: torch.Tensor, y: torch.Tensor, classes: int, epochs: int, r
     return (time.perf_counter() - t0) / epochs, (time.process_time() - c0) / epochs
 
 
+def recorder_cpu(x: torch.Tensor, y: torch.Tensor, classes: int, epochs: int, rec: Recorder) -> dict[str, float]:
+    """The Recorder's own CPU seconds per epoch, by method and thread (one more run, its methods timed with
+    ``time.thread_time``: robust to other processes, unlike the difference of two epoch times)."""
+    spent = {"update": 0.0, "end_epoch": 0.0, "writer thread": 0.0}
+
+    def timed(name: str, f):
+        def g(*args, **kwargs):
+            t0 = time.thread_time()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                spent[name] += time.thread_time() - t0
+        return g
+
+    rec.update = timed("update", rec.update)
+    rec.end_epoch = timed("end_epoch", rec.end_epoch)
+    rec._write_epoch = timed("writer thread", rec._write_epoch)
+    epoch_seconds(x, y, classes, epochs, rec)
+    return {k: v / epochs for k, v in spent.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=5)
@@ -89,6 +112,7 @@ def main() -> None:
             for with_rec in ((False, True) if r % 2 == 0 else (True, False)):
                 rec = Recorder(tmp, ids, y.cpu().numpy(), classes, args.epochs) if with_rec else None
                 times["recorder" if with_rec else "plain"].append(epoch_seconds(x, y, args.classes, args.epochs, rec))
+        own = recorder_cpu(x, y, args.classes, args.epochs, Recorder(tmp, ids, y.cpu().numpy(), classes, args.epochs))
     plain, recd = np.median(times["plain"], axis=0), np.median(times["recorder"], axis=0)
     print(f"machine: {machine()}, device {device}")
     print(f"user loop: {len(y)} samples, {args.classes} classes, {args.epochs} epochs x {args.repeats} repeats")
@@ -96,6 +120,9 @@ def main() -> None:
           f"ratio {recd[0] / plain[0]:.3f}  (target <= 1.05)")
     print(f"epoch CPU time   plain {plain[1] * 1000:.1f} ms   with Recorder {recd[1] * 1000:.1f} ms   "
           f"ratio {recd[1] / plain[1]:.3f}")
+    total = sum(own.values())
+    print("the Recorder's own CPU time per epoch: " + ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in own.items())
+          + f"; total {total * 1000:.2f} ms = {total / plain[1]:.3f} of the plain epoch's CPU time")
 
 if __name__ == "__main__":
     main()
