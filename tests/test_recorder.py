@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -219,3 +221,34 @@ def test_doctests_of_the_recorder():
 
     result = doctest.testmod(engine.capture.recorder, raise_on_error=True)
     assert result.attempted >= 8 and result.failed == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_dynamics_rows_sync_in_a_forked_child(tmp_path):
+    """The run store syncs a run's arrays from a thread pool; a child forked after the pool started must not wait
+    on the parent's threads (which do not exist in the child) forever."""
+    import signal
+
+    from engine.store import runs
+
+    path = tmp_path / "a.npy"
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(2, 3))
+    arr[0] = 1.0
+    runs._sync_files([path])  # the pool exists in the parent
+    pid = os.fork()
+    if pid == 0:  # the child: sync and leave at once (no pytest teardown)
+        arr[1] = 2.0
+        runs._sync_files([path])
+        os._exit(0)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung syncing the dynamics files")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert np.load(path)[1].tolist() == [2.0, 2.0, 2.0]

@@ -409,6 +409,16 @@ def _sync_files(paths: list) -> None:
     list(_sync_pool.map(_sync_file, paths))
 
 
+def _forget_sync_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool there when one is needed."""
+    global _sync_pool, _sync_pool_lock
+    _sync_pool, _sync_pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_sync_pool)
+
+
 def _sync_file(path: str | os.PathLike) -> None:
     """``fdatasync`` a file (its size never changes), writing its pages dirtied through a shared memory map too
     (Linux: ``msync(MS_SYNC)`` is an fsync of the range). Unlike ``np.memmap.flush`` (``mmap.flush``, which holds
