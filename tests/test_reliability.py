@@ -187,7 +187,9 @@ def test_checkpoints_load_with_weights_only(small_run):
     import torch
 
     state = torch.load(small_run.path / "checkpoints" / "pass0.pt", weights_only=True)
-    assert set(state) == {"model", "optimizer", "epoch"}
+    # the forward correction's state (engine.training.correction) rides along as plain tensors
+    assert set(state) == {"model", "optimizer", "epoch", "correction_last", "correction_streak", "correction_matrix"}
+    assert all(isinstance(state[k], torch.Tensor) for k in ("correction_last", "correction_streak", "correction_matrix"))
 
 
 def test_unwritable_runs_folder_is_a_clear_error(tmp_path):

@@ -119,32 +119,61 @@ def train_pass(
     from that epoch the loss is ``-log (softmax(z) @ T)[y]``, ``T`` estimated from the pass's own
     captured predictions just before (``engine.training.correction``; none without capture).
     """
-    from engine.training.distributed import shard, world
+    from engine.training.distributed import world
 
-    device, n, mean, std = source.device, source.n, source.mean, source.std
     rank, size = world()
-    model, net, opt = _new_model(cfg, source, n_outputs, pass_idx, size)
-    sat_targets = F.one_hot(targets, n_outputs).float() if cfg.sat == "paper" else None
     if cfg.sat == "paper" and size > 1:
         raise ValueError("self-adaptive training (paper form) keeps per-sample targets: run it in one process")
-    correction = ForwardCorrection(cfg, n_outputs, n_real, device)
-    targets_host = targets.cpu().numpy()
+    run = _Pass(cfg, source, targets, n_outputs, n_real, pass_idx, rank, size)
     if start_epoch > 0 and checkpoint is not None:
-        sat_targets = _restore(checkpoint, start_epoch, model, opt, sat_targets, device, correction)
-    buffers = _CaptureBuffers(n, device, n_real, distributed=size > 1)
-    real = targets < n_real
-    max_shift = max(1, source.side // 8) if cfg.augment else 0
-    use_cuda = device.type == "cuda"
+        run.sat_targets = _restore(checkpoint, start_epoch, run.model, run.opt, run.sat_targets, source.device,
+                                   run.correction)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        model.train()
-        gen = epoch_generator(cfg.seed, pass_idx, epoch)
-        perm = torch.randperm(n, generator=gen)
-        keep_all = None
-        if size > 1:
-            mine, keep = shard(perm.numpy(), rank, size)
-            perm, keep_all = torch.from_numpy(mine), torch.from_numpy(keep).to(device)
-            buffers.zero()
+        run.train_epoch(epoch, capture, cancel)
+        if capture:  # a pass without capture (k-fold scores) keeps no per-epoch record
+            run.finish_epoch(epoch, writer, checkpoint, on_epoch, t0)
+    if sat_out is not None and run.sat_targets is not None:
+        sat_out["targets"] = run.sat_targets.cpu().numpy()
+    return run.model
+
+
+class _Pass:
+    """The state of one training pass and its two steps per epoch: ``train_epoch`` (SGD over a seeded order,
+    logits kept for capture) and ``finish_epoch`` (capture gathered, dynamics written, checkpoint, progress)."""
+
+    def __init__(self, cfg: AuditConfig, source: ImageSource, targets: torch.Tensor, n_outputs: int, n_real: int,
+                 pass_idx: int, rank: int, size: int):
+        self.cfg, self.source, self.targets, self.n_outputs = cfg, source, targets, n_outputs
+        self.pass_idx, self.rank, self.size = pass_idx, rank, size
+        self.model, self.net, self.opt = _new_model(cfg, source, n_outputs, pass_idx, size)
+        self.sat_targets = F.one_hot(targets, n_outputs).float() if cfg.sat == "paper" else None
+        self.correction = ForwardCorrection(cfg, n_outputs, n_real, source.device)
+        self.buffers = _CaptureBuffers(source.n, source.device, n_real, distributed=size > 1)
+        self.targets_host = targets.cpu().numpy()
+        self.real_host = (targets < n_real).cpu().numpy()
+        self.max_shift = max(1, source.side // 8) if cfg.augment else 0
+
+    def epoch_order(self, epoch: int) -> tuple[torch.Generator, torch.Tensor, torch.Tensor | None]:
+        """This epoch's sample order, seeded by (seed, pass, epoch) so a resumed run repeats it; under DDP this
+        rank's share and which of its rows are captured (DistributedSampler pads with repeats)."""
+        from engine.training.distributed import shard
+
+        gen = epoch_generator(self.cfg.seed, self.pass_idx, epoch)
+        perm = torch.randperm(self.source.n, generator=gen)
+        keep = None
+        if self.size > 1:
+            mine, kept = shard(perm.numpy(), self.rank, self.size)
+            perm, keep = torch.from_numpy(mine), torch.from_numpy(kept).to(self.source.device)
+            self.buffers.zero()
+        return gen, perm, keep
+
+    def train_epoch(self, epoch: int, capture: bool, cancel: threading.Event | None) -> None:
+        """One epoch of SGD; raises ``Cancelled`` at the first batch after ``cancel`` is set."""
+        cfg, source, device = self.cfg, self.source, self.source.device
+        use_cuda = device.type == "cuda"
+        self.model.train()
+        gen, perm, keep = self.epoch_order(epoch)
         slices = batch_slices(len(perm), cfg.batch_size)
         batches = source.batches(perm.numpy(), slices)
         perm = perm.to(device)
@@ -152,42 +181,37 @@ def train_pass(
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
             idx = perm[sl]
-            x = random_shift(normalize(xb, mean, std), max_shift, gen)
+            x = random_shift(normalize(xb, source.mean, source.std), self.max_shift, gen)
             if use_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = targets[idx]
+            y = self.targets[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-                logits = net(x)
-            loss = correction.loss(logits.float(), y)
+                logits = self.net(x)
+            loss = self.correction.loss(logits.float(), y)
             if loss is None:
-                loss = _loss(cfg, logits.float(), y, idx, epoch, sat_targets, n_outputs)
-            opt.zero_grad(set_to_none=True)
+                loss = _loss(cfg, logits.float(), y, idx, epoch, self.sat_targets, self.n_outputs)
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            self.opt.step()
             if capture:  # padded repeats of DistributedSampler are trained, not captured
-                buffers.add(idx, logits, y, None if keep_all is None else keep_all[sl])
-        if not capture:
-            continue
-        host = buffers.gather()
-        correction.end_epoch(epoch, host["pred"], targets_host)
+                self.buffers.add(idx, logits, y, None if keep is None else keep[sl])
+
+    def finish_epoch(self, epoch: int, writer: DynamicsWriter | None, checkpoint: Path | None,
+                     on_epoch: Callable[[EpochResult], None] | None, t0: float) -> None:
+        """Gather the epoch's captured values, update the forward correction, write the dynamics row, save the
+        checkpoint (rank 0) and report progress (the epoch's seconds count from ``t0``, writing included)."""
+        host = self.buffers.gather()
+        self.correction.end_epoch(epoch, host["pred"], self.targets_host)
         if writer is not None:
             writer.write_epoch(epoch, {k: v.astype(DYNAMICS[k], copy=False) for k, v in host.items()})
-        if checkpoint is not None and rank == 0:
-            save_checkpoint(checkpoint, model, opt, epoch, sat_targets, extra=correction.state())
-        if on_epoch is not None:
-            r = real.cpu().numpy()
-            on_epoch(
-                EpochResult(
-                    pass_idx=pass_idx,
-                    epoch=epoch,
-                    loss=float(host["loss"].mean()),
-                    accuracy=float((host["pred"][r] == targets.cpu().numpy()[r]).mean()) if r.any() else float("nan"),
-                    seconds=time.perf_counter() - t0,
-                )
-            )
-    if sat_out is not None and sat_targets is not None:
-        sat_out["targets"] = sat_targets.cpu().numpy()
-    return model
+        if checkpoint is not None and self.rank == 0:
+            save_checkpoint(checkpoint, self.model, self.opt, epoch, self.sat_targets, extra=self.correction.state())
+        if on_epoch is None:
+            return
+        r = self.real_host
+        accuracy = float((host["pred"][r] == self.targets_host[r]).mean()) if r.any() else float("nan")
+        on_epoch(EpochResult(pass_idx=self.pass_idx, epoch=epoch, loss=float(host["loss"].mean()), accuracy=accuracy,
+                             seconds=time.perf_counter() - t0))
 
 
 def _new_model(cfg: AuditConfig, source: ImageSource, n_outputs: int, pass_idx: int, world_size: int):
