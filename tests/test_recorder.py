@@ -252,3 +252,34 @@ def test_dynamics_rows_sync_in_a_forked_child(tmp_path):
         pytest.fail("the forked child hung syncing the dynamics files")
     assert os.waitstatus_to_exitcode(status) == 0
     assert np.load(path)[1].tolist() == [2.0, 2.0, 2.0]
+
+
+def test_rows_are_counted_in_the_status_at_the_sync_interval_and_at_sync(tmp_path, monkeypatch):
+    """Short epochs are made durable (and counted in status.json) every SYNC_SECONDS, not after each epoch;
+    ``sync()`` and the last epoch always count every row written."""
+    import engine.capture.recorder as recorder
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    monkeypatch.setattr(recorder, "SYNC_SECONDS", 3600.0)
+    rec = Recorder(tmp_path / "runs", ["a", "b", "c"], [0, 1, 0], ["x", "y"], 3)
+    for _ in range(2):
+        rec.update([0, 1, 2], logits, [0, 1, 0])
+        rec.end_epoch()
+    rec._wait()
+    st = rec.run.raw_status()
+    assert st["epochs_done"] == [0] and st["history"] == []  # written, not yet synced: not counted
+    rec.sync()
+    st = rec.run.raw_status()
+    assert st["epochs_done"] == [2] and [h["epoch"] for h in st["history"]] == [0, 1]
+    assert np.isfinite(np.load(rec.run.dynamics_path(0, "margin"))[:2]).all()
+    rec.update([0, 1, 2], logits, [0, 1, 0])
+    rec.end_epoch()  # the last epoch: synced and counted without sync()
+    rec._wait()
+    assert rec.run.raw_status()["epochs_done"] == [3]
+
+    monkeypatch.setattr(recorder, "SYNC_SECONDS", 0.0)  # epochs longer than the interval: counted each epoch
+    rec = Recorder(tmp_path / "runs2", ["a", "b", "c"], [0, 1, 0], ["x", "y"], 3)
+    rec.update([0, 1, 2], logits, [0, 1, 0])
+    rec.end_epoch()
+    rec._wait()
+    assert rec.run.raw_status()["epochs_done"] == [1]

@@ -384,13 +384,18 @@ class DynamicsWriter:
                 arr[:] = np.nan if np.issubdtype(dtype, np.floating) else -1
                 self.arrays[name] = arr
 
-    def write_epoch(self, epoch: int, values: dict[str, np.ndarray]) -> None:
-        """Write row ``epoch`` of every array and wait until it is on disk."""
+    def write_epoch(self, epoch: int, values: dict[str, np.ndarray], sync: bool = True) -> None:
+        """Write row ``epoch`` of every array and (``sync``) wait until it is on disk."""
         for name, arr in self.arrays.items():
             if self.columns is None:
                 arr[epoch] = values[name]
             else:
                 arr[epoch, self.columns] = values[name]
+        if sync:
+            self.sync()
+
+    def sync(self) -> None:
+        """Wait until every row written so far is on disk."""
         _sync_files([arr.filename for arr in self.arrays.values()])
 
 
