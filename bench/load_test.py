@@ -4,7 +4,8 @@
 
 Trains a small real run (digits, 10% noise, 3 epochs), starts `streamlit run app.py` on a free port,
 and drives N headless Chromium sessions (one process each) on the Flagged page: each clicks a decision
-button of a random card, waits until the app is idle again, and counts its clicks. Meanwhile
+button of a random card, waits until the script run the click caused has started and ended (the app's
+`data-test-script-state`), and counts its clicks. Meanwhile
 `python -m engine export RUN --decisions` is launched every second (at most IN_FLIGHT at once) and every export is
 parsed. At the end it checks, and prints:
 - every click is one row of the review history (no decision lost, none doubled);
@@ -34,6 +35,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 CHROMIUM = "/usr/bin/chromium"
 IN_FLIGHT = 5  # exports running at once at most (each takes seconds on a loaded 2-core machine)
+WATCH = """() => {  // window.__ran becomes true when a script run starts after this point
+  window.__ran = false;
+  if (window.__watching) return;
+  window.__watching = true;
+  const app = document.querySelector('[data-testid="stApp"]');
+  new MutationObserver(() => {
+    if (app.getAttribute('data-test-script-state') === 'running') window.__ran = true;
+  }).observe(app, {attributes: true});
+}"""
+SCRIPT_DONE = """() => {
+  const app = document.querySelector('[data-testid="stApp"]');
+  return !!app && window.__ran && app.getAttribute('data-test-script-state') === 'notRunning';
+}"""
 BUTTONS = ("cor", "rem", "uns", "mis")  # a card's Keep / Remove / Unsure / Relabel button: key f"{prefix}-{row}"
 
 
@@ -64,17 +78,16 @@ def _session(url: str, seconds: float, seed: int, out: multiprocessing.Queue) ->
             if n == 0:
                 page.wait_for_timeout(200)
                 continue
+            page.evaluate(WATCH)
             try:
                 buttons.nth(rng.randrange(n)).click(timeout=5_000)
             except PlaywrightTimeout:  # the page changed under the pointer (a rerun): nothing was clicked
                 continue
             clicks += 1
-            status = page.get_by_test_id("stStatusWidget")
-            try:  # the rerun this click caused starts (two clicks of one button before it would count once) ...
-                status.wait_for(state="visible", timeout=10_000)  # slow to start on a loaded machine
+            try:  # the script run this click caused starts and ends (a fast fragment rerun included)
+                page.wait_for_function(SCRIPT_DONE, timeout=60_000, polling=10)
             except PlaywrightTimeout:
-                pass  # ... or it was over before we looked
-            status.wait_for(state="hidden", timeout=60_000)
+                pass  # counted anyway: a lost click shows as clicks > rows
             exceptions = max(exceptions, page.get_by_test_id("stException").count())
             refused += sum("not saved" in t for t in page.get_by_test_id("stToast").all_inner_texts())
         browser.close()
