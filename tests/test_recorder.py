@@ -283,3 +283,20 @@ def test_rows_are_counted_in_the_status_at_the_sync_interval_and_at_sync(tmp_pat
     rec.end_epoch()
     rec._wait()
     assert rec.run.raw_status()["epochs_done"] == [1]
+
+
+def test_targets_must_be_the_labels_or_the_fake_class_and_stay_the_same(tmp_path):
+    logits = torch.zeros(3, 3)
+    rec = Recorder(tmp_path / "runs", ["a", "b", "c"], [0, 1, 0], ["x", "y"], 3)
+    rec.update([0, 1, 2], logits, [0, 2, 0])  # b is a threshold sample (fake class 2)
+    rec.end_epoch()
+    rec.update([0, 1, 2], logits, [0, 2, 0])  # the same targets again: fine
+    rec.end_epoch()
+    rec.update([0, 1, 2], logits, [2, 1, 0])  # a became a threshold sample, b got its label back
+    with pytest.raises(ConfigError, match="changed target between epochs"):
+        rec.end_epoch()
+
+    rec = Recorder(tmp_path / "runs2", ["a", "b", "c"], [0, 1, 0], ["x", "y"], 3)
+    rec.update([0, 1, 2], logits, [0, 0, 0])  # b trained on a class that is neither its label nor the fake one
+    with pytest.raises(ConfigError, match="sample 1 was trained on target 0 but its label is 1"):
+        rec.end_epoch()
