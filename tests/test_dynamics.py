@@ -85,12 +85,12 @@ def test_capture_steps_give_the_values_of_one_step(monkeypatch, c, n_real):
             assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"{f.name} with {values // c} rows per step"
 
 
-@pytest.mark.parametrize(("c", "n_real"), [(3, 3), (10, 10), (11, 10), (1000, 1000), (1001, 1000)])
-def test_capture_on_ties_infinite_and_huge_logits_matches_float64_definitions(c, n_real):
-    """Exact margins, first-index argmax ties (the target wins a tie: predicted), and float64 softmax values."""
+def _assert_matches_float64_definitions(z: torch.Tensor, y: torch.Tensor, n_real: int) -> None:
+    """batch_capture against the definitions in float64: exact margins, first-index argmax ties (the target wins
+    a tie: predicted), softmax values to float32 precision."""
     import torch.nn.functional as F
 
-    z, y = _hard_logits(400, c, seed=c + 1)
+    c = z.shape[1]
     cap = dyn.batch_capture(z, y, n_real)
     zd = z.double()
     rows = torch.arange(len(y))
@@ -118,6 +118,50 @@ def test_capture_on_ties_infinite_and_huge_logits_matches_float64_definitions(c,
     np.testing.assert_allclose(cap.el2n, el2n, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cap.loss, loss, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(cap.el2n).all() and torch.equal(torch.isinf(cap.loss), torch.isinf(zy))
+
+
+@pytest.mark.parametrize(("c", "n_real"), [(3, 3), (10, 10), (11, 10), (1000, 1000), (1001, 1000)])
+def test_capture_on_ties_infinite_and_huge_logits_matches_float64_definitions(c, n_real):
+    """Exact margins, first-index argmax ties (the target wins a tie: predicted), and float64 softmax values."""
+    z, y = _hard_logits(400, c, seed=c + 1)
+    _assert_matches_float64_definitions(z, y, n_real)
+
+
+def _below(v: float) -> float:
+    """The float32 just below ``v``."""
+    return float(np.nextafter(np.float32(v), np.float32(-np.inf)))
+
+
+@pytest.mark.parametrize(("c", "n_real"), [(6, 6), (7, 6)])
+def test_runner_up_below_the_softmax_floor_or_lost_in_a_shift_is_exact(c, n_real):
+    """The CPU capture finds the runner-up on a copy of the logits floored at top - SOFTMAX_FLOOR: a row whose
+    other logits all lie at or below the floor is redone from the logits (ties among them go to the first
+    index), and logits that round to the same value once the top is subtracted still keep their order."""
+    inf = float("inf")
+    rows = [
+        [100.0, 5.0, 7.0, 7.0, 3.0, -inf],  # every other logit floored to 70: the runner-up is the first 7
+        [40.0, 5.0, 10.0, 10.0, 2.0, 1.0],  # 10 is exactly the floor, 5 before it is floored up to it
+        [1e30, 1.0, 2.0, 2.0, -1e30, 0.0],  # 1e30 - 30 rounds to 1e30: the floor is the float below
+        [-1e30, -3e30, -2e30, -2e30, -inf, -4e30],  # the same below zero
+        [10.0, 0.5, _below(0.5), float(np.nextafter(np.float32(0.5), np.float32(1))), 0.25, -1.0],  # z - 10 ties
+        [0.0, -inf, -inf, -inf, -inf, -inf],  # one finite logit
+        [3.0, 3.0, -40.0, 3.0, -50.0, 2.0],  # a tie at the top
+    ]
+    z = torch.tensor(rows, dtype=torch.float32)
+    z = torch.cat([z, torch.full((len(rows), c - 6), -80.0)], dim=1)  # a fake class far below, in a threshold pass
+    for target in range(c):
+        _assert_matches_float64_definitions(z, torch.full((len(rows),), target), n_real)
+    cap = dyn.batch_capture(z, torch.zeros(len(rows), dtype=torch.long), n_real)
+    assert cap.other.tolist() == [2, 2, 2, 2, 3, 0, 1]
+
+
+def test_infinite_top_logit_gives_the_limits():
+    """A +inf logit takes all the mass: p(y) = 0, an infinite loss and EL2N = sqrt(2) for any other target."""
+    z = torch.tensor([[1.0, float("inf"), 2.0, 2.0], [float("inf"), -1.0, float("-inf"), 0.0]])
+    cap = dyn.batch_capture(z, torch.tensor([2, 3]))
+    assert cap.prob.tolist() == [0.0, 0.0] and cap.loss.tolist() == [float("inf")] * 2
+    assert cap.margin.tolist() == [float("-inf")] * 2 and cap.pred.tolist() == [1, 0] and cap.other.tolist() == [1, 0]
+    np.testing.assert_allclose(cap.el2n, [2**0.5] * 2, rtol=1e-6)
 
 
 def test_yang_never_below_pleiss():

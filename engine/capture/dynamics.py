@@ -125,25 +125,112 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
     return BatchCapture(**{f.name: torch.cat([getattr(s, f.name) for s in steps]) for f in fields(BatchCapture)})
 
 
+def _floor_below(v1: np.ndarray) -> np.ndarray:
+    """Per row, the largest float32 at or below ``v1 - SOFTMAX_FLOOR`` (``-inf`` where ``v1`` is not finite).
+
+    ``v1 - 30`` rounds to ``v1`` itself for ``|v1| > 2^29``: the float below is taken, so the floor is always below
+    the top and the floored copy never raises a logit to the top's value.
+    """
+    lo = v1 - np.float32(SOFTMAX_FLOOR)
+    with np.errstate(invalid="ignore"):  # inf - inf: an infinite top has no floor
+        high = v1.astype(np.float64) - lo.astype(np.float64) < SOFTMAX_FLOOR  # exact: both are float32
+    lo = np.where(high, np.nextafter(lo, np.float32(-np.inf)), lo)
+    return np.where(np.isfinite(lo), lo, np.float32(-np.inf))
+
+
+def _top2_softmax_cpu(z: torch.Tensor, y: torch.Tensor, n_real: int) -> tuple[torch.Tensor, ...]:
+    """The CPU passes of ``_capture`` over the real logits ``z[:, :n_real]``, in numpy (vectorised).
+
+    Returns ``i1, v1`` (first maximum), ``i2, v2`` (first maximum of the others), ``rest = sum_{k != i1} e_k`` and
+    ``norm``, with ``e_k = exp(max(z_k, lo) - v1)`` and ``lo`` the floor (``_floor_below``): ``norm`` is
+    ``||e_k||`` over the real ``k != y`` for a real target, over every real ``k`` for a threshold sample.
+
+    Passes over the logits: ``argmax`` (the one read of the batch from memory), the floored copy into the
+    workspace (``maximum(z, lo)``: exact above the floor), ``argmax`` of the copy with the top masked (exact
+    whenever the runner-up is above the floor; a row whose other logits are all at or below it is redone from
+    the logits), shift, ``exp`` (the masked top gives 0), row sum and row sum of squares.
+    """
+    import torch
+
+    xt = z[:, :n_real]
+    x = xt.numpy()
+    b, n = x.shape
+    rows = np.arange(b)
+    i1 = x.argmax(axis=1)
+    v1 = x[rows, i1]
+    lo = _floor_below(v1)
+    work_t = _workspace(b, n)
+    work = work_t.numpy()
+    flat = work.reshape(-1)
+    top = rows * n + i1  # the top of each row in the workspace, flat
+    torch.maximum(xt, torch.from_numpy(lo).view(-1, 1), out=work_t)  # numpy's maximum is 2x slower (NaN checks)
+    flat[top] = -np.inf
+    i2 = work.argmax(axis=1)
+    redo = np.flatnonzero(flat[rows * n + i2] <= lo)  # the runner-up is floored: the copy cannot order the others
+    if redo.size:
+        xs = x[redo]
+        xs[np.arange(redo.size), i1[redo]] = -np.inf
+        i2[redo] = xs.argmax(axis=1)
+    v2 = np.where(i2 == i1, np.float32(-np.inf), x[rows, i2])  # a row of one finite logit: the top, masked
+    flat[top] = v1  # no -inf in the exponential: numpy's exp2 takes a slower path on a vector holding one
+    # e_k = 2^((z_k - v1) log2 e): torch's sub_ of a column is 3x faster than numpy's, numpy's exp2 4x torch's exp_
+    work_t.sub_(torch.from_numpy(v1).view(-1, 1)).mul_(LOG2E)
+    np.exp2(work, out=work)
+    flat[top] = 0.0
+    rest = work_t.sum(dim=1)  # sum_{k != i1} e_k; torch's row sum is 4x numpy's (pairwise) here
+    sq = _row_dot(work)  # sum_{k != i1} e_k^2
+    yn = y.numpy()
+    real = yn < n
+    yr = np.minimum(yn, n - 1)
+    e_y = flat[rows * n + yr]
+    # sum of e_k^2 over the real k != y: with the top's e = 1 added back when y is not the top
+    sq = np.where(real & (yr == i1), sq, np.where(real, sq + (1 - e_y * e_y), sq + 1))
+    return (*(torch.from_numpy(a) for a in (i1, v1, i2, v2)), rest, torch.from_numpy(np.sqrt(sq)))
+
+
+def _row_dot(a: np.ndarray) -> np.ndarray:
+    """``sum_k a_k^2`` of each row: numpy's ``vecdot`` (BLAS dot, numpy >= 2) is 3.5x ``einsum`` here."""
+    if hasattr(np, "vecdot"):
+        return np.vecdot(a, a)
+    return np.einsum("ij,ij->i", a, a)
+
+
+def _top2_softmax_torch(z: torch.Tensor, y: torch.Tensor, n_real: int) -> tuple[torch.Tensor, ...]:
+    """``_top2_softmax_cpu`` in torch ops on the model's device (a GPU): no floor, a fresh copy."""
+    import torch
+
+    b = z.shape[0]
+    x = z[:, :n_real]
+    work = torch.empty((b, n_real), device=z.device)
+    work.copy_(x)
+    i1 = work.argmax(dim=1).view(-1, 1)
+    v1 = work.gather(1, i1)
+    work.scatter_(1, i1, float("-inf"))
+    i2 = work.argmax(dim=1).view(-1, 1)
+    v2 = work.gather(1, i2)
+    work.scatter_(1, i1, v1)
+    e = work.sub_(v1).exp_()
+    e_top = e.gather(1, i1)  # 1
+    rest = e.scatter_(1, i1, 0.0).sum(dim=1)
+    e.scatter_(1, i1, e_top)
+    yr = y.clamp(max=n_real - 1).view(-1, 1)
+    real = (y < n_real).view(-1, 1)
+    norm = torch.linalg.vector_norm(e.scatter_(1, yr, torch.where(real, 0.0, e.gather(1, yr))), dim=1)
+    return i1.squeeze(1), v1.squeeze(1), i2.squeeze(1), v2.squeeze(1), rest, norm
+
+
 def _capture(z: torch.Tensor, y: torch.Tensor, n_real: int) -> BatchCapture:
     """``batch_capture`` of float32 logits ``z`` (B, C) and targets ``y`` (B,)."""
     import torch
 
-    b, c = z.shape
-    cpu = z.device.type == "cpu"
-    x = z[:, :n_real]  # the real classes
-    yv = y.view(-1, 1)
-    zy = z.gather(1, yv).squeeze(1)
-    # the two largest real logits: (v1, i1) the first maximum, (v2, i2) the first maximum of the rest
-    work = _workspace(b, n_real) if cpu else torch.empty((b, n_real), device=z.device)
-    work.copy_(x)  # the one read of the logits from memory: every later pass reads this (cached) copy
-    i1 = row_argmax(work).view(-1, 1)
-    v1 = work.gather(1, i1)
-    work.scatter_(1, i1, float("-inf"))
-    i2 = row_argmax(work).view(-1, 1)
-    v2 = work.gather(1, i2)
-    work.scatter_(1, i1, v1)  # the copy of the real logits again, for the softmax below
-    v1, v2, i1, i2 = v1.squeeze(1), v2.squeeze(1), i1.squeeze(1), i2.squeeze(1)
+    c = z.shape[1]
+    zy = z.gather(1, y.view(-1, 1)).squeeze(1)
+    # the two largest real logits: (v1, i1) the first maximum, (v2, i2) the first maximum of the rest; the
+    # softmax of the real logits as e_k = exp(z_k - v1) (e = 1 at the top i1) and s = sum_k e_k = 1 + rest, where
+    # rest sums every e_k but the top's: log s = log1p(rest) and 1 - p_top = rest / s keep their precision when
+    # the top class takes almost all the mass (a confident network), where s itself rounds to 1
+    parts = _top2_softmax_cpu if z.device.type == "cpu" else _top2_softmax_torch
+    i1, v1, i2, v2, rest, norm = parts(z, y, n_real)
     target_top = i1 == y  # never for a threshold sample (its target is not a real class)
     other = torch.where(target_top, i2, i1)  # largest real class other than the target
     best_real = torch.where(target_top, v2, v1)
@@ -165,39 +252,19 @@ def _capture(z: torch.Tensor, y: torch.Tensor, n_real: int) -> BatchCapture:
     margin = zy - best_other
     # Yang: z_y - second largest logit; when y is not the argmax, the second largest is >= z_y
     margin_yang = torch.where(pred == y, margin, zy - second)
-    # softmax of the real logits as e_k = exp(z_k - v1) (e = 1 at the top i1) and s = sum_k e_k = 1 + rest, where
-    # rest sums every e_k but the top's: log s = log1p(rest) and 1 - p_top = rest / s keep their precision when
-    # the top class takes almost all the mass (a confident network), where s itself rounds to 1
-    yr = y.clamp(max=n_real - 1).view(-1, 1)
-    i1 = i1.view(-1, 1)
-    if cpu:
-        # Logits more than FLOOR below the top are raised to top - FLOOR: their exp(-30) = 9e-14 share is below
-        # float32 resolution next to the top class's (for fewer than a million classes), and no e_k or square of
-        # one becomes a subnormal float, which the CPU computes 10-100x slower (confident late epochs).
-        # GPUs handle subnormals at full speed: no floor there.
-        e = work.sub_(v1.view(-1, 1)).clamp_(min=-SOFTMAX_FLOOR).mul_(LOG2E)
-        np.exp2(e.numpy(), out=e.numpy())  # numpy's vectorised exp2 (< 1 ulp): 1.5x torch's exp2_, 4x its exp_
-    else:
-        e = work.sub_(v1.view(-1, 1)).exp_()
-    e_top = e.gather(1, i1)  # 1
-    rest = e.scatter_(1, i1, 0.0).sum(dim=1)
     s = 1.0 + rest
-    e.scatter_(1, i1, e_top)
     # cross-entropy over the real classes: lse_real - z_y = (v1 - z_y) + log s
     loss_real = (v1 - zy) + torch.log1p(rest)
     if n_real == c:
         loss = loss_real
         p_target = (-loss).exp()
         # EL2N^2 = sum_{k != y} p_k^2 + (1 - p_y)^2, each term without cancellation when p_y is near 1
-        p_others = torch.linalg.vector_norm(e.scatter_(1, yr, 0.0), dim=1) / s
-        el2n = torch.hypot(p_others, -torch.expm1(-loss))
+        el2n = torch.hypot(norm / s, -torch.expm1(-loss))
         pred_read = pred
     else:  # a threshold pass: a real-labelled sample's c-way scores read over the real classes only
-        e_y = e.gather(1, yr)
-        real_others = torch.linalg.vector_norm(e.scatter_(1, yr, torch.where(real.view(-1, 1), 0.0, e_y)), dim=1) / s
+        real_others = norm / s
         # cross-entropy over all C outputs, from m = the largest of all logits: (m - z_y) + log1p(sum of exp(z_k - m)
         # over every k but one top class)
-        f1 = zf.amax(dim=1)
         m = torch.maximum(v1, f1)
         fake_top = (f1 > v1).view(-1, 1)
         ef = (zf - m.view(-1, 1)).exp()
