@@ -125,67 +125,58 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
     return BatchCapture(**{f.name: torch.cat([getattr(s, f.name) for s in steps]) for f in fields(BatchCapture)})
 
 
-def _floor_below(v1: np.ndarray) -> np.ndarray:
-    """Per row, the largest float32 at or below ``v1 - SOFTMAX_FLOOR`` (``-inf`` where ``v1`` is not finite).
-
-    ``v1 - 30`` rounds to ``v1`` itself for ``|v1| > 2^29``: the float below is taken, so the floor is always below
-    the top and the floored copy never raises a logit to the top's value.
-    """
-    lo = v1 - np.float32(SOFTMAX_FLOOR)
-    with np.errstate(invalid="ignore"):  # inf - inf: an infinite top has no floor
-        high = v1.astype(np.float64) - lo.astype(np.float64) < SOFTMAX_FLOOR  # exact: both are float32
-    lo = np.where(high, np.nextafter(lo, np.float32(-np.inf)), lo)
-    return np.where(np.isfinite(lo), lo, np.float32(-np.inf))
-
-
-def _top2_softmax_cpu(z: torch.Tensor, y: torch.Tensor, n_real: int) -> tuple[torch.Tensor, ...]:
-    """The CPU passes of ``_capture`` over the real logits ``z[:, :n_real]``, in numpy (vectorised).
+def _top2_softmax_cpu(z: torch.Tensor, y: torch.Tensor, n_real: int) -> tuple[np.ndarray, ...]:
+    """The CPU passes of ``_capture`` over the real logits ``x = z[:, :n_real]``, as numpy arrays.
 
     Returns ``i1, v1`` (first maximum), ``i2, v2`` (first maximum of the others), ``rest = sum_{k != i1} e_k`` and
-    ``norm``, with ``e_k = exp(max(z_k, lo) - v1)`` and ``lo`` the floor (``_floor_below``): ``norm`` is
+    ``norm``, with ``e_k = exp(max(x_k, lo) - v1)`` and the floor ``lo = v1 - SOFTMAX_FLOOR``: ``norm`` is
     ``||e_k||`` over the real ``k != y`` for a real target, over every real ``k`` for a threshold sample.
 
-    Passes over the logits: ``argmax`` (the one read of the batch from memory), the floored copy into the
-    workspace (``maximum(z, lo)``: exact above the floor), ``argmax`` of the copy with the top masked (exact
-    whenever the runner-up is above the floor; a row whose other logits are all at or below it is redone from
-    the logits), shift, ``exp`` (the masked top gives 0), row sum and row sum of squares.
+    Passes over the logits, each vectorised: numpy ``argmax`` of ``x`` (the one read of the batch from memory),
+    the floored copy ``max(x, lo)`` into the workspace (exact above the floor), ``argmax`` of the copy with the
+    top masked (exact whenever the runner-up is above the floor: a row whose other logits all lie at or below
+    it is redone from ``x``), shift and scale (torch), ``exp2`` (numpy), row sum (torch) and row sum of squares
+    (BLAS dot).
     """
     import torch
 
     xt = z[:, :n_real]
     x = xt.numpy()
     b, n = x.shape
-    rows = np.arange(b)
+    base = np.arange(0, b * n, n)  # row starts in the workspace
     i1 = x.argmax(axis=1)
-    v1 = x[rows, i1]
-    lo = _floor_below(v1)
+    v1 = x[np.arange(b), i1]
+    lo = v1 - np.float32(SOFTMAX_FLOOR)
+    if not (lo < v1).all():  # v1 - 30 rounds to v1 (|v1| > 2^29), an infinite or NaN top: no floor in that row
+        lo[~(lo < v1)] = -np.inf
     work_t = _workspace(b, n)
     work = work_t.numpy()
     flat = work.reshape(-1)
-    top = rows * n + i1  # the top of each row in the workspace, flat
+    top = base + i1
     torch.maximum(xt, torch.from_numpy(lo).view(-1, 1), out=work_t)  # numpy's maximum is 2x slower (NaN checks)
     flat[top] = -np.inf
     i2 = work.argmax(axis=1)
-    redo = np.flatnonzero(flat[rows * n + i2] <= lo)  # the runner-up is floored: the copy cannot order the others
-    if redo.size:
-        xs = x[redo]
-        xs[np.arange(redo.size), i1[redo]] = -np.inf
-        i2[redo] = xs.argmax(axis=1)
-    v2 = np.where(i2 == i1, np.float32(-np.inf), x[rows, i2])  # a row of one finite logit: the top, masked
+    v2 = flat[base + i2]  # exact above the floor
+    redo = v2 <= lo
+    if redo.any():  # the runner-up is floored: the copy cannot order the others
+        r = np.flatnonzero(redo)
+        xs = x[r]
+        xs[np.arange(r.size), i1[r]] = -np.inf
+        i2[r] = xs.argmax(axis=1)
+        v2[r] = xs[np.arange(r.size), i2[r]]  # -inf for a row of one finite logit (its top, masked)
     flat[top] = v1  # no -inf in the exponential: numpy's exp2 takes a slower path on a vector holding one
-    # e_k = 2^((z_k - v1) log2 e): torch's sub_ of a column is 3x faster than numpy's, numpy's exp2 4x torch's exp_
+    # e_k = 2^((x_k - v1) log2 e): torch's sub_ of a column is 3x faster than numpy's, numpy's exp2 4x torch's exp_
     work_t.sub_(torch.from_numpy(v1).view(-1, 1)).mul_(LOG2E)
     np.exp2(work, out=work)
-    flat[top] = 0.0
-    rest = work_t.sum(dim=1)  # sum_{k != i1} e_k; torch's row sum is 4x numpy's (pairwise) here
-    sq = _row_dot(work)  # sum_{k != i1} e_k^2
     yn = y.numpy()
-    real = yn < n
-    yr = np.minimum(yn, n - 1)
-    e_y = flat[rows * n + yr]
-    # sum of e_k^2 over the real k != y: with the top's e = 1 added back when y is not the top
-    sq = np.where(real & (yr == i1), sq, np.where(real, sq + (1 - e_y * e_y), sq + 1))
-    return (*(torch.from_numpy(a) for a in (i1, v1, i2, v2)), rest, torch.from_numpy(np.sqrt(sq)))
+    e_y = flat[base + np.minimum(yn, n - 1)]  # 1 when y is the top
+    if n_real < z.shape[1]:
+        e_y[yn >= n] = 0.0  # a threshold sample: every real class counts in its norm
+    flat[top] = 0.0
+    rest = work_t.sum(dim=1).numpy()  # sum_{k != i1} e_k; torch's row sum is 3x numpy's (pairwise) here
+    # sum_{k != y} e_k^2 = (sum_{k != i1} e_k^2) + e_top^2 - e_y^2, e_top = 1
+    norm = np.sqrt(_row_dot(work) + (1 - e_y * e_y))
+    return i1, v1, i2, v2, rest, norm
 
 
 def _row_dot(a: np.ndarray) -> np.ndarray:
@@ -224,71 +215,86 @@ def _capture(z: torch.Tensor, y: torch.Tensor, n_real: int) -> BatchCapture:
     import torch
 
     c = z.shape[1]
-    zy = z.gather(1, y.view(-1, 1)).squeeze(1)
+    cpu = z.device.type == "cpu"
     # the two largest real logits: (v1, i1) the first maximum, (v2, i2) the first maximum of the rest; the
     # softmax of the real logits as e_k = exp(z_k - v1) (e = 1 at the top i1) and s = sum_k e_k = 1 + rest, where
     # rest sums every e_k but the top's: log s = log1p(rest) and 1 - p_top = rest / s keep their precision when
     # the top class takes almost all the mass (a confident network), where s itself rounds to 1
-    parts = _top2_softmax_cpu if z.device.type == "cpu" else _top2_softmax_torch
-    i1, v1, i2, v2, rest, norm = parts(z, y, n_real)
+    parts = (_top2_softmax_cpu if cpu else _top2_softmax_torch)(z, y, n_real)
+    if n_real == c:  # on the CPU in numpy: each operation on a batch-long vector costs 2-4x less than torch's
+        xp = np if cpu else torch
+        yv = y.numpy() if cpu else y
+        zy = z.numpy()[np.arange(len(yv)), yv] if cpu else z.gather(1, y.view(-1, 1)).squeeze(1)
+        with np.errstate(all="ignore"):  # infinite logits give inf - inf as torch does, silently
+            values = _values_all_real(xp, zy, yv, *parts)
+        return BatchCapture(**{k: torch.from_numpy(v) for k, v in values.items()}) if cpu else BatchCapture(**values)
+    i1, v1, i2, v2, rest, norm = (torch.from_numpy(a) for a in parts) if cpu else parts
+    zy = z.gather(1, y.view(-1, 1)).squeeze(1)
     target_top = i1 == y  # never for a threshold sample (its target is not a real class)
     other = torch.where(target_top, i2, i1)  # largest real class other than the target
     best_real = torch.where(target_top, v2, v1)
     pred_real = torch.where(zy >= best_real, y, other)  # argmax over the real classes, the target winning ties
-    if n_real < c:  # the fake class of threshold samples can be the largest other logit
-        zf = z[:, n_real:]
-        real = y < n_real
-        fy = (y - n_real).clamp(min=0).view(-1, 1)
-        others_f = zf.scatter(1, fy, torch.where(real.view(-1, 1), zf.gather(1, fy), float("-inf")))
-        fake_v, fake_i = others_f.max(dim=1)
-        fake_wins = fake_v > best_real
-        best_other = torch.where(fake_wins, fake_v, best_real)
-        pred = torch.where(zy >= best_other, y, torch.where(fake_wins, fake_i + n_real, other))
-        f1 = zf.amax(dim=1)
-        f2 = zf.topk(2, dim=1).values[:, 1] if zf.shape[1] > 1 else torch.full_like(f1, float("-inf"))
-        second = torch.maximum(torch.minimum(v1, f1), torch.maximum(v2, f2))  # second largest of all C logits
-    else:
-        best_other, pred, second = best_real, pred_real, v2
+    # the fake class of threshold samples can be the largest other logit
+    zf = z[:, n_real:]
+    real = y < n_real
+    fy = (y - n_real).clamp(min=0).view(-1, 1)
+    others_f = zf.scatter(1, fy, torch.where(real.view(-1, 1), zf.gather(1, fy), float("-inf")))
+    fake_v, fake_i = others_f.max(dim=1)
+    fake_wins = fake_v > best_real
+    best_other = torch.where(fake_wins, fake_v, best_real)
+    pred = torch.where(zy >= best_other, y, torch.where(fake_wins, fake_i + n_real, other))
+    f1 = zf.amax(dim=1)
+    f2 = zf.topk(2, dim=1).values[:, 1] if zf.shape[1] > 1 else torch.full_like(f1, float("-inf"))
+    second = torch.maximum(torch.minimum(v1, f1), torch.maximum(v2, f2))  # second largest of all C logits
     margin = zy - best_other
     # Yang: z_y - second largest logit; when y is not the argmax, the second largest is >= z_y
     margin_yang = torch.where(pred == y, margin, zy - second)
     s = 1.0 + rest
     # cross-entropy over the real classes: lse_real - z_y = (v1 - z_y) + log s
     loss_real = (v1 - zy) + torch.log1p(rest)
-    if n_real == c:
-        loss = loss_real
-        p_target = (-loss).exp()
-        # EL2N^2 = sum_{k != y} p_k^2 + (1 - p_y)^2, each term without cancellation when p_y is near 1
-        el2n = torch.hypot(norm / s, -torch.expm1(-loss))
-        pred_read = pred
-    else:  # a threshold pass: a real-labelled sample's c-way scores read over the real classes only
-        real_others = norm / s
-        # cross-entropy over all C outputs, from m = the largest of all logits: (m - z_y) + log1p(sum of exp(z_k - m)
-        # over every k but one top class)
-        m = torch.maximum(v1, f1)
-        fake_top = (f1 > v1).view(-1, 1)
-        ef = (zf - m.view(-1, 1)).exp()
-        fi1 = zf.argmax(dim=1, keepdim=True)
-        rest_all = (torch.where(fake_top.squeeze(1), s * (v1 - m).exp(), rest)
-                    + ef.scatter(1, fi1, torch.where(fake_top, 0.0, ef.gather(1, fi1))).sum(dim=1))
-        loss = (m - zy) + torch.log1p(rest_all)
-        # a threshold sample: EL2N over all C outputs, p_k = exp(z_k - m) / (1 + rest_all)
-        total = 1.0 + rest_all
-        p_real = real_others * s * (v1 - m).exp() / total  # its target is not a real class: ||p over the real classes||
-        p_fake_others = torch.linalg.vector_norm((others_f - m.view(-1, 1)).exp(), dim=1) / total
-        el2n_fake = torch.hypot(torch.hypot(p_real, p_fake_others), -torch.expm1(-loss))
-        p_target = torch.where(real, (-loss_real).exp(), (-loss).exp())
-        el2n = torch.where(real, torch.hypot(real_others, -torch.expm1(-loss_real)), el2n_fake)
-        pred_read = torch.where(real, pred_real, pred)
+    # a real-labelled sample's c-way scores read over the real classes only
+    real_others = norm / s
+    # cross-entropy over all C outputs, from m = the largest of all logits: (m - z_y) + log1p(sum of exp(z_k - m)
+    # over every k but one top class)
+    m = torch.maximum(v1, f1)
+    fake_top = (f1 > v1).view(-1, 1)
+    ef = (zf - m.view(-1, 1)).exp()
+    fi1 = zf.argmax(dim=1, keepdim=True)
+    rest_all = (torch.where(fake_top.squeeze(1), s * (v1 - m).exp(), rest)
+                + ef.scatter(1, fi1, torch.where(fake_top, 0.0, ef.gather(1, fi1))).sum(dim=1))
+    loss = (m - zy) + torch.log1p(rest_all)
+    # a threshold sample: EL2N over all C outputs, p_k = exp(z_k - m) / (1 + rest_all)
+    total = 1.0 + rest_all
+    p_real = real_others * s * (v1 - m).exp() / total  # its target is not a real class: ||p over the real classes||
+    p_fake_others = torch.linalg.vector_norm((others_f - m.view(-1, 1)).exp(), dim=1) / total
+    el2n_fake = torch.hypot(torch.hypot(p_real, p_fake_others), -torch.expm1(-loss))
     return BatchCapture(
         margin=margin,
         margin_yang=margin_yang,
-        prob=p_target,
-        pred=pred_read,
+        prob=torch.where(real, (-loss_real).exp(), (-loss).exp()),
+        pred=torch.where(real, pred_real, pred),
         other=other,
         loss=loss,
-        el2n=el2n,
+        el2n=torch.where(real, torch.hypot(real_others, -torch.expm1(-loss_real)), el2n_fake),
     )
+
+
+def _values_all_real(xp, zy, y, i1, v1, i2, v2, rest, norm) -> dict:
+    """The captured values when every class is real, from the parts of ``_top2_softmax_*``; ``xp`` is numpy (the
+    CPU) or torch (another device): the same expressions for both."""
+    target_top = i1 == y
+    other = xp.where(target_top, i2, i1)  # largest class other than the target
+    best = xp.where(target_top, v2, v1)
+    pred = xp.where(zy >= best, y, other)  # the target wins a tie: predicted
+    margin = zy - best
+    # Yang: z_y - second largest logit; when y is not the argmax, the second largest is >= z_y
+    margin_yang = xp.where(pred == y, margin, zy - v2)
+    # cross-entropy: lse - z_y = (v1 - z_y) + log s
+    loss = (v1 - zy) + xp.log1p(rest)
+    # EL2N^2 = sum_{k != y} p_k^2 + (1 - p_y)^2, each term without cancellation when p_y is near 1
+    el2n = xp.hypot(norm / (1 + rest), -xp.expm1(-loss))
+    return {"margin": margin, "margin_yang": margin_yang, "prob": xp.exp(-loss), "pred": pred, "other": other,
+            "loss": loss, "el2n": el2n}
 
 
 def trailing_streak(flags: np.ndarray) -> np.ndarray:
