@@ -85,13 +85,13 @@ def test_capture_steps_give_the_values_of_one_step(monkeypatch, c, n_real):
             assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"{f.name} with {values // c} rows per step"
 
 
-def _assert_matches_float64_definitions(z: torch.Tensor, y: torch.Tensor, n_real: int) -> None:
-    """batch_capture against the definitions in float64: exact margins, first-index argmax ties (the target wins
-    a tie: predicted), softmax values to float32 precision."""
+def _assert_matches_float64_definitions(z: torch.Tensor, y: torch.Tensor, n_real: int, capture=None) -> None:
+    """batch_capture (or ``capture``) against the definitions in float64: exact margins, first-index argmax ties
+    (the target wins a tie: predicted), softmax values to float32 precision."""
     import torch.nn.functional as F
 
     c = z.shape[1]
-    cap = dyn.batch_capture(z, y, n_real)
+    cap = (capture or dyn.batch_capture)(z, y, n_real)
     zd = z.double()
     rows = torch.arange(len(y))
     zy = zd[rows, y]
@@ -125,6 +125,13 @@ def test_capture_on_ties_infinite_and_huge_logits_matches_float64_definitions(c,
     """Exact margins, first-index argmax ties (the target wins a tie: predicted), and float64 softmax values."""
     z, y = _hard_logits(400, c, seed=c + 1)
     _assert_matches_float64_definitions(z, y, n_real)
+
+
+@pytest.mark.parametrize(("c", "n_real"), [(3, 3), (10, 10), (11, 10), (1000, 1000), (1001, 1000)])
+def test_torch_path_of_other_devices_matches_float64_definitions(c, n_real):
+    """The torch operations a GPU runs (no numpy, no floor), run here on the CPU: the same definitions."""
+    z, y = _hard_logits(400, c, seed=c + 2)
+    _assert_matches_float64_definitions(z, y, n_real, lambda z, y, n: dyn._capture(z, y, n, torch_ops=True))
 
 
 def _below(v: float) -> float:

@@ -52,19 +52,17 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(x.numpy().argmax(axis=1))
 
 
-def _workspace(rows: int, cols: int) -> torch.Tensor:
+def _workspace(rows: int, cols: int) -> np.ndarray:
     """A ``(rows, cols)`` float32 CPU buffer owned by this thread and reused by every capture.
 
     A fresh 4 MB temporary per step is returned to the OS by glibc when freed, so the next one
     page-faults on every page: that made a 1024 x 1000 capture 2.5x slower than its arithmetic.
     """
-    import torch
-
     buf = getattr(_workspaces, "buf", None)
-    if buf is None or buf.numel() < rows * cols:
-        buf = torch.empty(max(rows * cols, 1 << 16), dtype=torch.float32)
+    if buf is None or buf.size < rows * cols:
+        buf = np.empty(max(rows * cols, 1 << 16), dtype=np.float32)
         _workspaces.buf = buf
-    return buf[: rows * cols].view(rows, cols)
+    return buf[: rows * cols].reshape(rows, cols)
 
 
 def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: int | None = None) -> BatchCapture:
@@ -140,21 +138,21 @@ def _top2_softmax_cpu(z: torch.Tensor, y: torch.Tensor, n_real: int) -> tuple[np
     """
     import torch
 
-    xt = z[:, :n_real]
+    xt = z if n_real == z.shape[1] else z[:, :n_real]
     x = xt.numpy()
     b, n = x.shape
     base = np.arange(0, b * n, n)  # row starts in the workspace
     i1 = x.argmax(axis=1)
-    v1 = x[np.arange(b), i1]
+    v1 = x.reshape(-1)[base + i1] if x.flags.c_contiguous else x[np.arange(b), i1]
     lo = v1 - np.float32(SOFTMAX_FLOOR)
     if not (lo < v1).all():  # v1 - 30 rounds to v1 (|v1| > 2^29), an infinite or NaN top: no floor in that row
         lo[~(lo < v1)] = -np.inf
-    work_t = _workspace(b, n)
-    work = work_t.numpy()
+    work = _workspace(b, n)
+    work_t = torch.from_numpy(work)
     flat = work.reshape(-1)
     top = base + i1
     torch.maximum(xt, torch.from_numpy(lo).view(-1, 1), out=work_t)  # numpy's maximum is 2x slower (NaN checks)
-    flat[top] = -np.inf
+    flat[top] = lo  # masked: the top cannot win the second argmax unless every other logit is floored (redone)
     i2 = work.argmax(axis=1)
     v2 = flat[base + i2]  # exact above the floor
     redo = v2 <= lo
@@ -164,12 +162,13 @@ def _top2_softmax_cpu(z: torch.Tensor, y: torch.Tensor, n_real: int) -> tuple[np
         xs[np.arange(r.size), i1[r]] = -np.inf
         i2[r] = xs.argmax(axis=1)
         v2[r] = xs[np.arange(r.size), i2[r]]  # -inf for a row of one finite logit (its top, masked)
-    flat[top] = v1  # no -inf in the exponential: numpy's exp2 takes a slower path on a vector holding one
     # e_k = 2^((x_k - v1) log2 e): torch's sub_ of a column is 3x faster than numpy's, numpy's exp2 4x torch's exp_
-    work_t.sub_(torch.from_numpy(v1).view(-1, 1)).mul_(LOG2E)
-    np.exp2(work, out=work)
+    work_t.sub_(torch.from_numpy(v1).view(-1, 1))
+    np.multiply(work, np.float32(LOG2E), out=work)
+    np.exp2(work, out=work)  # no -inf in it (the top is masked by the floor): exp2 is slower on a vector with one
     yn = y.numpy()
-    e_y = flat[base + np.minimum(yn, n - 1)]  # 1 when y is the top
+    e_y = flat[base + (yn if n_real == z.shape[1] else np.minimum(yn, n - 1))]
+    e_y[yn == i1] = 1.0  # the top's e (masked above)
     if n_real < z.shape[1]:
         e_y[yn >= n] = 0.0  # a threshold sample: every real class counts in its norm
     flat[top] = 0.0
@@ -210,12 +209,13 @@ def _top2_softmax_torch(z: torch.Tensor, y: torch.Tensor, n_real: int) -> tuple[
     return i1.squeeze(1), v1.squeeze(1), i2.squeeze(1), v2.squeeze(1), rest, norm
 
 
-def _capture(z: torch.Tensor, y: torch.Tensor, n_real: int) -> BatchCapture:
-    """``batch_capture`` of float32 logits ``z`` (B, C) and targets ``y`` (B,)."""
+def _capture(z: torch.Tensor, y: torch.Tensor, n_real: int, torch_ops: bool | None = None) -> BatchCapture:
+    """``batch_capture`` of float32 logits ``z`` (B, C) and targets ``y`` (B,); ``torch_ops`` (default: on any
+    device but the CPU) takes the torch path a GPU runs, which a test also runs on the CPU."""
     import torch
 
     c = z.shape[1]
-    cpu = z.device.type == "cpu"
+    cpu = z.device.type == "cpu" if torch_ops is None else not torch_ops
     # the two largest real logits: (v1, i1) the first maximum, (v2, i2) the first maximum of the rest; the
     # softmax of the real logits as e_k = exp(z_k - v1) (e = 1 at the top i1) and s = sum_k e_k = 1 + rest, where
     # rest sums every e_k but the top's: log s = log1p(rest) and 1 - p_top = rest / s keep their precision when
