@@ -32,7 +32,7 @@ class BatchCapture:
     el2n: torch.Tensor  # ||softmax - onehot(target)||_2 (Paul et al. 2021)
 
 
-SOFTMAX_FLOOR = 30.0  # see batch_capture
+SOFTMAX_FLOOR = 30.0  # see _top2_softmax_cpu
 LOG2E = 1.4426950408889634  # exp(x) = 2 ** (x log2 e): numpy's exp2 is 4x faster than torch's exp on the CPU
 CHUNK_VALUES = 1 << 22  # logits kept (4M values, 16 MB in float32) by the loops before one batch_capture call
 WORKSPACE_VALUES = 1 << 20  # logits per CPU capture step (one reused 4 MB float32 workspace per thread)
@@ -99,11 +99,15 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
     Cost: every captured value comes from the top two logits of the real classes (value and
     index: two ``argmax``, the second on a copy with the first masked), one exponential of the real
     logits and two row sums (``lse`` and the norm for EL2N); the rest is per-row gathers and
-    ``where``. On the CPU the work runs in steps of at most ``WORKSPACE_VALUES`` logits in one
-    reused per-thread buffer (no large temporary; a fresh 4 MB one page-faults on every page), and
-    the logits of a step are read 9 times (copy, two ``argmax``, shift, floor, scale, ``exp2``, sum,
-    norm): about 4x the margin alone at 1024 x 1000 (``bench/aum_update.py``). On a GPU the copy is a
-    fresh tensor and there is no floor. Nothing is copied to the host.
+    ``where``. On the CPU (``_top2_softmax_cpu``, numpy and torch kernels that are each vectorised) the
+    work runs in steps of at most ``WORKSPACE_VALUES`` logits in one reused per-thread buffer (no large
+    temporary; a fresh 4 MB one page-faults on every page) and the logits of a step are read 8 times:
+    ``argmax`` of the logits (the one read from memory), the copy floored at top - ``SOFTMAX_FLOOR`` into
+    the workspace, the masked second ``argmax``, shift, scale, ``exp2``, row sum and row sum of squares
+    (BLAS dot); the per-row values (about 40 operations on batch-long vectors) are numpy's, 2-4x cheaper
+    than torch's at this size. Measured at 1024 x 1000 (``bench/aum_update.py``, thread CPU time): about
+    3.5x the margin alone, of which the 8 passes are 2.9x (see ``bench/RESULTS.md``). On a GPU the same
+    values come from torch operations: a fresh copy, no floor. Nothing is copied to the host.
 
     Args:
         logits: ``(B, C)`` raw logits (float32 or lower precision; computed in float32).
@@ -130,11 +134,17 @@ def _top2_softmax_cpu(z: torch.Tensor, y: torch.Tensor, n_real: int) -> tuple[np
     ``norm``, with ``e_k = exp(max(x_k, lo) - v1)`` and the floor ``lo = v1 - SOFTMAX_FLOOR``: ``norm`` is
     ``||e_k||`` over the real ``k != y`` for a real target, over every real ``k`` for a threshold sample.
 
-    Passes over the logits, each vectorised: numpy ``argmax`` of ``x`` (the one read of the batch from memory),
-    the floored copy ``max(x, lo)`` into the workspace (exact above the floor), ``argmax`` of the copy with the
-    top masked (exact whenever the runner-up is above the floor: a row whose other logits all lie at or below
-    it is redone from ``x``), shift and scale (torch), ``exp2`` (numpy), row sum (torch) and row sum of squares
-    (BLAS dot).
+    The floor: logits more than ``SOFTMAX_FLOOR`` below the top are raised to ``lo``; their exp(-30) = 9e-14 share
+    is below float32 resolution next to the top class's (for fewer than a million classes), and no ``e_k`` or
+    square of one becomes a subnormal float, which the CPU computes 10-100x slower (confident late epochs).
+    A row whose ``v1 - 30`` rounds to ``v1`` (``|v1| > 2^29``) or whose top is infinite has no floor.
+
+    Passes over the logits, each one vectorised call: numpy ``argmax`` of ``x`` (the one read of the batch from
+    memory), the floored copy ``max(x, lo)`` into the workspace (torch: numpy's ``maximum`` is 2x slower; exact
+    above the floor), ``argmax`` of the copy with the top masked by ``lo`` (exact whenever the runner-up is above
+    the floor: a row whose other logits all lie at or below it is redone from ``x``), shift (torch: numpy's
+    subtraction of a column is 3x slower), scale by ``log2 e`` and ``exp2`` (numpy's is 4x torch's ``exp``),
+    row sum (torch: 3x numpy's pairwise sum) and row sum of squares (numpy ``vecdot``, a BLAS dot).
     """
     import torch
 
