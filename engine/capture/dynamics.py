@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -106,7 +106,7 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
     the workspace, the masked second ``argmax``, shift, scale, ``exp2``, row sum and row sum of squares
     (BLAS dot); the per-row values (about 40 operations on batch-long vectors) are numpy's, 2-4x cheaper
     than torch's at this size. Measured at 1024 x 1000 (``bench/aum_update.py``, thread CPU time): about
-    3.5x the margin alone, of which the 8 passes are 2.9x (see ``bench/RESULTS.md``). On a GPU the same
+    3.5x the margin alone, of which the 8 passes alone are about 3x (``bench/RESULTS.md``). On a GPU the same
     values come from torch operations: a fresh copy, no floor. Nothing is copied to the host.
 
     Args:
@@ -196,7 +196,8 @@ def _row_dot(a: np.ndarray) -> np.ndarray:
 
 
 def _top2_softmax_torch(z: torch.Tensor, y: torch.Tensor, n_real: int) -> tuple[torch.Tensor, ...]:
-    """``_top2_softmax_cpu`` in torch ops on the model's device (a GPU): no floor, a fresh copy."""
+    """``_top2_softmax_cpu`` in torch ops on the model's device (a GPU): a fresh copy and no floor (a GPU computes
+    subnormal floats at full speed)."""
     import torch
 
     b = z.shape[0]
@@ -289,7 +290,7 @@ def _capture(z: torch.Tensor, y: torch.Tensor, n_real: int, torch_ops: bool | No
     )
 
 
-def _values_all_real(xp, zy, y, i1, v1, i2, v2, rest, norm) -> dict:
+def _values_all_real(xp: Any, zy: Any, y: Any, i1: Any, v1: Any, i2: Any, v2: Any, rest: Any, norm: Any) -> dict:
     """The captured values when every class is real, from the parts of ``_top2_softmax_*``; ``xp`` is numpy (the
     CPU) or torch (another device): the same expressions for both."""
     target_top = i1 == y
