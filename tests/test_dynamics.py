@@ -85,6 +85,17 @@ def test_capture_steps_give_the_values_of_one_step(monkeypatch, c, n_real):
             assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"{f.name} with {values // c} rows per step"
 
 
+@pytest.mark.parametrize(("c", "n_real"), [(10, 10), (11, 10), (1001, 1000)])
+def test_capture_of_non_contiguous_logits_is_that_of_their_copy(c, n_real):
+    """Logits in any memory layout (a transposed tensor here) give the values of their contiguous copy."""
+    z, y = _hard_logits(203, c, seed=c + 3)
+    strided = z.t().contiguous().t()
+    assert not strided.is_contiguous()
+    a, b = dyn.batch_capture(z, y, n_real), dyn.batch_capture(strided, y, n_real)
+    for f in dataclasses.fields(dyn.BatchCapture):
+        assert torch.equal(getattr(a, f.name).nan_to_num(), getattr(b, f.name).nan_to_num()), f.name
+
+
 def _assert_matches_float64_definitions(z: torch.Tensor, y: torch.Tensor, n_real: int, capture=None) -> None:
     """batch_capture (or ``capture``) against the definitions in float64: exact margins, first-index argmax ties
     (the target wins a tie: predicted), softmax values to float32 precision."""

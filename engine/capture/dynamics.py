@@ -152,16 +152,28 @@ def _top2_softmax_cpu(z: torch.Tensor, y: torch.Tensor, n_real: int) -> tuple[np
     x = xt.numpy()
     b, n = x.shape
     base = np.arange(0, b * n, n)  # row starts in the workspace
-    i1 = x.argmax(axis=1)
-    v1 = x.reshape(-1)[base + i1] if x.flags.c_contiguous else x[np.arange(b), i1]
-    lo = v1 - np.float32(SOFTMAX_FLOOR)
-    if not (lo < v1).all():  # v1 - 30 rounds to v1 (|v1| > 2^29), an infinite or NaN top: no floor in that row
-        lo[~(lo < v1)] = -np.inf
     work = _workspace(b, n)
     work_t = torch.from_numpy(work)
     flat = work.reshape(-1)
+    zn = z.numpy()
+    src, src_t = x, xt  # what the first argmax and the floored copy read (x stays the logits, for the redo)
+    if not zn.flags.c_contiguous:  # numpy's argmax would copy the logits to a fresh array
+        work_t.copy_(xt)
+        src, src_t = work, work_t  # the floored copy below is made in place
+    if src.flags.c_contiguous:
+        i1 = src.argmax(axis=1)
+        v1 = src.reshape(-1)[base + i1]
+    else:  # the real classes of a threshold pass: the argmax over all classes is theirs unless a fake class leads
+        i1 = zn.argmax(axis=1)
+        fake = np.flatnonzero(i1 >= n)
+        if fake.size:
+            i1[fake] = x[fake].argmax(axis=1)
+        v1 = zn.reshape(-1)[np.arange(0, b * zn.shape[1], zn.shape[1]) + i1]
+    lo = v1 - np.float32(SOFTMAX_FLOOR)
+    if not (lo < v1).all():  # v1 - 30 rounds to v1 (|v1| > 2^29), an infinite or NaN top: no floor in that row
+        lo[~(lo < v1)] = -np.inf
     top = base + i1
-    torch.maximum(xt, torch.from_numpy(lo).view(-1, 1), out=work_t)  # numpy's maximum is 2x slower (NaN checks)
+    torch.maximum(src_t, torch.from_numpy(lo).view(-1, 1), out=work_t)  # numpy's maximum: 2x slower (NaN checks)
     flat[top] = lo  # masked: the top cannot win the second argmax unless every other logit is floored (redone)
     i2 = work.argmax(axis=1)
     v2 = flat[base + i2]  # exact above the floor
