@@ -104,8 +104,8 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
     temporary; a fresh 4 MB one page-faults on every page) and the logits of a step are read 8 times:
     ``argmax`` of the logits (the one read from memory), the copy floored at top - ``SOFTMAX_FLOOR`` into
     the workspace, the masked second ``argmax``, shift, scale, ``exp2``, row sum and row sum of squares
-    (BLAS dot); the per-row values (about 40 operations on batch-long vectors) are numpy's, 2-4x cheaper
-    than torch's at this size. Measured at 1024 x 1000 (``bench/aum_update.py``, thread CPU time): about
+    (BLAS dot); when every class is real the per-row values (about 40 operations on batch-long vectors) are
+    numpy's, 2-4x cheaper than torch's at this size (a threshold pass keeps torch's for the fake class). Measured at 1024 x 1000 (``bench/aum_update.py``, thread CPU time): about
     3.5x the margin alone, of which the 8 passes alone are about 3x (``bench/RESULTS.md``). On a GPU the same
     values come from torch operations: a fresh copy, no floor. Nothing is copied to the host.
 
