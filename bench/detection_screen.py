@@ -70,9 +70,12 @@ def install_hooks(estimator: str, n: int, n_out: int, epochs: int, passes: int) 
                 np.add.at(counts, (y[real], REC["true"][real]), 1)
             else:
                 z = REC["logits"][p, list(self.estimate_epochs)][:, real]
-                counts = ESTIMATORS[estimator](y[real], z, self.n_real)
+                base, shrink = SHRUNK.get(estimator, (estimator, 0.0))
+                counts = ESTIMATORS[base](y[real], z, self.n_real)
             t = np.eye(self.n_outputs)
             t[: self.n_real, : self.n_real] = transition_matrix(counts)
+            if estimator in SHRUNK:  # towards the identity: T <- (1 - s) T + s I
+                t = (1 - shrink) * t + shrink * np.eye(self.n_outputs)
             self.matrix = torch.as_tensor(t, dtype=torch.float32, device=self.device)
         REC["T"][p] = self.matrix.cpu().numpy()[: self.n_real, : self.n_real]
 
@@ -130,6 +133,7 @@ def unanimous_counts(labels: np.ndarray, logits: np.ndarray, c: int) -> np.ndarr
 
 ESTIMATORS = {"cj": cj_counts, "cjstable": lambda y, z, c: cj_counts(y, z, c, stable=True), "argmax": argmax_counts,
               "unanimous": unanimous_counts}
+SHRUNK = {"cjhalf": ("cj", 0.5)}  # estimator: (base estimator, weight of the identity)
 
 
 def pass_features(run, cfg, ds, n_out: int, n_real: int):
@@ -387,7 +391,7 @@ def main() -> None:
     r.add_argument("--size", type=int, default=None)
     r.add_argument("--half", type=int, default=None)
     r.add_argument("--epochs", type=int, default=None)
-    r.add_argument("--estimator", default="unanimous", choices=["unanimous", "cj", "cjstable", "argmax", "oracle", "off"])
+    r.add_argument("--estimator", default="unanimous", choices=["unanimous", "cj", "cjstable", "cjhalf", "argmax", "oracle", "off"])
     r.add_argument("--out", required=True)
     a = sub.add_parser("analyze")
     a.add_argument("files", nargs="+")
