@@ -324,6 +324,29 @@ def analyze_one(path: Path) -> dict:
     out["AUROC best epoch"] = f"{max(per_epoch):.4f}@{int(np.argmax(per_epoch))}"
     for lo, hi in ((1, 10), (5, 15), (5, 30)):
         out[f"AUROC aum{lo}-{hi}"] = auroc(-m[lo:hi].mean(axis=0), err)
+    # cut-off rules on the same AUM: the run's automatic one, AUM < 0, and a per-given-label mixture (the engine's
+    # gmm_cutoff on each given label's AUM, bounded by the mean threshold-sample cut-off like the automatic rule)
+    from engine.capture import dynamics as dyn
+
+    thr, pass_aum = [], []
+    for p in range(passes):
+        z = d["logits"][p].astype(np.float64)
+        kept = tpass != p
+        tgt = np.where(kept, labels, c)
+        zy = np.take_along_axis(z, tgt[None, :, None], axis=2)[..., 0]
+        zo = z.copy()
+        np.put_along_axis(zo, tgt[None, :, None], -np.inf, axis=2)
+        a = (zy - zo.max(axis=2))[1:].mean(axis=0)
+        thr.append(dyn.threshold_cutoff(a[~kept], 99.0))
+        pass_aum.append(np.where(kept, a, np.nan))
+    fin = np.isfinite(aum)
+    flag = np.zeros(len(aum), dtype=bool)
+    for i in range(c):
+        g = fin & (labels == i)
+        cut = dyn.gmm_cutoff(aum[g], seed=0) if g.sum() else -np.inf
+        flag |= g & (aum < (min(cut, np.mean(thr)) if np.isfinite(cut) else -np.inf))
+    out["F1 aum<0"] = f1_of(fin & (aum < 0), err)
+    out["F1 per-class gmm"] = f1_of(flag, err)
     # T: each estimator on the same estimation epochs (those before the correction): L1 error per row against the
     # true T, and the off-diagonal mass per row (spurious noise on data with few wrong labels)
     start = int(d["correction_epoch"])
