@@ -131,8 +131,30 @@ def unanimous_counts(labels: np.ndarray, logits: np.ndarray, c: int) -> np.ndarr
     return counts
 
 
+def soft_counts(labels: np.ndarray, logits: np.ndarray, c: int) -> np.ndarray:
+    """Expected confusion: per given label, the summed mean probabilities of its samples."""
+    counts = np.zeros((c, c))
+    np.add.at(counts, labels, mean_probs(logits, c))
+    return counts
+
+
+def anchor_counts(labels: np.ndarray, logits: np.ndarray, c: int, top: float = 3.0, own: bool = False) -> np.ndarray:
+    """Patrini et al. 2017's anchor points: row ``j`` of ``T`` = the mean output over the samples in the top ``top``%
+    by ``p_j`` (``own``: among the samples given ``j``). Returned as ``T.T``, which ``transition_matrix`` turns
+    back into ``T``."""
+    p = mean_probs(logits, c)
+    t = np.eye(c)
+    for j in range(c):
+        pool = (labels == j) if own else np.ones(len(p), dtype=bool)
+        if pool.any():
+            t[j] = p[pool & (p[:, j] >= np.percentile(p[pool, j], 100 - top))].mean(axis=0)
+    return t.T
+
+
 ESTIMATORS = {"cj": cj_counts, "cjstable": lambda y, z, c: cj_counts(y, z, c, stable=True), "argmax": argmax_counts,
-              "unanimous": unanimous_counts}
+              "unanimous": unanimous_counts, "cj_last": lambda y, z, c: cj_counts(y, z[-1:], c), "soft": soft_counts,
+              "anchor3": anchor_counts, "anchor1": lambda y, z, c: anchor_counts(y, z, c, 1.0),
+              "anchor_own10": lambda y, z, c: anchor_counts(y, z, c, 10.0, own=True)}
 SHRUNK = {"cjhalf": ("cj", 0.5)}  # estimator: (base estimator, weight of the identity)
 
 
@@ -188,7 +210,10 @@ def cmd_run(args) -> None:
         cfg.forward_correction = args.estimator != "off"
         if args.epochs:
             cfg.epochs = args.epochs
+        if args.weight_decay is not None:
+            cfg.weight_decay = args.weight_decay
         name += f"_{args.estimator}" + (f"_e{args.epochs}" if args.epochs else "")
+        name += f"_wd{args.weight_decay:g}" if args.weight_decay is not None else ""
         run, ds = audit.prepare(cfg, tmp)
         samples = run.samples()
         if wrong is not None:
@@ -363,10 +388,12 @@ def analyze_one(path: Path) -> dict:
                 out.setdefault(f"Toff {nm}", []).append((t.sum() - np.trace(t)) / c)
                 if d["T_true"].size:
                     out.setdefault(f"Terr {nm}", []).append(np.abs(t - d["T_true"]).sum() / c)
+                    if d["T_true"][5, 6] > 0 and c > 6:  # the swapped pair of asymmetric digits noise
+                        out.setdefault(f"T56 {nm}", []).append((t[5, 6] + t[6, 5]) / 2)
         if d["T_true"].size:
             t = d["T_true"]
             out["Toff true"] = (t.sum() - np.trace(t)) / c
-        for k in [k for k in out if k.startswith(("Terr", "Toff")) and isinstance(out[k], list)]:
+        for k in [k for k in out if k.startswith(("Terr", "Toff", "T56")) and isinstance(out[k], list)]:
             out[k] = float(np.mean(out[k]))
     return out
 
@@ -414,6 +441,7 @@ def main() -> None:
     r.add_argument("--size", type=int, default=None)
     r.add_argument("--half", type=int, default=None)
     r.add_argument("--epochs", type=int, default=None)
+    r.add_argument("--weight-decay", type=float, default=None)
     r.add_argument("--estimator", default="unanimous", choices=["unanimous", "cj", "cjstable", "cjhalf", "argmax", "oracle", "off"])
     r.add_argument("--out", required=True)
     a = sub.add_parser("analyze")
