@@ -70,7 +70,7 @@ def test_forward_correction_estimates_t_then_corrects_the_loss():
 
 
 def test_forward_correction_ignores_predictions_that_keep_changing():
-    """An under-fitted network (its predictions still change every epoch) invents no noise: T stays the identity."""
+    """An under-fitted network (its predictions still change every epoch) invents no noise: no correction."""
     import torch
 
     from engine.training.correction import ForwardCorrection
@@ -79,7 +79,31 @@ def test_forward_correction_ignores_predictions_that_keep_changing():
     y = np.repeat(np.arange(4), 25)
     for epoch in (2, 3, 4):
         corr.end_epoch(epoch, (y + 1 + epoch % 2) % 4, y)  # wrong, and never the same two epochs in a row
-    np.testing.assert_allclose(corr.matrix.numpy(), np.eye(4))
+    assert corr.matrix is None and corr.stable_fraction == 0.0
+    assert corr.loss(torch.zeros((2, 4)), torch.tensor([0, 1])) is None  # plain cross-entropy
+
+
+def test_forward_correction_stays_off_when_most_predictions_change():
+    """When fewer than half the samples keep one prediction over the estimation epochs (a network that has not
+    fitted small data yet), the few stable ones would make a T full of invented noise: the pass keeps plain
+    cross-entropy. At half or more, T is estimated as before."""
+    import torch
+
+    from engine.training.correction import MIN_STABLE, ForwardCorrection
+
+    y = np.repeat(np.arange(4), 25)
+    for share, expect_t in ((0.4, False), (0.6, True)):
+        corr = ForwardCorrection(AuditConfig(epochs=30), 4, 4, torch.device("cpu"))
+        changing = np.arange(100) % 25 >= round(share * 25)  # the first `share` of each class keeps one prediction
+        for epoch in (2, 3, 4):
+            stable_pred = (y + 1) % 4  # the stable ones are always predicted as the next class
+            corr.end_epoch(epoch, np.where(changing, (y + 1 + epoch % 2) % 4, stable_pred), y)
+        assert corr.stable_fraction == pytest.approx(share)
+        assert (corr.stable_fraction >= MIN_STABLE) == expect_t
+        if expect_t:  # 15 of 25 per class counted as the next class
+            np.testing.assert_allclose(np.diag(corr.matrix.numpy()), 0.4, atol=1e-6)
+        else:
+            assert corr.matrix is None
 
 
 def test_forward_correction_options_and_old_runs():
