@@ -504,8 +504,9 @@ def review_panel(sel: np.ndarray) -> None:
             "image": [thumb_url(images, i) for i in rows],
             "sample_id": ids[rows], "label": class_arr[labels[rows]],
             "suggested_label": np.array(classes + ["?"], dtype=object)[suggested[rows]],
-            "decision": [CODE_NAMES.get(int(c)) for c in code],
-            "new_label": [classes[j] if j >= 0 else None for j in arr.new_label[rows]],
+            # "" (not None) where nothing is set: the grid shows None as the word "None"
+            "decision": [CODE_NAMES.get(int(c), "") for c in code],
+            "new_label": [classes[j] if j >= 0 else "" for j in arr.new_label[rows]],
             "aum": aum[rows], **{c: columns[c][rows] for c in others}, "rank": columns["rank"][rows],
             "flagged": flagged[rows],
         })
@@ -551,8 +552,8 @@ def apply_table_edits(rows: np.ndarray, base: pd.DataFrame) -> None:
     version = st.session_state.get("editor_version", 0)
     edited = st.session_state[f"editor-{version}"]["edited_rows"]
     for r, change in edited.items():
-        decision = change.get("decision", base["decision"].iat[r])
-        new_label = change.get("new_label", base["new_label"].iat[r])
+        decision = change.get("decision", base["decision"].iat[r]) or None  # "" or None: not set
+        new_label = change.get("new_label", base["new_label"].iat[r]) or None
         if decision is None:
             continue
         if decision == "mislabeled" and not new_label:

@@ -4,8 +4,7 @@
 
 Trains a small real run (digits, 10% noise, 3 epochs), starts `streamlit run app.py` on a free port,
 and drives N headless Chromium sessions (one process each) on the Flagged page: each clicks a decision
-button of a random card, waits until the script run the click caused has started and ended (the app's
-`data-test-script-state`), and counts its clicks. Meanwhile
+button of a random card, waits until the app is idle again, and counts its clicks. Meanwhile
 `python -m engine export RUN --decisions` is launched every second (at most IN_FLIGHT at once) and every export is
 parsed. At the end it checks, and prints:
 - every click is one row of the review history (no decision lost, none doubled);
@@ -35,19 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 CHROMIUM = "/usr/bin/chromium"
 IN_FLIGHT = 5  # exports running at once at most (each takes seconds on a loaded 2-core machine)
-WATCH = """() => {  // window.__ran becomes true when a script run starts after this point
-  window.__ran = false;
-  if (window.__watching) return;
-  window.__watching = true;
-  const app = document.querySelector('[data-testid="stApp"]');
-  new MutationObserver(() => {
-    if (app.getAttribute('data-test-script-state') === 'running') window.__ran = true;
-  }).observe(app, {attributes: true});
-}"""
-SCRIPT_DONE = """() => {
-  const app = document.querySelector('[data-testid="stApp"]');
-  return !!app && window.__ran && app.getAttribute('data-test-script-state') === 'notRunning';
-}"""
 BUTTONS = ("cor", "rem", "uns", "mis")  # a card's Keep / Remove / Unsure / Relabel button: key f"{prefix}-{row}"
 
 
@@ -57,12 +43,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Counts, in the page, every click event that reaches a decision button (capture phase on the document, which
+# survives Streamlit's re-renders), and records whether a script run (a fragment's or the page's) started after
+# the last click: `data-test-script-state` goes to "running" and back to "notRunning".
+INSTRUMENT = """() => {
+  window.__decisionClicks = 0; window.__otherClicks = 0; window.__ran = false;
+  document.addEventListener('click', (e) => {
+    const b = e.target.closest && e.target.closest('button');
+    const c = b && b.closest('[class*="st-key-"]');
+    const key = c ? [...c.classList].find(k => k.startsWith('st-key-')) : '';
+    if (/^st-key-(cor|rem|uns|mis)-\\d+$/.test(key)) window.__decisionClicks += 1; else window.__otherClicks += 1;
+  }, true);
+  const app = document.querySelector('[data-testid="stApp"]');
+  new MutationObserver(() => {
+    if (app.getAttribute('data-test-script-state') === 'running') window.__ran = true;
+  }).observe(app, {attributes: true});
+}"""
+RERUN_DONE = """() => window.__ran &&
+  document.querySelector('[data-testid="stApp"]').getAttribute('data-test-script-state') === 'notRunning'"""
+
+
 def _session(url: str, seconds: float, seed: int, out: multiprocessing.Queue) -> None:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     rng = random.Random(seed)
-    clicks, js_errors, exceptions, refused = 0, [], 0, 0
+    clicks, js_errors, exceptions, refused, no_rerun = 0, [], 0, 0, 0
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM,
                                      args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
@@ -70,6 +76,8 @@ def _session(url: str, seconds: float, seed: int, out: multiprocessing.Queue) ->
         page.on("pageerror", lambda e: js_errors.append(str(e)[:200]))
         page.goto(f"{url}/flagged")
         page.locator("[class*='st-key-cor-'] button").first.wait_for(timeout=180_000)
+        page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=180_000)
+        page.evaluate(INSTRUMENT)
         end = time.time() + seconds
         while time.time() < end:
             prefix = rng.choice(BUTTONS)
@@ -78,20 +86,23 @@ def _session(url: str, seconds: float, seed: int, out: multiprocessing.Queue) ->
             if n == 0:
                 page.wait_for_timeout(200)
                 continue
-            page.evaluate(WATCH)
+            page.evaluate("() => { window.__ran = false; }")
             try:
                 buttons.nth(rng.randrange(n)).click(timeout=5_000)
             except PlaywrightTimeout:  # the page changed under the pointer (a rerun): nothing was clicked
                 continue
             clicks += 1
-            try:  # the script run this click caused starts and ends (a fast fragment rerun included)
-                page.wait_for_function(SCRIPT_DONE, timeout=60_000, polling=10)
+            try:  # the rerun this click caused has started and ended (the next click comes after it)
+                page.wait_for_function(RERUN_DONE, timeout=30_000, polling=50)
             except PlaywrightTimeout:
-                pass  # counted anyway: a lost click shows as clicks > rows
+                no_rerun += 1  # no script run followed the click
             exceptions = max(exceptions, page.get_by_test_id("stException").count())
             refused += sum("not saved" in t for t in page.get_by_test_id("stToast").all_inner_texts())
+        page.wait_for_timeout(1_000)
+        dom = page.evaluate("() => [window.__decisionClicks, window.__otherClicks]")
         browser.close()
-    out.put({"clicks": clicks, "js_errors": js_errors, "exceptions": exceptions, "refused": refused})
+    out.put({"clicks": clicks, "js_errors": js_errors, "exceptions": exceptions, "refused": refused,
+             "dom_clicks": dom[0], "other_clicks": dom[1], "no_rerun": no_rerun})
 
 
 def _load() -> str:
@@ -202,6 +213,9 @@ def main() -> int:
     if wall:  # (measured to within the 1 s polling step for exports that ended while another was awaited)
         print(f"export wall time: median {wall[len(wall) // 2]:.2f} s, max {wall[-1]:.2f} s")
     print(f"load average (1 min) before the exports: {load_before}, after: {_load()}")
+    print(f"click events that reached a decision button in the pages: {sum(p['dom_clicks'] for p in per)} "
+          f"(per session {[p['dom_clicks'] for p in per]}), on other elements: {sum(p['other_clicks'] for p in per)}; "
+          f"clicks followed by no script run within 30 s: {sum(p['no_rerun'] for p in per)}")
     print(f"page exceptions: {exc}, JavaScript errors: {len(js)} {js[:2]}, 'not saved' toasts seen: "
           f"{sum(p['refused'] for p in per)}")
     ok = clicks == history and not bad_exports and shrinks == 0 and exc == 0 and not js and clicks > 0

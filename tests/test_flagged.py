@@ -63,6 +63,21 @@ def test_filter_by_given_label(monkeypatch, small_run):
     assert len(table) == int((samples["label"] == 3).sum()) and set(table["label"]) == {"3"}
 
 
+def test_table_view_leaves_unset_cells_empty(monkeypatch, own_small_run):
+    """The table's decision and new-label cells hold "" where nothing is set: the grid shows None as the word."""
+    run = own_small_run
+    at = _flagged_page(monkeypatch, run)
+    row = _card_rows(at)[0]
+    at.button(key=f"rem-{row}").click().run()
+    at.radio(key="view").set_value("Table").run()
+    assert not at.exception, at.exception
+    table = next(d.value for d in at.dataframe if "sample_id" in d.value.columns).set_index("sample_id")
+    sid = run.samples()["sample_id"].iat[row]
+    assert table.loc[sid, "decision"] == "remove" and table.loc[sid, "new_label"] == ""
+    rest = table.drop(index=sid)
+    assert len(rest) and (rest["decision"] == "").all() and (rest["new_label"] == "").all()
+
+
 def test_decision_is_saved_at_once_and_survives_a_reload(monkeypatch, own_small_run):
     run = own_small_run  # its own copy: the decision stays in this test
     at = _flagged_page(monkeypatch, run)
