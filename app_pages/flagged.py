@@ -504,15 +504,15 @@ def review_panel(sel: np.ndarray) -> None:
             "image": [thumb_url(images, i) for i in rows],
             "sample_id": ids[rows], "label": class_arr[labels[rows]],
             "suggested_label": np.array(classes + ["?"], dtype=object)[suggested[rows]],
-            # "" (not None) where nothing is set: the grid shows None as the word "None"
-            "decision": [CODE_NAMES.get(int(c), "") for c in code],
-            "new_label": [classes[j] if j >= 0 else "" for j in arr.new_label[rows]],
+            "decision": [CODE_NAMES.get(int(c)) for c in code],
+            "new_label": [classes[j] if j >= 0 else None for j in arr.new_label[rows]],
             "aum": aum[rows], **{c: columns[c][rows] for c in others}, "rank": columns["rank"][rows],
             "flagged": flagged[rows],
         })
         version = st.session_state.setdefault("editor_version", 0)
         st.data_editor(
             base, key=f"editor-{version}", hide_index=True, width="stretch", height=560, row_height=52,
+            placeholder="",  # a cell with nothing set (no decision, no new label, no score) is empty, not "None"
             disabled=[c for c in base.columns if c not in ("decision", "new_label")],
             column_config={
                 "image": st.column_config.ImageColumn("image", width="small"),

@@ -64,18 +64,20 @@ def test_filter_by_given_label(monkeypatch, small_run):
 
 
 def test_table_view_leaves_unset_cells_empty(monkeypatch, own_small_run):
-    """The table's decision and new-label cells hold "" where nothing is set: the grid shows None as the word."""
+    """The table's cells with nothing set (no decision, no new label) are drawn empty: the grid draws a missing value
+    as the word "None" unless the element's ``placeholder`` says otherwise."""
     run = own_small_run
     at = _flagged_page(monkeypatch, run)
     row = _card_rows(at)[0]
     at.button(key=f"rem-{row}").click().run()
     at.radio(key="view").set_value("Table").run()
     assert not at.exception, at.exception
-    table = next(d.value for d in at.dataframe if "sample_id" in d.value.columns).set_index("sample_id")
+    editor = next(d for d in at.dataframe if "sample_id" in d.value.columns)
+    table = editor.value.set_index("sample_id")
     sid = run.samples()["sample_id"].iat[row]
-    assert table.loc[sid, "decision"] == "remove" and table.loc[sid, "new_label"] == ""
-    rest = table.drop(index=sid)
-    assert len(rest) and (rest["decision"] == "").all() and (rest["new_label"] == "").all()
+    assert table.loc[sid, "decision"] == "remove"
+    assert table.drop(index=sid)["decision"].isna().all() and table["new_label"].isna().all()  # missing values ...
+    assert editor.proto.HasField("placeholder") and editor.proto.placeholder == ""  # ... drawn as empty cells
 
 
 def test_decision_is_saved_at_once_and_survives_a_reload(monkeypatch, own_small_run):
