@@ -27,7 +27,7 @@ def test_sidebar_says_queued_then_running_on_any_page(server, page):  # noqa: F8
     url, runs = server
     page.goto(url)
     expect(page.get_by_role("button", name="Start audit")).to_be_visible(timeout=60_000)
-    _start(page, 12)  # the first audit keeps the single worker busy for a while ...
+    _start(page, 20)  # the first audit keeps the single worker busy for a while ...
     deadline = time.time() + 60
     while len(list_runs(runs)) < 1 and time.time() < deadline:
         time.sleep(0.2)
@@ -46,7 +46,8 @@ def test_sidebar_says_queued_then_running_on_any_page(server, page):  # noqa: F8
 
     # On a page without progress polling (the AUM page), the sidebar follows the queued run as it starts and ends.
     page.get_by_role("link", name="AUM").click()
-    expect(page.get_by_test_id("stHeading").first).to_contain_text("Area Under the Margin", timeout=30_000)
+    expect(page.get_by_test_id("stMain").get_by_test_id("stHeading").first).to_contain_text("Area Under the Margin",
+                                                                                 timeout=30_000)
     expect(state).to_contain_text("pending · queued", timeout=10_000)
     expect(state).not_to_contain_text("queued", timeout=300_000)  # the first audit ended: the second started
     expect(state).to_contain_text("done", timeout=300_000)
