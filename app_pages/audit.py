@@ -72,13 +72,18 @@ with st.expander("Out-of-distribution sets (optional)"):
         refuse_outside_root(ood_folder)
     st.caption("With any of these, 20% of the in-distribution samples are held out of training (not audited) "
                "for the OoD comparison and for calibration.")
+@st.cache_resource(show_spinner="Listing torchvision's architectures (the first time, PyTorch loads: seconds)…")
+def architectures() -> list[str]:
+    return torchvision_architectures()
+
+
 # Bring your own model (issue 18): any torchvision architecture, optionally from a weights file here. Listing the
 # architectures imports torchvision and PyTorch (seconds on a fresh server), so the expander's content runs only
 # while it is open (on_change="rerun"); its values are kept while it is closed (persist_state="page").
 with st.expander("Model from torchvision (optional)", key="tv_open", on_change="rerun") as tv_box:
     if tv_box.open:
         g1, g2, g3, g4 = st.columns(4)
-        g1.selectbox("…or a torchvision architecture", [""] + torchvision_architectures(), key="tv_arch",
+        g1.selectbox("…or a torchvision architecture", [""] + architectures(), key="tv_arch",
                      persist_state="page", help="Replaces the model of the training settings, e.g. resnet18; built "
                                                 "by torchvision, nothing downloaded")
         g2.text_input("Weights file (state dict)", key="tv_weights", placeholder="/models/resnet18.pt",
