@@ -291,6 +291,41 @@ def test_clicks_on_charts_and_neighbours_open_samples(server, browser):  # noqa:
     assert page.locator("[data-testid='stException']").count() == 0
 
 
+def test_clicks_during_reruns_are_all_saved(server, browser):  # noqa: F811
+    """Issue 17 item 6 in the suite: decision buttons of the cards clicked one right after the other, each while the
+    rerun of the one before may still run, give one review-history row per click (none coalesced away), and the
+    page sees one click event per press (no button re-rendered under the pointer)."""
+    import random
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from load_test import INSTRUMENT
+
+    from engine.review.reviews import ReviewStore
+    from engine.training import audit
+    from engine.training.config import AuditConfig
+
+    url, runs = server
+    run, ds = audit.prepare(AuditConfig(dataset="digits", noise=0.1, epochs=2, seed=17), runs)
+    audit.execute(run, ds)
+    store = ReviewStore(run.path)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{url}/flagged?run={run.id}")
+    page.locator("[class*='st-key-cor-'] button").first.wait_for(timeout=60_000)
+    _wait_idle(page)
+    page.evaluate(INSTRUMENT)
+    rng, clicks = random.Random(0), 0
+    for _ in range(10):
+        buttons = page.locator(f"[class*='st-key-{rng.choice(['cor', 'rem', 'uns', 'mis'])}-'] button >> visible=true")
+        buttons.nth(rng.randrange(buttons.count())).click(timeout=30_000)
+        clicks += 1
+    assert _poll(lambda: len(store.history()) >= clicks, timeout=60), f"{len(store.history())} rows for {clicks} clicks"
+    _wait_idle(page)
+    presses, events = page.evaluate("() => [window.__decisionPresses, window.__decisionClicks]")
+    assert (presses, events, len(store.history())) == (clicks, clicks, clicks)
+    assert page.locator("[data-testid='stException']").count() == 0
+
+
 def _edit_table_cell(page, row: int, column: int, text: str) -> None:
     """Type ``text`` into the selectbox cell at ``row`` (0 = first data row) and ``column`` (0 = sample_id) of the
     Flagged page's editable table: click the row's sample_id cell, move with the arrow keys, Enter opens the
