@@ -239,7 +239,8 @@ def progress() -> None:
     epochs, passes = int(status.get("epochs") or run.config()["epochs"]), int(status.get("passes") or 1)
     done = sum(status.get("epochs_done") or [])
     total = epochs * passes
-    st.subheader(f"Run `{run.id}`: {state}")
+    shown, detail = jobs.state_of(run)  # as the sidebar says it: a queued job is pending, a started one running
+    st.subheader(f"Run `{run.id}`: {shown}" + (f" ({detail})" if detail else ""))
     st.progress(done / total if total else 0.0, text=f"{done} of {total} epochs ({passes} pass(es) × {epochs})")
     hist = status.get("history") or []
     if hist:
@@ -257,10 +258,11 @@ def progress() -> None:
             way = "streamed from disk" if pipe["loader"] == "stream" else "held in memory"
             st.caption(f"Images {way} on {pipe['device']}, {pipe['workers']} decoding worker(s).")
     curves_chart(status)
-    if status.get("phase") == "preparing":
+    if status.get("phase") == "preparing" or detail == "reading the dataset":
         st.info("Reading the dataset: file list, image headers, decoding and normalisation statistics…")
-    elif state == "pending":
-        st.info("Queued: it starts when the audit before it ends.")
+    elif shown == "pending" and detail != "cancelling":
+        st.info("Queued: it starts when the audit before it ends." if detail.startswith("queued") else
+                "Pending: the process that created this run has not started training it yet.")
     if state in ("running", "pending"):
         if st.button("Cancel", key=f"cancel-{run.id}", disabled=not may_run_audits()):
             if jobs.cancel(run.id):

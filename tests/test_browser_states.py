@@ -41,6 +41,7 @@ def test_sidebar_says_queued_then_running_on_any_page(server, page):  # noqa: F8
     expect(sidebar.get_by_role("combobox")).to_have_value(second.id, timeout=30_000)
     state = sidebar.get_by_test_id("stMarkdownContainer").filter(has_text="State:")
     expect(state).to_contain_text("pending · queued, 1 job(s) ahead", timeout=30_000)
+    expect(page.locator("h3").filter(has_text=second.id)).to_contain_text("pending (queued, 1 job(s) ahead)")
     assert first.raw_status()["state"] in ("running", "pending"), "the first audit ended before the check"
     page.screenshot(path=ARTIFACTS / "states-01-queued.png", full_page=True)
 
