@@ -106,7 +106,7 @@ def _session(url: str, seconds: float, seed: int, out: multiprocessing.Queue) ->
             except PlaywrightTimeout:
                 no_rerun += 1  # no script run followed the click
             exceptions = max(exceptions, page.get_by_test_id("stException").count())
-            refused += sum("not saved" in t for t in page.get_by_test_id("stToast").all_inner_texts())
+            refused += sum("not saved" in t for t in page.get_by_test_id("stToast").all_inner_texts())  # (error toast)
         page.wait_for_timeout(1_000)
         dom = page.evaluate("() => [window.__decisionClicks, window.__otherClicks, window.__decisionPresses]")
         browser.close()

@@ -326,6 +326,42 @@ def test_clicks_during_reruns_are_all_saved(server, browser):  # noqa: F811
     assert page.locator("[data-testid='stException']").count() == 0
 
 
+def test_a_saved_decision_covers_no_button(server, browser):  # noqa: F811
+    """A user's click on a card's button right after a decision is saved reaches it. The page said "saved" with a
+    toast, which Streamlit pops up at the top right for 4 s, over the right-hand cards' buttons: a click there
+    went to the toast and no decision was saved."""
+    from engine.review.reviews import ReviewStore
+    from engine.training import audit
+    from engine.training.config import AuditConfig
+
+    url, runs = server
+    run, ds = audit.prepare(AuditConfig(dataset="digits", noise=0.1, epochs=2, seed=19), runs)
+    audit.execute(run, ds)
+    store = ReviewStore(run.path)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{url}/flagged?run={run.id}")
+    page.locator("[class*='st-key-cor-'] button").first.wait_for(timeout=60_000)
+    _wait_idle(page)
+    target = page.locator("[class*='st-key-cor-'] button >> visible=true").nth(3)  # the first row's right-hand card
+    to_top = """e => { e.scrollIntoView({block: 'start'});
+      let p = e.parentElement; while (p && p.scrollTop === 0) p = p.parentElement;
+      (p || document.scrollingElement).scrollBy(0, -90); }"""  # 90 px below the top, at the right: a toast's place
+    page.get_by_role("heading", name="Flagged samples").click()  # keyboard focus on the page, not in an input
+    target.evaluate(to_top)
+    page.keyboard.press("u")  # decide the focused sample by key: saved, and said so
+    assert _poll(lambda: len(store.history()) == 1)
+    _wait_idle(page)
+    target.evaluate(to_top)
+    box = target.bounding_box()
+    assert box["y"] < 150 and box["x"] > 1000, box
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # where the user sees the button
+    assert _poll(lambda: len(store.history()) == 2, timeout=30), "the click on the card's Keep button was lost"
+    _wait_idle(page)
+    assert page.get_by_test_id("stToast").count() == 0
+    assert "Undo with Z" in page.locator(".st-key-review-status").inner_text()  # the step is said in the page
+    page.screenshot(path=ARTIFACTS / "review-08-status-line.png")
+
+
 def _edit_table_cell(page, row: int, column: int, text: str) -> None:
     """Type ``text`` into the selectbox cell at ``row`` (0 = first data row) and ``column`` (0 = sample_id) of the
     Flagged page's editable table: click the row's sample_id cell, move with the arrow keys, Enter opens the
