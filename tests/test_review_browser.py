@@ -219,6 +219,9 @@ def test_hostile_class_and_file_names_are_shown_as_text(server, browser, tmp_pat
             shown = page.locator("[data-testid='stVerticalBlock'] [data-testid='stMarkdownContainer'] strong").all_inner_texts()
             assert set(run.samples()["sample_id"]) & set(shown)
             assert any(("<img" in t or "![x](x)" in t or "javascript:" in t) for t in shown), shown[:12]
+            page.get_by_role("heading", name="Flagged samples").click()
+            page.keyboard.press("x")  # a decision: the status line quotes the hostile id, as text
+            expect(page.locator(".st-key-review-status")).to_contain_text(f"Remove {sid}", timeout=30_000)
         count = page.evaluate(f"() => document.querySelectorAll({injected!r}).length")
         assert count == 0, f"{name}: {count} injected element(s)"
         assert page.title() not in ("1", "2"), f"{name}: a script from a name ran"
