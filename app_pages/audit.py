@@ -72,22 +72,37 @@ with st.expander("Out-of-distribution sets (optional)"):
         refuse_outside_root(ood_folder)
     st.caption("With any of these, 20% of the in-distribution samples are held out of training (not audited) "
                "for the OoD comparison and for calibration.")
-with st.expander("Model from torchvision (optional)"):
-    # Bring your own model (issue 18): any torchvision architecture, optionally from a weights file here.
-    g1, g2, g3, g4 = st.columns(4)
-    tv_arch = g1.selectbox("…or a torchvision architecture", [""] + torchvision_architectures(), key="tv_arch",
-                           help="Replaces the model of the training settings, e.g. resnet18; built by torchvision, "
-                                "nothing downloaded")
-    tv_weights = g2.text_input("Weights file (state dict)", key="tv_weights", placeholder="/models/resnet18.pt",
-                               help="A local torch.save(model.state_dict()) of that architecture, under the data root; "
-                                    "its head is replaced for your classes. Empty: trained from scratch")
-    with g2:  # outside the form: a path outside the data root is refused as soon as it is typed
-        refuse_outside_root(tv_weights)
-    tv_enum = g3.text_input("Weights enum (optional)", key="tv_enum", placeholder="ResNet18_Weights.IMAGENET1K_V1",
-                            help="Names the file's torchvision weights: their image size and normalisation are "
-                                 "used (default for a file: ImageNet normalisation)")
-    tv_finetune = g4.selectbox("Fine-tune", ["all", "head"], key="tv_finetune",
-                               help="With a weights file: every layer (all) or only the new head (head)")
+@st.cache_resource(show_spinner="Listing torchvision's architectures (the first time, PyTorch loads: seconds)…")
+def architectures() -> list[str]:
+    return torchvision_architectures()
+
+
+# Bring your own model (issue 18): any torchvision architecture, optionally from a weights file here. Listing the
+# architectures imports torchvision and PyTorch (seconds on a fresh server), so the expander's content runs only
+# while it is open (on_change="rerun"); its values are kept while it is closed (persist_state="page").
+with st.expander("Model from torchvision (optional)", key="tv_open", on_change="rerun") as tv_box:
+    if tv_box.open:
+        g1, g2, g3, g4 = st.columns(4)
+        g1.selectbox("…or a torchvision architecture", [""] + architectures(), key="tv_arch",
+                     persist_state="page", help="Replaces the model of the training settings, e.g. resnet18; built "
+                                                "by torchvision, nothing downloaded")
+        g2.text_input("Weights file (state dict)", key="tv_weights", placeholder="/models/resnet18.pt",
+                      persist_state="page", help="A local torch.save(model.state_dict()) of that architecture, under "
+                      "the data root; its head is replaced for your classes. Empty: trained from scratch")
+        with g2:  # outside the form: a path outside the data root is refused as soon as it is typed
+            refuse_outside_root(st.session_state.get("tv_weights") or "")
+        g3.text_input("Weights enum (optional)", key="tv_enum", placeholder="ResNet18_Weights.IMAGENET1K_V1",
+                      persist_state="page", help="Names the file's torchvision weights: their image size and "
+                      "normalisation are used (default for a file: ImageNet normalisation)")
+        g4.selectbox("Fine-tune", ["all", "head"], key="tv_finetune", persist_state="page",
+                     help="With a weights file: every layer (all) or only the new head (head)")
+tv_arch = st.session_state.get("tv_arch") or ""
+tv_weights = st.session_state.get("tv_weights") or ""
+tv_enum = st.session_state.get("tv_enum") or ""
+tv_finetune = st.session_state.get("tv_finetune") or "all"
+if tv_arch and not tv_box.open:
+    st.caption(f"Model: torchvision **{md_escape(tv_arch)}**"
+               + (f" from {md_escape(tv_weights)}" if tv_weights.strip() else "") + " (open the expander to change it).")
 with st.form("start"):
     noise, noise_kind, upload = 0.0, "symmetric", None
     c1, c2 = st.columns(2)
@@ -224,7 +239,8 @@ def progress() -> None:
     epochs, passes = int(status.get("epochs") or run.config()["epochs"]), int(status.get("passes") or 1)
     done = sum(status.get("epochs_done") or [])
     total = epochs * passes
-    st.subheader(f"Run `{run.id}`: {state}")
+    shown, detail = jobs.state_of(run)  # as the sidebar says it: a queued job is pending, a started one running
+    st.subheader(f"Run `{run.id}`: {shown}" + (f" ({detail})" if detail else ""))
     st.progress(done / total if total else 0.0, text=f"{done} of {total} epochs ({passes} pass(es) × {epochs})")
     hist = status.get("history") or []
     if hist:
@@ -242,10 +258,11 @@ def progress() -> None:
             way = "streamed from disk" if pipe["loader"] == "stream" else "held in memory"
             st.caption(f"Images {way} on {pipe['device']}, {pipe['workers']} decoding worker(s).")
     curves_chart(status)
-    if status.get("phase") == "preparing":
+    if status.get("phase") == "preparing" or detail == "reading the dataset":
         st.info("Reading the dataset: file list, image headers, decoding and normalisation statistics…")
-    elif state == "pending":
-        st.info("Queued: it starts when the audit before it ends.")
+    elif shown == "pending" and detail != "cancelling":
+        st.info("Queued: it starts when the audit before it ends." if detail.startswith("queued") else
+                "Pending: the process that created this run has not started training it yet.")
     if state in ("running", "pending"):
         if st.button("Cancel", key=f"cancel-{run.id}", disabled=not may_run_audits()):
             if jobs.cancel(run.id):

@@ -115,8 +115,34 @@ def require_access() -> None:
 
 
 def state_badge(run: Run) -> str:
-    state = run.status().get("state", "?")
-    return f"{STATE_ICONS.get(state, '')} {state}"
+    """``:material/hourglass_empty: pending · queued, 1 job(s) ahead``: the run's state as this dashboard knows it
+    (``JobManager.state_of``: a job waiting in the queue is pending, one the worker started is running)."""
+    state, detail = job_manager().state_of(run)
+    return f"{STATE_ICONS.get(state, '')} {state}" + (f" · {detail}" if detail else "")
+
+
+ACTIVE_STATES = ("running", "pending")
+STATE_REFRESH_S = 2.0  # how often the sidebar reads the states again while a run is queued or running
+
+
+def _sidebar_states(run: Run, runs: list[Run]) -> None:
+    """The chosen run's state and the list of every run's, kept current: while any run is queued or running they
+    are read again every ``STATE_REFRESH_S`` seconds (a fragment: only these lines rerun), on every page. When the
+    chosen run leaves the state the page was drawn in for one that is not live any more, the whole page reruns
+    (its content depends on it)."""
+    live = any(r.status().get("state") in ACTIVE_STATES for r in runs)
+    drawn = run.status().get("state")
+
+    @st.fragment(run_every=STATE_REFRESH_S if live else None)
+    def states() -> None:
+        now = run.status().get("state")
+        if now != drawn and now not in ACTIVE_STATES:  # (the whole run that follows draws it with drawn == now)
+            st.rerun()
+        st.markdown(f"State: **{state_badge(run)}**")
+        with st.expander(f"All runs ({len(runs)})"):
+            st.markdown("\n".join(f"- `{r.id}` {state_badge(r)}" for r in runs))
+
+    states()
 
 
 def current_run() -> Run | None:
@@ -161,14 +187,12 @@ def sidebar_run_picker() -> Run | None:
         st.query_params["run"] = chosen
         run = by_id[chosen]
         cfg = run.config()
-        st.markdown(f"State: **{state_badge(run)}**")
+        _sidebar_states(run, runs)
         st.caption(policy_caption(run), help="The review policy decides which samples are flagged and their rank on "
                    "every page and in every export. Change it on the AUM page.")
         noise = f", {cfg['noise']:.0%} {cfg['noise_kind']} noise injected" if cfg.get("noise") else ""
         st.caption(f"Dataset **{md_escape(cfg['dataset'])}**{noise} · model **{md_escape(cfg['model'])}** · "
                    f"{cfg['epochs']} epochs × {cfg['threshold_runs'] if cfg['threshold_samples'] else 1} pass(es)")
-        with st.expander(f"All runs ({len(runs)})"):
-            st.markdown("\n".join(f"- `{r.id}` {state_badge(r)}" for r in runs))
         st.session_state["_current_run"] = run
         return run
 

@@ -159,16 +159,27 @@ if reviewer_name():
 
 # ---- decisions (callbacks: they run before the rerun they cause) -----------------------------------------------
 def say(text: str, icon: str) -> None:
-    """A toast shown by the next run of the review fragment (a callback must not draw elements itself)."""
-    st.session_state["_say"] = (md_escape(text), icon)
+    """Said by the review panel's status line from its next run on (a callback must not draw elements itself).
+
+    A line in the page, not a toast: Streamlit pops a toast up at the top right for 4 s, over the buttons of the
+    gallery's right-hand cards, and a click meant for one of them went to the toast (the decision was lost).
+    Errors are rare and must be seen wherever the reviewer is scrolled: they are also toasted.
+    """
+    st.session_state["_say"] = (str(run.path), md_escape(text), icon)
+    if icon == ":material/error:":
+        st.session_state["_say_toast"] = (md_escape(text), icon)
 
 
 def record(indices: np.ndarray, decision: str, new_labels: list[str | None], what: str) -> None:
     """Save one step (a batch) and remember it for undo."""
     st.session_state["_decided_at"] = (time.perf_counter(), time.thread_time())
     batch = new_batch_id()
-    n = store.record_many([(ids[i], decision, lab) for i, lab in zip(indices, new_labels, strict=True)],
-                          session=session, reviewer=reviewer_name() or None, batch=batch)
+    try:
+        n = store.record_many([(ids[i], decision, lab) for i, lab in zip(indices, new_labels, strict=True)],
+                              session=session, reviewer=reviewer_name() or None, batch=batch)
+    except ValueError as exc:  # ReviewError: the database stayed busy, an unknown id or class
+        say(f"{what}: not saved ({exc})", ":material/error:")
+        return
     arr.sync()
     st.session_state.setdefault("undo_stack", []).append((batch, what, int(indices[0]) if len(indices) else None))
     say(f"{what}: {fmt_num(n)} sample(s). Undo with Z.", ":material/done:")
@@ -380,9 +391,15 @@ def thumb_url(images, i: int) -> str | None:
 @st.fragment
 def review_panel(sel: np.ndarray) -> None:
     images = sample_images(run)
-    if "_say" in st.session_state:
-        text, icon = st.session_state.pop("_say")
+    if "_say_toast" in st.session_state:
+        text, icon = st.session_state.pop("_say_toast")
         st.toast(text, icon=icon)
+    said = st.session_state.get("_say")
+    with st.container(key="review-status"):  # one line, always there: the layout below does not move
+        if said and said[0] == str(run.path):
+            st.caption(f"{said[2]} {said[1]}")
+        else:
+            st.caption(":material/info: Each decision is saved as you click; Z undoes the last step.")
     reviewed = arr.code > 0
     p = st.columns(4)
     p[0].metric("Reviewed / flagged", f"{fmt_num(int(np.count_nonzero(reviewed & flagged)))} / {fmt_num(n_flagged)}")
@@ -512,6 +529,7 @@ def review_panel(sel: np.ndarray) -> None:
         version = st.session_state.setdefault("editor_version", 0)
         st.data_editor(
             base, key=f"editor-{version}", hide_index=True, width="stretch", height=560, row_height=52,
+            placeholder="",  # a cell with nothing set (no decision, no new label, no score) is empty, not "None"
             disabled=[c for c in base.columns if c not in ("decision", "new_label")],
             column_config={
                 "image": st.column_config.ImageColumn("image", width="small"),
@@ -551,8 +569,8 @@ def apply_table_edits(rows: np.ndarray, base: pd.DataFrame) -> None:
     version = st.session_state.get("editor_version", 0)
     edited = st.session_state[f"editor-{version}"]["edited_rows"]
     for r, change in edited.items():
-        decision = change.get("decision", base["decision"].iat[r])
-        new_label = change.get("new_label", base["new_label"].iat[r])
+        decision = change.get("decision", base["decision"].iat[r]) or None  # "" or None: not set
+        new_label = change.get("new_label", base["new_label"].iat[r]) or None
         if decision is None:
             continue
         if decision == "mislabeled" and not new_label:

@@ -132,8 +132,6 @@ from engine.training.config import (
     AuditConfig,
     ConfigError,
     parse_class_list,
-)
-from engine.training.models import (
     torchvision_architectures,
 )
 from engine.training.retrain import (

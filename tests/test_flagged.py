@@ -63,6 +63,23 @@ def test_filter_by_given_label(monkeypatch, small_run):
     assert len(table) == int((samples["label"] == 3).sum()) and set(table["label"]) == {"3"}
 
 
+def test_table_view_leaves_unset_cells_empty(monkeypatch, own_small_run):
+    """The table's cells with nothing set (no decision, no new label) are drawn empty: the grid draws a missing value
+    as the word "None" unless the element's ``placeholder`` says otherwise."""
+    run = own_small_run
+    at = _flagged_page(monkeypatch, run)
+    row = _card_rows(at)[0]
+    at.button(key=f"rem-{row}").click().run()
+    at.radio(key="view").set_value("Table").run()
+    assert not at.exception, at.exception
+    editor = next(d for d in at.dataframe if "sample_id" in d.value.columns)
+    table = editor.value.set_index("sample_id")
+    sid = run.samples()["sample_id"].iat[row]
+    assert table.loc[sid, "decision"] == "remove"
+    assert table.drop(index=sid)["decision"].isna().all() and table["new_label"].isna().all()  # missing values ...
+    assert editor.proto.HasField("placeholder") and editor.proto.placeholder == ""  # ... drawn as empty cells
+
+
 def test_decision_is_saved_at_once_and_survives_a_reload(monkeypatch, own_small_run):
     run = own_small_run  # its own copy: the decision stays in this test
     at = _flagged_page(monkeypatch, run)

@@ -132,6 +132,30 @@ def test_cli_resume_refuses_a_run_the_dashboard_has_queued(tmp_path):
     jobs.wait(run.id, 120)
 
 
+def test_state_of_tells_a_queued_audit_from_a_running_one(tmp_path):
+    """The sidebar's state (JobManager.state_of): a job waiting in the queue is pending and says so, the one the
+    worker trains is running, a queued resume is pending (not the state the run had before), a cancel is said."""
+    jobs = JobManager(tmp_path)
+    busy = _busy_worker(jobs, tmp_path)
+    queued = jobs.start(AuditConfig(dataset="digits", epochs=1, threshold_samples=False), tmp_path)
+    done = _finished_run(tmp_path)
+    _wait_running(busy)
+    assert jobs.state_of(busy)[0] == "running"
+    assert jobs.state_of(queued) == ("pending", "queued, 1 job(s) ahead")
+    done.update_status(state="interrupted")
+    jobs.resume(done)
+    assert jobs.state_of(done) == ("pending", "queued, 2 job(s) ahead")
+    assert jobs.state_of(_finished_run(tmp_path)) == ("done", "")  # not a job of this process
+    jobs.cancel(queued.id)
+    assert jobs.state_of(queued) == ("pending", "cancelling")
+    jobs.cancel(done.id)
+    jobs.cancel(busy.id)
+    for run in (busy, queued, done):
+        jobs.wait(run.id, 120)
+    assert jobs.state_of(queued) == ("cancelled", "")
+    assert jobs.state_of(busy) == ("cancelled", "")
+
+
 def test_a_claim_of_a_dead_process_is_taken_over_and_a_live_one_is_not(tmp_path):
     run = _finished_run(tmp_path)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -107,3 +107,39 @@ def test_sample_folder_audit_from_the_page(monkeypatch, tmp_path):
         time.sleep(0.5)
     assert run.status()["state"] == "done"
     assert len(run.samples()) == 300  # read by the background worker, not by the page
+
+
+# Opens every page of the app on the runs folder argv[1] in a fresh interpreter and prints, after each, whether
+# PyTorch / torchvision were imported (a cold import of PyTorch made the Audit page's first open take seconds).
+_IMPORTS = """
+import sys
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file(sys.argv[2], default_timeout=120).run()
+assert not at.exception, at.exception
+print("audit", "torch" in sys.modules, "torchvision" in sys.modules)
+for page in ("aum", "flagged", "scores", "datamap", "ood"):
+    at.switch_page(f"app_pages/{page}.py").run()
+    assert not at.exception, (page, at.exception)
+    print(page, "torch" in sys.modules, "torchvision" in sys.modules)
+at.switch_page("app_pages/audit.py").run()
+at.session_state["tv_open"] = True  # the torchvision expander opened: its content runs, the list needs torchvision
+at.run()
+assert not at.exception, at.exception
+assert "resnet18" in at.selectbox(key="tv_arch").options
+print("torchvision-list", "torch" in sys.modules, "torchvision" in sys.modules)
+"""
+
+
+def test_pages_open_without_importing_pytorch(small_run):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DIFFICULTY_AUDIT_RUNS=str(small_run.path.parent))
+    out = subprocess.run([sys.executable, "-c", _IMPORTS, str(small_run.path.parent), APP], env=env, cwd=Path(APP).parent,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines() if line.strip()}
+    for page in ("audit", "aum", "flagged", "scores", "datamap", "ood"):
+        assert seen[page] == ["False", "False"], f"opening the {page} page imported PyTorch: {seen}"
+    assert seen["torchvision-list"] == ["True", "True"]

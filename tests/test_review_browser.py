@@ -219,6 +219,9 @@ def test_hostile_class_and_file_names_are_shown_as_text(server, browser, tmp_pat
             shown = page.locator("[data-testid='stVerticalBlock'] [data-testid='stMarkdownContainer'] strong").all_inner_texts()
             assert set(run.samples()["sample_id"]) & set(shown)
             assert any(("<img" in t or "![x](x)" in t or "javascript:" in t) for t in shown), shown[:12]
+            page.get_by_role("heading", name="Flagged samples").click()
+            page.keyboard.press("x")  # a decision: the status line quotes the hostile id, as text
+            expect(page.locator(".st-key-review-status")).to_contain_text(f"Remove {sid}", timeout=30_000)
         count = page.evaluate(f"() => document.querySelectorAll({injected!r}).length")
         assert count == 0, f"{name}: {count} injected element(s)"
         assert page.title() not in ("1", "2"), f"{name}: a script from a name ran"
@@ -289,6 +292,77 @@ def test_clicks_on_charts_and_neighbours_open_samples(server, browser):  # noqa:
     neighbour.get_by_role("button", name="Open").click()
     expect(focused).to_have_text(ids.iat[nn_row], timeout=30_000)
     assert page.locator("[data-testid='stException']").count() == 0
+
+
+def test_clicks_during_reruns_are_all_saved(server, browser):  # noqa: F811
+    """Issue 17 item 6 in the suite: decision buttons of the cards clicked one right after the other, each while the
+    rerun of the one before may still run, give one review-history row per click (none coalesced away), and the
+    page sees one click event per press (no button re-rendered under the pointer)."""
+    import random
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from load_test import INSTRUMENT
+
+    from engine.review.reviews import ReviewStore
+    from engine.training import audit
+    from engine.training.config import AuditConfig
+
+    url, runs = server
+    run, ds = audit.prepare(AuditConfig(dataset="digits", noise=0.1, epochs=2, seed=17), runs)
+    audit.execute(run, ds)
+    store = ReviewStore(run.path)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{url}/flagged?run={run.id}")
+    page.locator("[class*='st-key-cor-'] button").first.wait_for(timeout=60_000)
+    _wait_idle(page)
+    page.evaluate(INSTRUMENT)
+    rng, clicks = random.Random(0), 0
+    for _ in range(10):
+        buttons = page.locator(f"[class*='st-key-{rng.choice(['cor', 'rem', 'uns', 'mis'])}-'] button >> visible=true")
+        buttons.nth(rng.randrange(buttons.count())).click(timeout=30_000)
+        clicks += 1
+    assert _poll(lambda: len(store.history()) >= clicks, timeout=60), f"{len(store.history())} rows for {clicks} clicks"
+    _wait_idle(page)
+    presses, events = page.evaluate("() => [window.__decisionPresses, window.__decisionClicks]")
+    assert (presses, events, len(store.history())) == (clicks, clicks, clicks)
+    assert page.locator("[data-testid='stException']").count() == 0
+
+
+def test_a_saved_decision_covers_no_button(server, browser):  # noqa: F811
+    """A user's click on a card's button right after a decision is saved reaches it. The page said "saved" with a
+    toast, which Streamlit pops up at the top right for 4 s, over the right-hand cards' buttons: a click there
+    went to the toast and no decision was saved."""
+    from engine.review.reviews import ReviewStore
+    from engine.training import audit
+    from engine.training.config import AuditConfig
+
+    url, runs = server
+    run, ds = audit.prepare(AuditConfig(dataset="digits", noise=0.1, epochs=2, seed=19), runs)
+    audit.execute(run, ds)
+    store = ReviewStore(run.path)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{url}/flagged?run={run.id}")
+    page.locator("[class*='st-key-cor-'] button").first.wait_for(timeout=60_000)
+    _wait_idle(page)
+    target = page.locator("[class*='st-key-cor-'] button >> visible=true").nth(3)  # the first row's right-hand card
+    to_top = """e => { e.scrollIntoView({block: 'start'});
+      let p = e.parentElement; while (p && p.scrollTop === 0) p = p.parentElement;
+      (p || document.scrollingElement).scrollBy(0, -90); }"""  # 90 px below the top, at the right: a toast's place
+    page.get_by_role("heading", name="Flagged samples").click()  # keyboard focus on the page, not in an input
+    target.evaluate(to_top)
+    page.keyboard.press("u")  # decide the focused sample by key: saved, and said so
+    assert _poll(lambda: len(store.history()) == 1)
+    _wait_idle(page)
+    target.evaluate(to_top)
+    box = target.bounding_box()
+    assert box["y"] < 150 and box["x"] > 1000, box
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # where the user sees the button
+    assert _poll(lambda: len(store.history()) == 2, timeout=30), "the click on the card's Keep button was lost"
+    _wait_idle(page)
+    assert page.get_by_test_id("stToast").count() == 0
+    assert "Undo with Z" in page.locator(".st-key-review-status").inner_text()  # the step is said in the page
+    page.screenshot(path=ARTIFACTS / "review-08-status-line.png")
 
 
 def _edit_table_cell(page, row: int, column: int, text: str) -> None:

@@ -118,6 +118,8 @@ def test_audit_page_offers_torchvision_models_and_refuses_a_wrong_weights_file(m
     monkeypatch.setenv("DIFFICULTY_AUDIT_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("DIFFICULTY_AUDIT_DATA_ROOT", str(tmp_path))  # the weights file lies under the data root
     at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60).run()
+    at.session_state["tv_open"] = True  # open the expander: its content (the list needs torchvision) runs only then
+    at.run()
     assert "resnet18" in at.selectbox(key="tv_arch").options
     at.selectbox(key="tv_arch").set_value("resnet18")
     at.text_input(key="tv_weights").set_value(str(tmp_path / "other.pt"))

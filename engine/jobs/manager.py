@@ -116,6 +116,35 @@ class JobManager:
         with self._lock:
             return self._jobs.get(run_id)
 
+    def state_of(self, run: Run) -> tuple[str, str]:
+        """What to show as ``run``'s state: ``(state, detail)``.
+
+        ``state`` is the run's status (``Run.status``: pending, running, done, failed, cancelled, interrupted),
+        except that a job of this process that the worker has started is ``running`` even before its status
+        says so. ``detail`` tells a queued job from a started one: ``queued, N job(s) ahead`` for an audit
+        still waiting in this process's queue, ``reading the dataset`` while the worker prepares a run, the
+        state of a score job queued or running for a finished run, or ``cancelling`` once a cancel was asked;
+        empty otherwise (e.g. a run pending in another process).
+        """
+        status = run.status()
+        state, detail = str(status.get("state", "?")), ""
+        with self._lock:
+            jobs = [j for j in self._jobs.values() if j.run.id == run.id and not j.done]
+            waiting = sorted((j for j in self._jobs.values() if not j.done), key=lambda j: j.queued_at)
+        job = jobs[0] if jobs else None
+        if job is not None and job.cancel.is_set():
+            detail = "cancelling"
+        elif job is not None and job.kind == "scores":
+            detail = "computing scores" if job.started_at is not None else "scores queued"
+        elif job is not None and job.started_at is None and state == "pending":
+            ahead = sum(1 for j in waiting if j.queued_at < job.queued_at)
+            state, detail = "pending", f"queued, {ahead} job(s) ahead" if ahead else "queued, next to start"
+        elif job is not None and state == "pending":  # started: the worker reads the dataset of a resume
+            state, detail = "running", "reading the dataset"
+        elif state == "running" and status.get("phase") == "preparing":
+            detail = "reading the dataset"
+        return state, detail
+
     def active(self) -> list[Job]:
         """Queued or running jobs, oldest first."""
         with self._lock:

@@ -19,6 +19,17 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the option and a valid range."""
 
 
+def torchvision_architectures() -> list[str]:
+    """Every torchvision classification architecture (``torchvision.models.list_models(module=torchvision.models)``).
+
+    Imports torchvision (and so PyTorch: seconds on a cold start) at its first call only: this module, and the
+    dashboard's pages that import it through ``engine.ui``, load without PyTorch.
+    """
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
 @dataclass
 class AuditConfig:
     dataset: str = "digits"

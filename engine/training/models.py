@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.training.config import MODELS
+from engine.training.config import MODELS, torchvision_architectures
 
 
 class SmallCNN(nn.Module):
@@ -105,13 +105,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 class ModelError(ValueError):
     """A model or weights file cannot be used; the message says why and what to do."""
-
-
-def torchvision_architectures() -> list[str]:
-    """Every torchvision classification architecture (``torchvision.models.list_models(module=torchvision.models)``)."""
-    import torchvision
-
-    return torchvision.models.list_models(module=torchvision.models)
 
 
 def check_model_name(name: str) -> None:
