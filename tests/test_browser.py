@@ -164,6 +164,10 @@ def test_review_and_export_journey(server, page, tmp_path):
     with page.expect_file_chooser() as fc:
         page.get_by_test_id("stFileUploaderDropzone").get_by_test_id("stBaseButton-secondary").click()
     fc.value.set_files(str(ROOT / "sample_data" / "predefined_scores.csv"))
+    expect(page.get_by_text("predefined_scores.csv: 1,797 rows")).to_be_visible(timeout=30_000)
+    # as a user does: click once the page has settled (a button clicked while the upload's script run is still
+    # going was seen, once in a full suite, to do nothing)
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=60_000)
     page.get_by_role("button", name="Import into this run").click()
     expect(page.get_by_text("Imported knn_disagreement")).to_be_visible(timeout=30_000)
     expect(page.get_by_text("csv:knn_disagreement").first).to_be_visible(timeout=30_000)
