@@ -294,6 +294,22 @@ def test_clicks_on_charts_and_neighbours_open_samples(server, browser):  # noqa:
     assert page.locator("[data-testid='stException']").count() == 0
 
 
+def _flagged_page_of_new_run(server, browser, seed: int):  # noqa: F811
+    """A fresh 2-epoch digits audit, its review store, and its Flagged page open and idle."""
+    from engine.review.reviews import ReviewStore
+    from engine.training import audit
+    from engine.training.config import AuditConfig
+
+    url, runs = server
+    run, ds = audit.prepare(AuditConfig(dataset="digits", noise=0.1, epochs=2, seed=seed), runs)
+    audit.execute(run, ds)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{url}/flagged?run={run.id}")
+    page.locator("[class*='st-key-cor-'] button").first.wait_for(timeout=60_000)
+    _wait_idle(page)
+    return ReviewStore(run.path), page
+
+
 def test_clicks_during_reruns_are_all_saved(server, browser):  # noqa: F811
     """Issue 17 item 6 in the suite: decision buttons of the cards clicked one right after the other, each while the
     rerun of the one before may still run, give one review-history row per click (none coalesced away), and the
@@ -304,18 +320,7 @@ def test_clicks_during_reruns_are_all_saved(server, browser):  # noqa: F811
     sys.path.insert(0, str(ROOT / "bench"))
     from load_test import INSTRUMENT
 
-    from engine.review.reviews import ReviewStore
-    from engine.training import audit
-    from engine.training.config import AuditConfig
-
-    url, runs = server
-    run, ds = audit.prepare(AuditConfig(dataset="digits", noise=0.1, epochs=2, seed=17), runs)
-    audit.execute(run, ds)
-    store = ReviewStore(run.path)
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(f"{url}/flagged?run={run.id}")
-    page.locator("[class*='st-key-cor-'] button").first.wait_for(timeout=60_000)
-    _wait_idle(page)
+    store, page = _flagged_page_of_new_run(server, browser, seed=17)
     page.evaluate(INSTRUMENT)
     rng, clicks = random.Random(0), 0
     for _ in range(10):
@@ -333,18 +338,7 @@ def test_a_saved_decision_covers_no_button(server, browser):  # noqa: F811
     """A user's click on a card's button right after a decision is saved reaches it. The page said "saved" with a
     toast, which Streamlit pops up at the top right for 4 s, over the right-hand cards' buttons: a click there
     went to the toast and no decision was saved."""
-    from engine.review.reviews import ReviewStore
-    from engine.training import audit
-    from engine.training.config import AuditConfig
-
-    url, runs = server
-    run, ds = audit.prepare(AuditConfig(dataset="digits", noise=0.1, epochs=2, seed=19), runs)
-    audit.execute(run, ds)
-    store = ReviewStore(run.path)
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(f"{url}/flagged?run={run.id}")
-    page.locator("[class*='st-key-cor-'] button").first.wait_for(timeout=60_000)
-    _wait_idle(page)
+    store, page = _flagged_page_of_new_run(server, browser, seed=19)
     target = page.locator("[class*='st-key-cor-'] button >> visible=true").nth(3)  # the first row's right-hand card
     to_top = """e => { e.scrollIntoView({block: 'start'});
       let p = e.parentElement; while (p && p.scrollTop === 0) p = p.parentElement;
