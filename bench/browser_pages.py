@@ -68,17 +68,21 @@ def _memory_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def start_server(runs: Path) -> tuple[subprocess.Popen, str]:
+def start_server(runs: Path, app: Path = ROOT, env: dict | None = None, stderr=subprocess.DEVNULL,
+                 timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """``streamlit run app.py`` of the app folder ``app`` (as ``make demo`` starts it) on a free port, showing the
+    runs folder ``runs`` (``env``: more environment variables); returns the process and its URL once healthy.
+    The one server start of the browser benches."""
     port = _free_port()
     streamlit = shutil.which("streamlit", path=str(Path(sys.executable).parent)) or "streamlit"
     proc = subprocess.Popen(
         [streamlit, "run", "app.py", "--server.headless", "true", "--server.port", str(port), "--server.address",
          "127.0.0.1", "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=dict(os.environ, DIFFICULTY_AUDIT_RUNS=str(runs)), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        cwd=app, env=dict(os.environ, DIFFICULTY_AUDIT_RUNS=str(runs), **(env or {})), stdout=subprocess.DEVNULL,
+        stderr=stderr,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
@@ -86,7 +90,7 @@ def start_server(runs: Path) -> tuple[subprocess.Popen, str]:
         except OSError:
             time.sleep(0.3)
     proc.kill()
-    raise SystemExit(f"streamlit did not answer on {url}")
+    raise SystemExit(f"streamlit did not answer on {url} (app {app})")
 
 
 def wait(page, t0: float) -> float:

@@ -34,33 +34,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from browser_pages import CHROMIUM, SCRIPT_DONE, SHOWN, WATCH, _free_port  # noqa: E402
-from render_pages import ROOT, make_run  # noqa: E402
+import browser_pages  # noqa: E402
+from browser_pages import CHROMIUM, SCRIPT_DONE, SHOWN, WATCH  # noqa: E402
+from render_pages import make_run  # noqa: E402
 
 
 def start_server(runs: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """``streamlit run app.py`` as ``make demo`` starts it, with the page's decision timings on stderr."""
-    import shutil
-    import urllib.request
-
-    port = _free_port()
-    streamlit = shutil.which("streamlit", path=str(Path(sys.executable).parent)) or "streamlit"
-    proc = subprocess.Popen(
-        [streamlit, "run", "app.py", "--server.headless", "true", "--server.port", str(port), "--server.address",
-         "127.0.0.1", "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=dict(os.environ, DIFFICULTY_AUDIT_RUNS=str(runs), DIFFICULTY_AUDIT_TIMINGS="1"),
-        stdout=subprocess.DEVNULL, stderr=open(log, "w"),
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                return proc, url
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise SystemExit(f"streamlit did not answer on {url}")
+    """``streamlit run app.py`` as ``make demo`` starts it, with the page's decision timings on stderr (``log``)."""
+    return browser_pages.start_server(runs, env={"DIFFICULTY_AUDIT_TIMINGS": "1"}, stderr=open(log, "w"))
 
 
 def _stats(xs: list[float]) -> str:

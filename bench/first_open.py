@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from browser_pages import CHROMIUM, SHOWN  # noqa: E402
+from browser_pages import CHROMIUM, SHOWN, start_server  # noqa: E402
 from render_pages import make_run  # noqa: E402
 
 SCRIPT_DONE = """() => {
@@ -35,30 +32,9 @@ SCRIPT_DONE = """() => {
 }"""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _server(app: Path, runs: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    streamlit = shutil.which("streamlit", path=str(Path(sys.executable).parent)) or "streamlit"
-    proc = subprocess.Popen(
-        [streamlit, "run", "app.py", "--server.headless", "true", "--server.port", str(port), "--server.address",
-         "127.0.0.1", "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
-        cwd=app, env=dict(os.environ, DIFFICULTY_AUDIT_RUNS=str(runs), PYTHONPATH=str(app)),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                return proc, url
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"streamlit did not answer on {url} (app {app})")
+    """A fresh server of the app folder ``app`` (its own code first on the path) showing ``runs``."""
+    return start_server(runs, app=app, env={"PYTHONPATH": str(app)}, timeout=120)
 
 
 def _open(browser, url: str, run_id: str) -> tuple[float, float, int]:
