@@ -31,8 +31,10 @@ def _finished_run(root: Path) -> Run:
 
 
 def _busy_worker(jobs: JobManager, root: Path) -> Run:
-    """Keep the single worker busy with a real audit so that the next job stays queued."""
-    return jobs.start(AuditConfig(dataset="digits", noise=0.1, epochs=30, threshold_samples=False), root)
+    """Keep the single worker busy with a real audit so that the next job stays queued; every test cancels it.
+    1000 epochs: on a GPU 30 epochs of the digits end within seconds, before the test has checked the queue
+    (``test_cli_resume_refuses_a_run_the_dashboard_has_queued`` failed so on an H100)."""
+    return jobs.start(AuditConfig(dataset="digits", noise=0.1, epochs=1000, threshold_samples=False), root)
 
 
 def _wait_running(run: Run, timeout: float = 60) -> None:

@@ -101,7 +101,7 @@ class ForwardCorrection:
 
     def load_state(self, state: dict) -> None:
         if "correction_last" in state:
-            self.last = state["correction_last"].numpy().astype(np.int64)
-            self.streak = state["correction_streak"].numpy().astype(np.int64)
+            self.last = state["correction_last"].cpu().numpy().astype(np.int64)
+            self.streak = state["correction_streak"].cpu().numpy().astype(np.int64)
         if "correction_matrix" in state:
             self.matrix = state["correction_matrix"].to(self.device)

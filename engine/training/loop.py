@@ -235,8 +235,9 @@ def _restore(checkpoint: Path, start_epoch: int, model: torch.nn.Module, opt: to
              sat_targets: torch.Tensor | None, device: torch.device,
              correction: ForwardCorrection | None = None) -> torch.Tensor | None:
     """Model, optimiser, self-adaptive targets and forward-correction state after epoch ``start_epoch - 1``
-    (weights_only load)."""
-    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    (weights_only load, to the CPU: ``load_state_dict`` copies to the model's device; the correction's per-sample
+    state is read as numpy, which a tensor on a GPU cannot be, and the first resume on a GPU failed on it)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if int(state["epoch"]) != start_epoch - 1:
         raise RuntimeError(f"checkpoint {checkpoint} holds epoch {state['epoch']}, not {start_epoch - 1}: cannot resume")
     model.load_state_dict(state["model"])
