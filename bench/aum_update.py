@@ -5,8 +5,11 @@ of the batch written into the epoch's per-sample row (the run stores margins per
 is their mean, computed once at the end) vs AUMCalculator.update (compressed mode, running
 sums in Python dicts). Also shown: our full capture (``dynamics.batch_capture``: margin, Yang
 margin, p(y), pred, other, loss, EL2N) with running sums, and its cost as a multiple of the
-margin alone (target <= 3x at 1,000 classes), and beside them the floor of any capture that gives
-p(y), loss or EL2N: one exponential of every logit, alone. Each of our three sides is timed ``--repeats`` times
+margin alone (target <= 3x at 1,000 classes), the same capture with ``overwrite=True`` (what a caller that copied the
+logits into a buffer of its own, like the Recorder's chunk buffer, may pass: the capture then works in that buffer;
+the copies are made before the timed pass, from the same batches, and are not timed), and beside them the floor of
+any capture that gives p(y), loss or EL2N: one exponential of every logit, alone. Each of our four sides is timed
+``--repeats`` times
 in rotating order and the fastest pass over all batches is kept; times are this thread's CPU time
 (``time.thread_time``), so run with ``--threads 1`` on a shared machine.
 Usage: python bench/aum_update.py [--repeats 5] [--threads N]
@@ -34,7 +37,7 @@ def clock() -> float:
     return time.thread_time()
 
 
-def bench(batch: int, classes: int, steps: int, repeats: int) -> tuple[float, float, float, float]:
+def bench(batch: int, classes: int, steps: int, repeats: int) -> tuple[float, float, float, float, float]:
     from aum import AUMCalculator
 
     g = torch.Generator().manual_seed(0)
@@ -53,6 +56,15 @@ def bench(batch: int, classes: int, steps: int, repeats: int) -> tuple[float, fl
             counts.index_add_(0, ids, torch.ones_like(c.margin))
         return (clock() - t0) / steps
 
+    def full_overwrite() -> float:
+        copies = [logits.clone() for logits, _, _ in data]  # the caller's own buffers, not timed
+        t0 = clock()
+        for (_, y, ids), logits in zip(data, copies, strict=True):
+            c = batch_capture(logits, y, overwrite=True)
+            sums.index_add_(0, ids, c.margin)
+            counts.index_add_(0, ids, torch.ones_like(c.margin))
+        return (clock() - t0) / steps
+
     def margin_only() -> float:
         t0 = clock()
         for logits, y, ids in data:
@@ -67,19 +79,19 @@ def bench(batch: int, classes: int, steps: int, repeats: int) -> tuple[float, fl
             np.exp2(logits.numpy(), out=buf.numpy())  # the fastest exp on this CPU (as in batch_capture)
         return (clock() - t0) / steps
 
-    full, ours, exp = [], [], []
-    sides = [(margin_only, ours), (full_capture, full), (one_exp, exp)]
+    full, ours, exp, over = [], [], [], []
+    sides = [(margin_only, ours), (full_capture, full), (one_exp, exp), (full_overwrite, over)]
     for r in range(repeats):  # rotate which side goes first
-        for f, out in sides[r % 3 :] + sides[: r % 3]:
+        for f, out in sides[r % 4 :] + sides[: r % 4]:
             out.append(f())
-    full, ours, exp = min(full), min(ours), min(exp)
+    full, ours, exp, over = min(full), min(ours), min(exp), min(over)
     with tempfile.TemporaryDirectory() as tmp:
         calc = AUMCalculator(tmp, compressed=True)
         t0 = clock()
         for logits, y, ids in data:
             calc.update(logits, y, ids.tolist())
         ref = (clock() - t0) / steps
-    return ours, full, ref, exp
+    return ours, full, ref, exp, over
 
 
 def main() -> None:
@@ -91,13 +103,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
     for batch, classes, steps in [(512, 10, 300), (1024, 1000, 100)]:
-        ours, full, ref, exp = bench(batch, classes, steps, args.repeats)
+        ours, full, ref, exp, over = bench(batch, classes, steps, args.repeats)
         print(f"{batch} x {classes}: aum.AUMCalculator.update {ref * 1e6:.0f} us/batch | ours, margin + AUM sums "
               f"(like for like: margin into the epoch row) {ours * 1e6:.0f} us -> {ref / ours:.1f}x faster"
               + ("  (target >= 50x)" if classes == 10 else "")
               + f" | ours, full capture (margin, Yang, p(y), pred, other, loss, EL2N) {full * 1e6:.0f} us -> "
               f"{ref / full:.1f}x faster than aum; full / margin alone = {full / ours:.2f}"
               + ("  (target <= 3)" if classes == 1000 else "")
+              + f" | full capture with overwrite=True {over * 1e6:.0f} us = {over / ours:.2f} x margin"
               + f" | floor: one exp2 of every logit alone {exp * 1e6:.0f} us = {exp / ours:.2f} x margin")
 
 if __name__ == "__main__":

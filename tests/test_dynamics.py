@@ -145,6 +145,56 @@ def test_torch_path_of_other_devices_matches_float64_definitions(c, n_real):
     _assert_matches_float64_definitions(z, y, n_real, lambda z, y, n: dyn._capture(z, y, n, torch_ops=True))
 
 
+@pytest.mark.parametrize(("c", "n_real"), [(2, 2), (10, 10), (11, 10), (1000, 1000), (1001, 1000)])
+def test_overwrite_uses_the_logits_as_workspace_and_gives_the_same_values(monkeypatch, c, n_real):
+    """``overwrite=True`` on a float32 C-contiguous CPU tensor works in the logits themselves (every class real):
+    the values are those of the default, which leaves the logits as they were; in steps as in one."""
+    z, y = _hard_logits(203, c, seed=c + 5)
+    kept = z.clone()
+    ref = dyn.batch_capture(z, y, n_real)
+    assert torch.equal(z.nan_to_num(), kept.nan_to_num()) and torch.equal(z.isnan(), kept.isnan())
+    for values in (None, 7 * c):  # one step, 7 rows per step
+        if values:
+            monkeypatch.setattr(dyn, "WORKSPACE_VALUES", values)
+        zo = kept.clone()
+        got = dyn.batch_capture(zo, y, n_real, overwrite=True)
+        assert torch.equal(zo.nan_to_num(), kept.nan_to_num()) == (n_real < c)  # a threshold pass copies
+        for f in dataclasses.fields(dyn.BatchCapture):
+            a, b = getattr(ref, f.name), getattr(got, f.name)
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), f.name
+
+
+def test_overwrite_leaves_other_layouts_and_dtypes_to_the_workspace():
+    """Logits that are not C-contiguous float32 are not written to, even with ``overwrite=True``."""
+    z, y = _hard_logits(64, 10, seed=9)
+    for logits in (z.t().contiguous().t(), z.double(), z.half()):
+        kept = logits.clone()
+        got = dyn.batch_capture(logits, y, overwrite=True)
+        assert torch.equal(logits.nan_to_num(), kept.nan_to_num())
+        np.testing.assert_array_equal(got.margin, dyn.batch_capture(kept.float(), y).margin)
+
+
+@pytest.mark.parametrize(("c", "n_real"), [(10, 10), (11, 10), (1000, 1000)])
+def test_shift_then_scale_in_two_steps_where_addcmul_rounds_twice(monkeypatch, c, n_real):
+    """A torch build whose ``addcmul`` is not a fused multiply-add takes the two-step shift and scale: the same
+    float64 values (here forced on this build)."""
+    monkeypatch.setitem(dyn._fma, "ok", False)
+    z, y = _hard_logits(400, c, seed=c + 7)
+    _assert_matches_float64_definitions(z, y, n_real)
+    _assert_matches_float64_definitions(z + 1e6, y, n_real)
+
+
+@pytest.mark.parametrize(("c", "n_real"), [(10, 10), (11, 10), (1000, 1000)])
+def test_logits_far_from_zero_keep_the_float64_values(c, n_real):
+    """Softmax values do not depend on a common offset: rows shifted by up to 3e7 (around the fused shift-and-scale's
+    limit FMA_MAX_TOP = 2^22, where fl(top log2 e) is off by up to 1/2) keep float64's p(y), loss and EL2N."""
+    g = torch.Generator().manual_seed(c)
+    z = torch.randn(400, c, generator=g) * 4
+    z += torch.tensor([0.0, 1e3, -1e5, 3e5, 1e6, -2e6, 4e6, 3e7]).repeat(50).view(-1, 1)
+    z = z.float()
+    _assert_matches_float64_definitions(z, torch.randint(0, c, (400,), generator=g), n_real)
+
+
 def _below(v: float) -> float:
     """The float32 just below ``v``."""
     return float(np.nextafter(np.float32(v), np.float32(-np.inf)))

@@ -52,7 +52,8 @@ def _workspace(rows: int, cols: int) -> np.ndarray:
     return buf[: rows * cols].reshape(rows, cols)
 
 
-def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: int | None = None) -> BatchCapture:
+def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: int | None = None,
+                  overwrite: bool = False) -> BatchCapture:
     """Margins, probability, prediction and loss of a batch, vectorised: the one capture function.
 
     Our training loop (``engine.training``) and ``engine.capture.recorder.Recorder`` both call it on the
@@ -100,6 +101,10 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
         logits: ``(B, C)`` raw logits (float32 or lower precision; computed in float32).
         targets: ``(B,)`` long targets the loss was computed against.
         n_real_classes: number of real classes (defaults to ``C``).
+        overwrite: the caller's logits may be used as the workspace (their values are undefined after the call).
+            Used on the CPU when they are a C-contiguous float32 tensor and every class is real: the copy into the
+            workspace is skipped (about 75 us per 1M logits, ``bench/aum_update.py``); the values are the same.
+            For a caller that copied the logits into a buffer of its own; never for a model's output still in use.
     """
     import torch
 
@@ -108,13 +113,14 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
     n_real = z.shape[1] if n_real_classes is None else n_real_classes
     rows = max(1, WORKSPACE_VALUES // n_real)
     if z.device.type != "cpu" or z.shape[0] <= rows:
-        return _capture(z, y, n_real)
+        return _capture(z, y, n_real, overwrite=overwrite)
     # rows are independent: a step's values do not depend on which other rows share it
-    steps = [_capture(z[lo : lo + rows], y[lo : lo + rows], n_real) for lo in range(0, z.shape[0], rows)]
+    steps = [_capture(z[lo : lo + rows], y[lo : lo + rows], n_real, overwrite=overwrite)
+             for lo in range(0, z.shape[0], rows)]
     return BatchCapture(**{f.name: torch.cat([getattr(s, f.name) for s in steps]) for f in fields(BatchCapture)})
 
 
-def _top2_softmax_cpu(z: torch.Tensor, y: torch.Tensor, n_real: int) -> tuple[np.ndarray, ...]:
+def _top2_softmax_cpu(z: torch.Tensor, y: torch.Tensor, n_real: int, overwrite: bool = False) -> tuple[np.ndarray, ...]:
     """The CPU passes of ``_capture`` over the real logits ``x = z[:, :n_real]``, as numpy arrays.
 
     Returns ``i1, v1`` (first maximum), ``i2, v2`` (first maximum of the others), ``rest = sum_{k != i1} e_k`` and
@@ -122,16 +128,27 @@ def _top2_softmax_cpu(z: torch.Tensor, y: torch.Tensor, n_real: int) -> tuple[np
     ``||e_k||`` over the real ``k != y`` for a real target, over every real ``k`` for a threshold sample.
 
     The floor: logits more than ``SOFTMAX_FLOOR`` below the top are raised to ``lo``; their exp(-30) = 9e-14 share
-    is below float32 resolution next to the top class's (for fewer than a million classes), and no ``e_k`` or
-    square of one becomes a subnormal float, which the CPU computes 10-100x slower (confident late epochs).
-    A row whose ``v1 - 30`` rounds to ``v1`` (``|v1| > 2^29``) or whose top is infinite has no floor.
+    is below float32 resolution next to the top class's (for fewer than a million classes), and numpy's ``exp2``
+    stays in its fast range: an argument below about -126 (a result that underflows) takes a slow path, 30x slower
+    per 1M values even with flush-to-zero set (``bench/RESULTS.md``). A row whose ``v1 - 30`` rounds to ``v1``
+    (``|v1| > 2^29``) or whose top is infinite has no floor.
 
     Passes over the logits, each one vectorised call: numpy ``argmax`` of ``x`` (the one read of the batch from
-    memory), the floored copy ``max(x, lo)`` into the workspace (torch: numpy's ``maximum`` is 2x slower; exact
-    above the floor), ``argmax`` of the copy with the top masked by ``lo`` (exact whenever the runner-up is above
-    the floor: a row whose other logits all lie at or below it is redone from ``x``), shift (torch: numpy's
-    subtraction of a column is 3x slower), scale by ``log2 e`` and ``exp2`` (numpy's is 4x torch's ``exp``),
-    row sum (torch: 3x numpy's pairwise sum) and row sum of squares (numpy ``vecdot``, a BLAS dot).
+    memory); the floored copy ``max(x, lo)`` into the workspace (torch: numpy's ``maximum`` is 2x slower; exact
+    above the floor); ``argmax`` of the copy with the top masked by ``lo`` (exact whenever the runner-up is above
+    the floor: a row whose other logits all lie at or below it is redone from ``x``); shift and scale in one
+    fused multiply-add ``t_k = fl(w_k log2e - c)``, ``c = fl(v1 log2e)`` (torch's ``addcmul``, when
+    ``_addcmul_rounds_once``; else torch's ``sub_`` then numpy's multiply); ``exp2`` (numpy's is 4x torch's
+    ``exp``); row sum (torch: 3x numpy's pairwise sum) and row sum of squares (numpy ``vecdot``, a BLAS dot).
+
+    The fused multiply-add rounds once, where subtracting then scaling rounds twice, and it shifts every ``t_k``
+    of a row by the same ``r = v1 log2e - c`` (exact in float64: ``|r| <= 1/2`` ulp of ``c``): ``e_k = 2^(t_k - r)``,
+    so ``rest``, ``norm`` and ``e_y`` are scaled by ``2^-r`` once per row. A row with ``|v1| >= FMA_MAX_TOP`` (where
+    ``r`` could exceed 1/2) or a non-finite top is shifted and scaled in two steps instead.
+
+    ``overwrite=True`` (every class real and ``z`` a writable C-contiguous float32 array) works in ``z`` itself: the
+    second ``argmax`` runs on ``z`` with the top masked by ``-inf`` (exact, nothing to redo), then ``z`` is floored in
+    place; the values are those of the copy, bit for bit, and ``z`` is left holding the exponentials.
     """
     import torch
 
@@ -139,52 +156,112 @@ def _top2_softmax_cpu(z: torch.Tensor, y: torch.Tensor, n_real: int) -> tuple[np
     x = xt.numpy()
     b, n = x.shape
     base = np.arange(0, b * n, n)  # row starts in the workspace
-    work = _workspace(b, n)
-    work_t = torch.from_numpy(work)
-    flat = work.reshape(-1)
     zn = z.numpy()
+    in_place = overwrite and n_real == z.shape[1] and zn.flags.c_contiguous and zn.flags.writeable
+    work = x if in_place else _workspace(b, n)
+    work_t = xt if in_place else torch.from_numpy(work)
+    flat = work.reshape(-1)
     src, src_t = x, xt  # what the first argmax and the floored copy read (x stays the logits, for the redo)
     if not zn.flags.c_contiguous:  # numpy's argmax would copy the logits to a fresh array
         work_t.copy_(xt)
         src, src_t = work, work_t  # the floored copy below is made in place
     if src.flags.c_contiguous:
         i1 = src.argmax(axis=1)
-        v1 = src.reshape(-1)[base + i1]
+        top = base + i1
+        v1 = src.reshape(-1)[top]
     else:  # the real classes of a threshold pass: the argmax over all classes is theirs unless a fake class leads
         i1 = zn.argmax(axis=1)
         fake = np.flatnonzero(i1 >= n)
         if fake.size:
             i1[fake] = x[fake].argmax(axis=1)
         v1 = zn.reshape(-1)[np.arange(0, b * zn.shape[1], zn.shape[1]) + i1]
+        top = base + i1
+    regular = b == 0 or np.abs(v1).max() < FMA_MAX_TOP  # finite tops, none huge: no row needs the checks below
     lo = v1 - np.float32(SOFTMAX_FLOOR)
-    if not (lo < v1).all():  # v1 - 30 rounds to v1 (|v1| > 2^29), an infinite or NaN top: no floor in that row
+    if not regular and not (lo < v1).all():  # v1 - 30 rounds to v1 (|v1| > 2^29), an infinite or NaN top: no floor
         lo[~(lo < v1)] = -np.inf
-    top = base + i1
-    torch.maximum(src_t, torch.from_numpy(lo).view(-1, 1), out=work_t)  # numpy's maximum: 2x slower (NaN checks)
-    flat[top] = lo  # masked: the top cannot win the second argmax unless every other logit is floored (redone)
-    i2 = work.argmax(axis=1)
-    v2 = flat[base + i2]  # exact above the floor
-    redo = v2 <= lo
-    if redo.any():  # the runner-up is floored: the copy cannot order the others
-        r = np.flatnonzero(redo)
-        xs = x[r]
-        xs[np.arange(r.size), i1[r]] = -np.inf
-        i2[r] = xs.argmax(axis=1)
-        v2[r] = xs[np.arange(r.size), i2[r]]  # -inf for a row of one finite logit (its top, masked)
-    # e_k = 2^((x_k - v1) log2 e): torch's sub_ of a column is 3x faster than numpy's, numpy's exp2 4x torch's exp_
-    work_t.sub_(torch.from_numpy(v1).view(-1, 1))
-    np.multiply(work, np.float32(LOG2E), out=work)
-    np.exp2(work, out=work)  # no -inf in it (the top is masked by the floor): exp2 is slower on a vector with one
+    lo_t = torch.from_numpy(lo).view(-1, 1)
+    if in_place:
+        flat[top] = -np.inf  # the runner-up of the logits themselves: exact
+        i2 = work.argmax(axis=1)
+        v2 = flat[base + i2]  # -inf for a row of one finite logit (its top, masked), as the redo below gives
+        torch.maximum(work_t, lo_t, out=work_t)  # the floor: the workspace of the copy
+    else:
+        torch.maximum(src_t, lo_t, out=work_t)  # numpy's maximum: 2x slower (NaN checks)
+        flat[top] = lo  # masked: the top cannot win the second argmax unless every other logit is floored (redone)
+        i2 = work.argmax(axis=1)
+        v2 = flat[base + i2]  # exact above the floor
+        redo = v2 <= lo
+        if redo.any():  # the runner-up is floored: the copy cannot order the others
+            r = np.flatnonzero(redo)
+            xs = x[r]
+            xs[np.arange(r.size), i1[r]] = -np.inf
+            i2[r] = xs.argmax(axis=1)
+            v2[r] = xs[np.arange(r.size), i2[r]]  # -inf for a row of one finite logit (its top, masked)
+    flat[top] = v1  # the top back: e_top = 2^0 = 1 (two steps), 2^fl(r) (fused)
+    fused = n >= FMA_MIN_CLASSES and _addcmul_rounds_once()
+    if fused:  # t = fl(w log2e - c), c = fl(v1 log2e): one rounding, every t of a row off by the same r = v1 log2e - c
+        far = None if regular else np.flatnonzero(~(np.abs(v1) < FMA_MAX_TOP))  # r may exceed 1/2: two steps
+        kept = work[far] if far is not None and far.size else None
+        c = torch.from_numpy(v1 * np.float32(-LOG2E)).view(-1, 1)  # -fl(v1 log2e)
+        torch.addcmul(c, work_t, _log2e_row(n), out=work_t)
+        if kept is not None:
+            work[far] = (kept - v1[far, None]) * np.float32(LOG2E)
+    else:
+        work_t.sub_(torch.from_numpy(v1).view(-1, 1))  # torch's sub_ of a column is 3x faster than numpy's
+        np.multiply(work, np.float32(LOG2E), out=work)
+    if not regular:
+        flat[top[~np.isfinite(v1)]] = 0.0  # an infinite top (inf - inf): e_top = 1, its limits
+    np.exp2(work, out=work)  # no -inf in it (the floor): exp2 is slower on a vector with one
     yn = y.numpy()
-    e_y = flat[base + (yn if n_real == z.shape[1] else np.minimum(yn, n - 1))]
-    e_y[yn == i1] = 1.0  # the top's e (masked above)
+    e_y = flat[base + (yn if n_real == z.shape[1] else np.minimum(yn, n - 1))]  # e_top when y is the top
     if n_real < z.shape[1]:
         e_y[yn >= n] = 0.0  # a threshold sample: every real class counts in its norm
+    e_top = flat[top] if fused else None
     flat[top] = 0.0
     rest = work_t.sum(dim=1).numpy()  # sum_{k != i1} e_k; torch's row sum is 3x numpy's (pairwise) here
-    # sum_{k != y} e_k^2 = (sum_{k != i1} e_k^2) + e_top^2 - e_y^2, e_top = 1
-    norm = np.sqrt(_row_dot(work) + (1 - e_y * e_y))
+    # sum_{k != y} e_k^2 = (sum_{k != i1} e_k^2) + e_top^2 - e_y^2
+    if e_top is None:
+        norm = np.sqrt(_row_dot(work) + (1 - e_y * e_y))
+    else:  # every e of a row is 2^r times the exact one: divide by e_top = 2^r
+        norm = np.sqrt(_row_dot(work) + (e_top * e_top - e_y * e_y)) / e_top
+        rest /= e_top
     return i1, v1, i2, v2, rest, norm
+
+
+FMA_MIN_CLASSES = 128  # fewer classes: the pass the fused shift saves costs less than its few per-row operations
+FMA_MAX_TOP = 2.0**22  # |v1| below it: |v1 log2e| < 2^23, fl(v1 log2e) has an ulp of at most 1, |r| <= 1/2
+_fma: dict[str, bool] = {}
+_log2e_rows: dict[int, torch.Tensor] = {}
+
+
+def _log2e_row(n: int) -> torch.Tensor:
+    """A ``(1, n)`` float32 tensor of ``log2 e`` (read-only, shared by threads)."""
+    row = _log2e_rows.get(n)
+    if row is None:
+        import torch
+
+        row = _log2e_rows[n] = torch.full((1, n), LOG2E)
+    return row
+
+
+def _addcmul_rounds_once() -> bool:
+    """Whether torch's CPU ``addcmul(-c, w, log2e)`` computes ``w log2e - c`` with one rounding (a fused multiply-add,
+    as its vectorised kernel does where the compiler contracts it); probed once, with the operands' shapes of the
+    capture (a column, a full block, a row; 257 columns: the vector body and a tail), on values where one rounding
+    and two differ. Without it the capture shifts and scales in two steps (two roundings)."""
+    if "ok" not in _fma:
+        import torch
+
+        rng = np.random.default_rng(0)
+        w = rng.uniform(2.0, 4.0, (4, 257)).astype(np.float32)  # w log2e - c is exact in float64 here
+        c = (w.max(axis=1) * np.float32(LOG2E)).astype(np.float32)
+        got = torch.addcmul(torch.from_numpy(-c).view(-1, 1), torch.from_numpy(w), torch.full((1, 257), LOG2E)).numpy()
+        wide = w.astype(np.float64) * np.float64(np.float32(LOG2E))
+        once = (wide - c[:, None]).astype(np.float32)
+        twice = (wide.astype(np.float32).astype(np.float64) - c[:, None]).astype(np.float32)
+        _fma["ok"] = bool(np.array_equal(got, once) and not np.array_equal(once, twice))
+    return _fma["ok"]
 
 
 def _row_dot(a: np.ndarray) -> np.ndarray:
@@ -219,9 +296,11 @@ def _top2_softmax_torch(z: torch.Tensor, y: torch.Tensor, n_real: int) -> tuple[
     return i1.squeeze(1), v1.squeeze(1), i2.squeeze(1), v2.squeeze(1), rest, norm
 
 
-def _capture(z: torch.Tensor, y: torch.Tensor, n_real: int, torch_ops: bool | None = None) -> BatchCapture:
+def _capture(z: torch.Tensor, y: torch.Tensor, n_real: int, torch_ops: bool | None = None,
+             overwrite: bool = False) -> BatchCapture:
     """``batch_capture`` of float32 logits ``z`` (B, C) and targets ``y`` (B,); ``torch_ops`` (default: on any
-    device but the CPU) takes the torch path a GPU runs, which a test also runs on the CPU."""
+    device but the CPU) takes the torch path a GPU runs, which a test also runs on the CPU; ``overwrite``: see
+    ``batch_capture``."""
     import torch
 
     c = z.shape[1]
@@ -230,14 +309,15 @@ def _capture(z: torch.Tensor, y: torch.Tensor, n_real: int, torch_ops: bool | No
     # softmax of the real logits as e_k = exp(z_k - v1) (e = 1 at the top i1) and s = sum_k e_k = 1 + rest, where
     # rest sums every e_k but the top's: log s = log1p(rest) and 1 - p_top = rest / s keep their precision when
     # the top class takes almost all the mass (a confident network), where s itself rounds to 1
-    parts = (_top2_softmax_cpu if cpu else _top2_softmax_torch)(z, y, n_real)
     if n_real == c:  # on the CPU in numpy: each operation on a batch-long vector costs 2-4x less than torch's
         xp = np if cpu else torch
         yv = y.numpy() if cpu else y
-        zy = z.numpy()[np.arange(len(yv)), yv] if cpu else z.gather(1, y.view(-1, 1)).squeeze(1)
+        zy = z.numpy()[np.arange(len(yv)), yv] if cpu else z.gather(1, y.view(-1, 1)).squeeze(1)  # before overwrite
+        parts = _top2_softmax_cpu(z, y, n_real, overwrite) if cpu else _top2_softmax_torch(z, y, n_real)
         with np.errstate(all="ignore"):  # infinite logits give inf - inf as torch does, silently
             values = _values_all_real(xp, zy, yv, *parts)
         return BatchCapture(**{k: torch.from_numpy(v) for k, v in values.items()}) if cpu else BatchCapture(**values)
+    parts = _top2_softmax_cpu(z, y, n_real) if cpu else _top2_softmax_torch(z, y, n_real)  # z is read below
     i1, v1, i2, v2, rest, norm = (torch.from_numpy(a) for a in parts) if cpu else parts
     zy = z.gather(1, y.view(-1, 1)).squeeze(1)
     target_top = i1 == y  # never for a threshold sample (its target is not a real class)
