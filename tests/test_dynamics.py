@@ -72,7 +72,7 @@ def _hard_logits(rows: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tens
 
 
 @pytest.mark.parametrize(("c", "n_real"), [(2, 2), (10, 10), (11, 10), (1000, 1000), (1001, 1000)])
-def test_capture_steps_give_the_values_of_one_step(monkeypatch, c, n_real):
+def test_capture_steps_give_the_values_of_one_step(monkeypatch, shift, c, n_real):
     """On the CPU a large batch is captured in steps of WORKSPACE_VALUES logits: bit-identical to one step."""
     z, y = _hard_logits(203, c, seed=c)
     whole = dyn.batch_capture(z, y, n_real)
@@ -131,8 +131,19 @@ def _assert_matches_float64_definitions(z: torch.Tensor, y: torch.Tensor, n_real
     assert torch.isfinite(cap.el2n).all() and torch.equal(torch.isinf(cap.loss), torch.isinf(zy))
 
 
+@pytest.fixture(params=["fused", "two steps"])
+def shift(request, monkeypatch):
+    """The CPU capture's shift and scale: one fused multiply-add (at every class count here; on this build's torch)
+    or two steps (what a torch build whose ``addcmul`` rounds twice gets)."""
+    if request.param == "fused":
+        monkeypatch.setattr(dyn, "FMA_MIN_CLASSES", 1)
+    else:
+        monkeypatch.setitem(dyn._fma, "ok", False)
+    return request.param
+
+
 @pytest.mark.parametrize(("c", "n_real"), [(3, 3), (10, 10), (11, 10), (1000, 1000), (1001, 1000)])
-def test_capture_on_ties_infinite_and_huge_logits_matches_float64_definitions(c, n_real):
+def test_capture_on_ties_infinite_and_huge_logits_matches_float64_definitions(shift, c, n_real):
     """Exact margins, first-index argmax ties (the target wins a tie: predicted), and float64 softmax values."""
     z, y = _hard_logits(400, c, seed=c + 1)
     _assert_matches_float64_definitions(z, y, n_real)
@@ -146,7 +157,7 @@ def test_torch_path_of_other_devices_matches_float64_definitions(c, n_real):
 
 
 @pytest.mark.parametrize(("c", "n_real"), [(2, 2), (10, 10), (11, 10), (1000, 1000), (1001, 1000)])
-def test_overwrite_uses_the_logits_as_workspace_and_gives_the_same_values(monkeypatch, c, n_real):
+def test_overwrite_uses_the_logits_as_workspace_and_gives_the_same_values(monkeypatch, shift, c, n_real):
     """``overwrite=True`` on a float32 C-contiguous CPU tensor works in the logits themselves (every class real):
     the values are those of the default, which leaves the logits as they were; in steps as in one."""
     z, y = _hard_logits(203, c, seed=c + 5)
@@ -175,17 +186,7 @@ def test_overwrite_leaves_other_layouts_and_dtypes_to_the_workspace():
 
 
 @pytest.mark.parametrize(("c", "n_real"), [(10, 10), (11, 10), (1000, 1000)])
-def test_shift_then_scale_in_two_steps_where_addcmul_rounds_twice(monkeypatch, c, n_real):
-    """A torch build whose ``addcmul`` is not a fused multiply-add takes the two-step shift and scale: the same
-    float64 values (here forced on this build)."""
-    monkeypatch.setitem(dyn._fma, "ok", False)
-    z, y = _hard_logits(400, c, seed=c + 7)
-    _assert_matches_float64_definitions(z, y, n_real)
-    _assert_matches_float64_definitions(z + 1e6, y, n_real)
-
-
-@pytest.mark.parametrize(("c", "n_real"), [(10, 10), (11, 10), (1000, 1000)])
-def test_logits_far_from_zero_keep_the_float64_values(c, n_real):
+def test_logits_far_from_zero_keep_the_float64_values(shift, c, n_real):
     """Softmax values do not depend on a common offset: rows shifted by up to 3e7 (around the fused shift-and-scale's
     limit FMA_MAX_TOP = 2^22, where fl(top log2 e) is off by up to 1/2) keep float64's p(y), loss and EL2N."""
     g = torch.Generator().manual_seed(c)
@@ -201,7 +202,7 @@ def _below(v: float) -> float:
 
 
 @pytest.mark.parametrize(("c", "n_real"), [(6, 6), (7, 6)])
-def test_runner_up_below_the_softmax_floor_or_lost_in_a_shift_is_exact(c, n_real):
+def test_runner_up_below_the_softmax_floor_or_lost_in_a_shift_is_exact(shift, c, n_real):
     """The CPU capture finds the runner-up on a copy of the logits floored at top - SOFTMAX_FLOOR: a row whose
     other logits all lie at or below the floor is redone from the logits (ties among them go to the first
     index), and logits that round to the same value once the top is subtracted still keep their order."""
@@ -223,7 +224,7 @@ def test_runner_up_below_the_softmax_floor_or_lost_in_a_shift_is_exact(c, n_real
     assert cap.other.tolist() == [2, 2, 2, 2, 3, 0, 1]
 
 
-def test_infinite_top_logit_gives_the_limits():
+def test_infinite_top_logit_gives_the_limits(shift):
     """A +inf logit takes all the mass: p(y) = 0, an infinite loss and EL2N = sqrt(2) for any other target."""
     z = torch.tensor([[1.0, float("inf"), 2.0, 2.0], [float("inf"), -1.0, float("-inf"), 0.0]])
     cap = dyn.batch_capture(z, torch.tensor([2, 3]))

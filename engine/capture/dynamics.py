@@ -123,7 +123,7 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
 def _top2_softmax_cpu(z: torch.Tensor, y: torch.Tensor, n_real: int, overwrite: bool = False) -> tuple[np.ndarray, ...]:
     """The CPU passes of ``_capture`` over the real logits ``x = z[:, :n_real]``, as numpy arrays.
 
-    Returns ``i1, v1`` (first maximum), ``i2, v2`` (first maximum of the others), ``rest = sum_{k != i1} e_k`` and
+    Returns ``zy`` (the target's logit, read first), ``i1, v1`` (first maximum), ``i2, v2`` (first maximum of the others), ``rest = sum_{k != i1} e_k`` and
     ``norm``, with ``e_k = exp(max(x_k, lo) - v1)`` and the floor ``lo = v1 - SOFTMAX_FLOOR``: ``norm`` is
     ``||e_k||`` over the real ``k != y`` for a real target, over every real ``k`` for a threshold sample.
 
@@ -152,11 +152,15 @@ def _top2_softmax_cpu(z: torch.Tensor, y: torch.Tensor, n_real: int, overwrite: 
     """
     import torch
 
+    zn = z.numpy()
     xt = z if n_real == z.shape[1] else z[:, :n_real]
-    x = xt.numpy()
+    x = zn if n_real == z.shape[1] else xt.numpy()
     b, n = x.shape
     base = np.arange(0, b * n, n)  # row starts in the workspace
-    zn = z.numpy()
+    yn = y.numpy()
+    at_y = base + yn if n_real == z.shape[1] else None  # the targets in the workspace
+    zy = (zn.reshape(-1)[at_y if at_y is not None else np.arange(0, b * z.shape[1], z.shape[1]) + yn]
+          if zn.flags.c_contiguous else zn[np.arange(b), yn])  # read before the logits may be overwritten
     in_place = overwrite and n_real == z.shape[1] and zn.flags.c_contiguous and zn.flags.writeable
     work = x if in_place else _workspace(b, n)
     work_t = xt if in_place else torch.from_numpy(work)
@@ -199,22 +203,22 @@ def _top2_softmax_cpu(z: torch.Tensor, y: torch.Tensor, n_real: int, overwrite: 
             i2[r] = xs.argmax(axis=1)
             v2[r] = xs[np.arange(r.size), i2[r]]  # -inf for a row of one finite logit (its top, masked)
     flat[top] = v1  # the top back: e_top = 2^0 = 1 (two steps), 2^fl(r) (fused)
-    fused = n >= FMA_MIN_CLASSES and _addcmul_rounds_once()
+    fused = n >= FMA_MIN_CLASSES and _addcmul_rounds_once()  # per class count: a row's values never depend on b
     if fused:  # t = fl(w log2e - c), c = fl(v1 log2e): one rounding, every t of a row off by the same r = v1 log2e - c
         far = None if regular else np.flatnonzero(~(np.abs(v1) < FMA_MAX_TOP))  # r may exceed 1/2: two steps
         kept = work[far] if far is not None and far.size else None
-        c = torch.from_numpy(v1 * np.float32(-LOG2E)).view(-1, 1)  # -fl(v1 log2e)
-        torch.addcmul(c, work_t, _log2e_row(n), out=work_t)
-        if kept is not None:
-            work[far] = (kept - v1[far, None]) * np.float32(LOG2E)
+        with np.errstate(over="ignore", invalid="ignore"):  # the far rows' c and inf - inf, silently as torch
+            c = torch.from_numpy(v1 * np.float32(-LOG2E)).view(-1, 1)  # -fl(v1 log2e)
+            torch.addcmul(c, work_t, _log2e_row(n), out=work_t)
+            if kept is not None:
+                work[far] = (kept - v1[far, None]) * np.float32(LOG2E)
     else:
         work_t.sub_(torch.from_numpy(v1).view(-1, 1))  # torch's sub_ of a column is 3x faster than numpy's
         np.multiply(work, np.float32(LOG2E), out=work)
     if not regular:
         flat[top[~np.isfinite(v1)]] = 0.0  # an infinite top (inf - inf): e_top = 1, its limits
     np.exp2(work, out=work)  # no -inf in it (the floor): exp2 is slower on a vector with one
-    yn = y.numpy()
-    e_y = flat[base + (yn if n_real == z.shape[1] else np.minimum(yn, n - 1))]  # e_top when y is the top
+    e_y = flat[at_y if at_y is not None else base + np.minimum(yn, n - 1)]  # e_top when y is the top
     if n_real < z.shape[1]:
         e_y[yn >= n] = 0.0  # a threshold sample: every real class counts in its norm
     e_top = flat[top] if fused else None
@@ -226,10 +230,10 @@ def _top2_softmax_cpu(z: torch.Tensor, y: torch.Tensor, n_real: int, overwrite: 
     else:  # every e of a row is 2^r times the exact one: divide by e_top = 2^r
         norm = np.sqrt(_row_dot(work) + (e_top * e_top - e_y * e_y)) / e_top
         rest /= e_top
-    return i1, v1, i2, v2, rest, norm
+    return zy, i1, v1, i2, v2, rest, norm
 
 
-FMA_MIN_CLASSES = 128  # fewer classes: the pass the fused shift saves costs less than its few per-row operations
+FMA_MIN_CLASSES = 512  # fewer classes: the pass the fused shift saves costs about its per-row work, or less
 FMA_MAX_TOP = 2.0**22  # |v1| below it: |v1 log2e| < 2^23, fl(v1 log2e) has an ulp of at most 1, |r| <= 1/2
 _fma: dict[str, bool] = {}
 _log2e_rows: dict[int, torch.Tensor] = {}
@@ -293,7 +297,8 @@ def _top2_softmax_torch(z: torch.Tensor, y: torch.Tensor, n_real: int) -> tuple[
     yr = y.clamp(max=n_real - 1).view(-1, 1)
     real = (y < n_real).view(-1, 1)
     norm = torch.linalg.vector_norm(e.scatter_(1, yr, torch.where(real, 0.0, e.gather(1, yr))), dim=1)
-    return i1.squeeze(1), v1.squeeze(1), i2.squeeze(1), v2.squeeze(1), rest, norm
+    zy = z.gather(1, y.view(-1, 1)).squeeze(1)
+    return zy, i1.squeeze(1), v1.squeeze(1), i2.squeeze(1), v2.squeeze(1), rest, norm
 
 
 def _capture(z: torch.Tensor, y: torch.Tensor, n_real: int, torch_ops: bool | None = None,
@@ -312,14 +317,12 @@ def _capture(z: torch.Tensor, y: torch.Tensor, n_real: int, torch_ops: bool | No
     if n_real == c:  # on the CPU in numpy: each operation on a batch-long vector costs 2-4x less than torch's
         xp = np if cpu else torch
         yv = y.numpy() if cpu else y
-        zy = z.numpy()[np.arange(len(yv)), yv] if cpu else z.gather(1, y.view(-1, 1)).squeeze(1)  # before overwrite
         parts = _top2_softmax_cpu(z, y, n_real, overwrite) if cpu else _top2_softmax_torch(z, y, n_real)
         with np.errstate(all="ignore"):  # infinite logits give inf - inf as torch does, silently
-            values = _values_all_real(xp, zy, yv, *parts)
+            values = _values_all_real(xp, yv, *parts)
         return BatchCapture(**{k: torch.from_numpy(v) for k, v in values.items()}) if cpu else BatchCapture(**values)
     parts = _top2_softmax_cpu(z, y, n_real) if cpu else _top2_softmax_torch(z, y, n_real)  # z is read below
-    i1, v1, i2, v2, rest, norm = (torch.from_numpy(a) for a in parts) if cpu else parts
-    zy = z.gather(1, y.view(-1, 1)).squeeze(1)
+    zy, i1, v1, i2, v2, rest, norm = (torch.from_numpy(a) for a in parts) if cpu else parts
     target_top = i1 == y  # never for a threshold sample (its target is not a real class)
     other = torch.where(target_top, i2, i1)  # largest real class other than the target
     best_real = torch.where(target_top, v2, v1)
@@ -369,7 +372,7 @@ def _capture(z: torch.Tensor, y: torch.Tensor, n_real: int, torch_ops: bool | No
     )
 
 
-def _values_all_real(xp: Any, zy: Any, y: Any, i1: Any, v1: Any, i2: Any, v2: Any, rest: Any, norm: Any) -> dict:
+def _values_all_real(xp: Any, y: Any, zy: Any, i1: Any, v1: Any, i2: Any, v2: Any, rest: Any, norm: Any) -> dict:
     """The captured values when every class is real, from the parts of ``_top2_softmax_*``; ``xp`` is numpy (the
     CPU) or torch (another device): the same expressions for both."""
     target_top = i1 == y
@@ -382,8 +385,9 @@ def _values_all_real(xp: Any, zy: Any, y: Any, i1: Any, v1: Any, i2: Any, v2: An
     # cross-entropy: lse - z_y = (v1 - z_y) + log s
     loss = (v1 - zy) + xp.log1p(rest)
     # EL2N^2 = sum_{k != y} p_k^2 + (1 - p_y)^2, each term without cancellation when p_y is near 1
-    el2n = xp.hypot(norm / (1 + rest), -xp.expm1(-loss))
-    return {"margin": margin, "margin_yang": margin_yang, "prob": xp.exp(-loss), "pred": pred, "other": other,
+    neg = -loss
+    el2n = xp.hypot(norm / (1 + rest), -xp.expm1(neg))
+    return {"margin": margin, "margin_yang": margin_yang, "prob": xp.exp(neg), "pred": pred, "other": other,
             "loss": loss, "el2n": el2n}
 
 
