@@ -89,13 +89,15 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
     logits and two row sums (``lse`` and the norm for EL2N); the rest is per-row gathers and
     ``where``. On the CPU (``_top2_softmax_cpu``, numpy and torch kernels that are each vectorised) the
     work runs in steps of at most ``WORKSPACE_VALUES`` logits in one reused per-thread buffer (no large
-    temporary; a fresh 4 MB one page-faults on every page) and the logits of a step are read 8 times:
+    temporary; a fresh 4 MB one page-faults on every page) and the logits of a step are read 7 times:
     ``argmax`` of the logits (the one read from memory), the copy floored at top - ``SOFTMAX_FLOOR`` into
-    the workspace, the masked second ``argmax``, shift, scale, ``exp2``, row sum and row sum of squares
-    (BLAS dot); when every class is real the per-row values (about 40 operations on batch-long vectors) are
-    numpy's, 2-4x cheaper than torch's at this size (a threshold pass keeps torch's for the fake class). Measured at 1024 x 1000 (``bench/aum_update.py``, thread CPU time): about
-    3.5x the margin alone, of which the 8 passes alone are about 3x (``bench/RESULTS.md``). On a GPU the same
-    values come from torch operations: a fresh copy, no floor. Nothing is copied to the host.
+    the workspace, the masked second ``argmax``, shift and scale in one fused multiply-add (from 512 classes),
+    ``exp2``, row sum and row sum of squares (BLAS dot); with ``overwrite=True`` the floor is made in the
+    logits instead of a copy. When every class is real the per-row values (about 40 operations on batch-long
+    vectors) are numpy's, 2-4x cheaper than torch's at this size (a threshold pass keeps torch's for the fake
+    class). Measured at 1024 x 1000 (``bench/aum_update.py``, thread CPU time, ``bench/RESULTS.md``): about 3.0-3.4x
+    the margin alone, of which the 7 passes alone are about 3.1x; with ``overwrite=True`` 2.7-3.1x. On a GPU the
+    same values come from torch operations: a fresh copy, no floor. Nothing is copied to the host.
 
     Args:
         logits: ``(B, C)`` raw logits (float32 or lower precision; computed in float32).
@@ -123,14 +125,14 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
 def _top2_softmax_cpu(z: torch.Tensor, y: torch.Tensor, n_real: int, overwrite: bool = False) -> tuple[np.ndarray, ...]:
     """The CPU passes of ``_capture`` over the real logits ``x = z[:, :n_real]``, as numpy arrays.
 
-    Returns ``zy`` (the target's logit, read first), ``i1, v1`` (first maximum), ``i2, v2`` (first maximum of the others), ``rest = sum_{k != i1} e_k`` and
-    ``norm``, with ``e_k = exp(max(x_k, lo) - v1)`` and the floor ``lo = v1 - SOFTMAX_FLOOR``: ``norm`` is
+    Returns ``zy`` (the target's logit, read first), ``i1, v1`` (first maximum), ``i2, v2`` (first maximum of the
+    others), ``rest = sum_{k != i1} e_k`` and ``norm``, with ``e_k = exp(max(x_k, lo) - v1)`` and the floor ``lo = v1 - SOFTMAX_FLOOR``: ``norm`` is
     ``||e_k||`` over the real ``k != y`` for a real target, over every real ``k`` for a threshold sample.
 
     The floor: logits more than ``SOFTMAX_FLOOR`` below the top are raised to ``lo``; their exp(-30) = 9e-14 share
     is below float32 resolution next to the top class's (for fewer than a million classes), and numpy's ``exp2``
-    stays in its fast range: an argument below about -126 (a result that underflows) takes a slow path, 30x slower
-    per 1M values even with flush-to-zero set (``bench/RESULTS.md``). A row whose ``v1 - 30`` rounds to ``v1``
+    stays in its fast range: an argument below -126 (a result that underflows) takes a slow path, 13-35x slower
+    per 1M values, flush-to-zero set or not (``bench/capture_passes.py``). A row whose ``v1 - 30`` rounds to ``v1``
     (``|v1| > 2^29``) or whose top is infinite has no floor.
 
     Passes over the logits, each one vectorised call: numpy ``argmax`` of ``x`` (the one read of the batch from
@@ -141,10 +143,11 @@ def _top2_softmax_cpu(z: torch.Tensor, y: torch.Tensor, n_real: int, overwrite: 
     ``_addcmul_rounds_once``; else torch's ``sub_`` then numpy's multiply); ``exp2`` (numpy's is 4x torch's
     ``exp``); row sum (torch: 3x numpy's pairwise sum) and row sum of squares (numpy ``vecdot``, a BLAS dot).
 
-    The fused multiply-add rounds once, where subtracting then scaling rounds twice, and it shifts every ``t_k``
-    of a row by the same ``r = v1 log2e - c`` (exact in float64: ``|r| <= 1/2`` ulp of ``c``): ``e_k = 2^(t_k - r)``,
-    so ``rest``, ``norm`` and ``e_y`` are scaled by ``2^-r`` once per row. A row with ``|v1| >= FMA_MAX_TOP`` (where
-    ``r`` could exceed 1/2) or a non-finite top is shifted and scaled in two steps instead.
+    The fused multiply-add (from ``FMA_MIN_CLASSES`` classes) rounds once, where subtracting then scaling rounds
+    twice, and it shifts every ``t_k`` of a row by the same ``r = v1 log2e - c`` (``|r| <= 1/2`` ulp of ``c``): every
+    ``e`` of the row is ``2^r`` times the exact one, the top's included (the top is put back before the shift), so
+    ``rest`` and ``norm`` are divided by that ``e_top`` once per row. A row with ``|v1| >= FMA_MAX_TOP`` (where ``r``
+    could exceed 1/2) or a non-finite top is shifted and scaled in two steps instead.
 
     ``overwrite=True`` (every class real and ``z`` a writable C-contiguous float32 array) works in ``z`` itself: the
     second ``argmax`` runs on ``z`` with the top masked by ``-inf`` (exact, nothing to redo), then ``z`` is floored in
