@@ -145,7 +145,7 @@ def main() -> None:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(B, C, generator=g), torch.randint(0, C, (B,), generator=g)) for _ in range(args.batches)]
-    work = np.empty((B, C), np.float32)
+    work = dyn._workspace(B, C)  # the capture's own (64-byte aligned) workspace
     print(f"addcmul rounds once on this build: {dyn._addcmul_rounds_once()}")
     table: dict = defaultdict(list)
     for _ in range(3):

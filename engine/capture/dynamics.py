@@ -44,10 +44,15 @@ def _workspace(rows: int, cols: int) -> np.ndarray:
 
     A fresh 4 MB temporary per step is returned to the OS by glibc when freed, so the next one
     page-faults on every page: that made a 1024 x 1000 capture 2.5x slower than its arithmetic.
+    The buffer starts on a 64-byte cache line, as torch's tensors do (numpy's ``empty`` gives 16 bytes): the
+    AVX-512 passes over a buffer off the line are 5-25% slower here (``bench/RESULTS.md``).
     """
     buf = getattr(_workspaces, "buf", None)
     if buf is None or buf.size < rows * cols:
-        buf = np.empty(max(rows * cols, 1 << 16), dtype=np.float32)
+        size = max(rows * cols, 1 << 16)
+        raw = np.empty(size + 16, dtype=np.float32)
+        start = (-raw.ctypes.data % 64) // 4
+        buf = raw[start : start + size]
         _workspaces.buf = buf
     return buf[: rows * cols].reshape(rows, cols)
 
