@@ -110,7 +110,7 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
         n_real_classes: number of real classes (defaults to ``C``).
         overwrite: the caller's logits may be used as the workspace (their values are undefined after the call).
             Used on the CPU when they are a C-contiguous float32 tensor and every class is real: the copy into the
-            workspace is skipped (about 75 us per 1M logits, ``bench/aum_update.py``); the values are the same.
+            workspace is skipped (about 100 us per 1M logits, ``bench/aum_update.py``); the values are the same.
             For a caller that copied the logits into a buffer of its own; never for a model's output still in use.
     """
     import torch
