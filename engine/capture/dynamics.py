@@ -101,7 +101,7 @@ def batch_capture(logits: torch.Tensor, targets: torch.Tensor, n_real_classes: i
     logits instead of a copy. When every class is real the per-row values (about 40 operations on batch-long
     vectors) are numpy's, 2-4x cheaper than torch's at this size (a threshold pass keeps torch's for the fake
     class). Measured at 1024 x 1000 (``bench/aum_update.py``, thread CPU time, ``bench/RESULTS.md``): about 3.0-3.4x
-    the margin alone, of which the 7 passes alone are about 3.1x; with ``overwrite=True`` 2.7-3.1x. On a GPU the
+    the margin alone, of which the 7 passes alone are 2.8-3.0x; with ``overwrite=True`` 2.7-3.0x. On a GPU the
     same values come from torch operations: a fresh copy, no floor. Nothing is copied to the host.
 
     Args:
