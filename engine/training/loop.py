@@ -285,9 +285,10 @@ class _CaptureBuffers:
             return
         idx, logits, y, keep = zip(*self.pending, strict=True)
         self.pending, self.pending_values = [], 0
+        owned = len(logits) > 1  # torch.cat's result is ours: the capture may work in it (not in a model's output)
         idx, logits, y = (torch.cat(p) if len(p) > 1 else p[0] for p in (idx, logits, y))
         keep = None if keep[0] is None else torch.cat(keep)
-        c = vars(batch_capture(logits, y, self.n_real))
+        c = vars(batch_capture(logits, y, self.n_real, overwrite=owned))
         fvals = torch.stack([c[k] for k in self.float_names])
         ivals = torch.stack([c[k] for k in self.int_names])
         if keep is not None:
