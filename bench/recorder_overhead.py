@@ -9,12 +9,15 @@ The Recorder side includes writing (and syncing) each epoch's row of the memory-
 status, the last epoch's included. Last, one more Recorder run times the Recorder's own methods
 (``update`` and ``end_epoch`` in the loop's thread, the row writer in its background thread) with each
 thread's CPU clock: its share of the epoch, measured directly rather than as a difference of two times.
+The minor page faults of each side's epochs (``getrusage``: the loop's thread, and the whole process) show memory
+that the allocator gave back to the OS and the next epoch faults in again.
 Usage: python bench/recorder_overhead.py [--epochs 20] [--repeats 6] [--classes 10] [--device auto] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
@@ -55,10 +58,12 @@ class Loop:
         self.x, self.y, self.rec = x, y, rec
         self.sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
 
-    def epoch(self, last: bool) -> tuple[float, float]:
-        """Wall and CPU (this process, every thread) seconds of one epoch."""
+    def epoch(self, last: bool) -> tuple[float, float, int, int]:
+        """Wall and CPU (this process, every thread) seconds of one epoch, and its minor page faults: of the loop's
+        thread, and of the process (every thread: the Recorder's writer thread and torch's included)."""
         x, y, rec = self.x, self.y, self.rec
         self.sync()
+        f0, p0 = faults()
         t0, c0 = time.perf_counter(), time.process_time()
         for b in torch.randperm(len(y), generator=self.g).to(x.device).split(64):
             logits = self.net(x[b])
@@ -73,27 +78,39 @@ class Loop:
             if last:
                 rec.sync()  # the last epoch's row on disk too
         self.sync()
-        return time.perf_counter() - t0, time.process_time() - c0
+        t, c = time.perf_counter() - t0, time.process_time() - c0
+        f1, p1 = faults()
+        return t, c, f1 - f0, p1 - p0
+
+
+def faults() -> tuple[int, int]:
+    """Minor page faults so far: of the calling thread (``RUSAGE_THREAD``, Linux) and of the whole process."""
+    who = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
+    return resource.getrusage(who).ru_minflt, resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def epoch_seconds(x: torch.Tensor, y: torch.Tensor, classes: int, epochs: int, rec: Recorder | None
                   ) -> tuple[float, float]:
     """Wall and CPU (this process, every thread) seconds per epoch of one loop run alone."""
     loop = Loop(x, y, classes, rec)
-    times = [loop.epoch(e == epochs - 1) for e in range(epochs)]
+    times = [loop.epoch(e == epochs - 1)[:2] for e in range(epochs)]
     return tuple(np.mean(times, axis=0))
 
 
 def lockstep(x: torch.Tensor, y: torch.Tensor, classes: int, epochs: int, rec: Recorder) -> np.ndarray:
     """Both loops side by side, epoch by epoch (ABBA order per epoch, so drift of the machine hits both alike);
-    returns ``(plain wall, plain CPU, recorder wall, recorder CPU)`` summed over the epochs (sums, not medians:
+    returns ``(plain wall, plain CPU, recorder wall, recorder CPU, plain faults of the loop's thread, plain faults
+    of the process, recorder thread faults, recorder process faults)`` summed over the epochs (sums, not medians:
     the Recorder's periodic syncs belong to its cost)."""
     plain, recorded = Loop(x, y, classes, None), Loop(x, y, classes, rec)
-    total = np.zeros(4)
+    total = np.zeros(8)
     for e in range(epochs):
         last = e == epochs - 1
         for side in ((plain, recorded) if e % 2 == 0 else (recorded, plain)):
-            total[(0 if side is plain else 2):][:2] += side.epoch(last)
+            wall, cpu, fth, fproc = side.epoch(last)
+            at = 0 if side is plain else 2
+            total[at : at + 2] += wall, cpu
+            total[4 + at : 4 + at + 2] += fth, fproc
     return total
 
 
@@ -140,6 +157,8 @@ def main() -> None:
                                                                             args.epochs)))
         own = recorder_cpu(x, y, args.classes, args.epochs, Recorder(tmp, ids, y.cpu().numpy(), classes, args.epochs))
     sums = np.array(sums) / args.epochs
+    faults_per_epoch = sums[:, 4:]
+    sums = sums[:, :4]
     ratios = np.median(sums[:, 2:] / sums[:, :2], axis=0)  # per repeat, then the median over repeats
     plain, recd = np.median(sums[:, :2], axis=0), np.median(sums[:, 2:], axis=0)
     print(f"machine: {machine()}, device {device}")
@@ -153,6 +172,10 @@ def main() -> None:
     total = sum(own.values())
     print("the Recorder's own CPU time per epoch: " + ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in own.items())
           + f"; total {total * 1000:.2f} ms = {total / plain[1]:.3f} of the plain epoch's CPU time")
+    fp = faults_per_epoch
+    print("minor page faults per epoch (loop's thread / process), per repeat: plain "
+          + " ".join(f"{a:.0f}/{b:.0f}" for a, b in fp[:, :2]) + "   with Recorder "
+          + " ".join(f"{a:.0f}/{b:.0f}" for a, b in fp[:, 2:]))
 
 if __name__ == "__main__":
     main()

@@ -300,3 +300,76 @@ def test_targets_must_be_the_labels_or_the_fake_class_and_stay_the_same(tmp_path
     rec.update([0, 1, 2], logits, [0, 0, 0])  # b trained on a class that is neither its label nor the fake one
     with pytest.raises(ConfigError, match="sample 1 was trained on target 0 but its label is 1"):
         rec.end_epoch()
+
+
+def _recorded_epoch(rec: Recorder) -> dict[str, np.ndarray]:
+    """The first epoch's row of every dynamics array of a Recorder's run, once synced."""
+    from engine.capture.recorder import CAPTURED
+
+    rec.sync()
+    return {name: np.asarray(rec.run.dynamics(rec.pass_index, name)[0]) for name in CAPTURED}
+
+
+def _expected_epoch(z: torch.Tensor, y: torch.Tensor, n_real: int) -> dict[str, np.ndarray]:
+    """``batch_capture`` of every sample's logits in one call, as the run store keeps them (sample order)."""
+    from engine.capture.dynamics import batch_capture
+    from engine.store.runs import DYNAMICS
+
+    cap = vars(batch_capture(z, y, n_real))
+    return {name: cap[name].numpy().astype(dt) for name, dt in DYNAMICS.items()}
+
+
+def test_update_copies_the_batch_so_the_loop_may_reuse_or_free_its_tensors(tmp_path):
+    """The Recorder keeps no reference to the loop's tensors after ``update``: a loop that writes each batch's
+    logits into one reused output tensor (and overwrites it after the last batch) records each batch's values,
+    and the logits' memory is freed when the loop drops them."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    n, c = 14, 3
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, c, generator=g) * 3
+    y = torch.arange(n) % c
+    rec = Recorder(tmp_path / "runs", [str(i) for i in range(n)], y.tolist(), ["a", "b", "c"], 1)
+    out = torch.empty(4, c)  # the loop's one output tensor, reused for every batch
+    for lo in range(0, 12, 4):
+        out.copy_(z[lo : lo + 4])
+        rec.update(torch.arange(lo, lo + 4), out, y[lo : lo + 4])
+    out.fill_(-7.0)
+    logits = z[12:].clone()
+    storage = StorageWeakRef(logits.untyped_storage())
+    rec.update(torch.tensor([12, 13]), logits, y[12:])
+    del logits
+    assert storage.expired()  # the batch's memory went back to the allocator
+    rec.end_epoch()
+    got = _recorded_epoch(rec)
+    for name, want in _expected_epoch(z, y, c).items():
+        np.testing.assert_array_equal(got[name], want, name)
+
+
+@pytest.mark.parametrize("n_out", [10, 11])  # 11: a threshold pass (the fake class 10)
+def test_batches_of_any_size_and_a_chunk_that_fills_mid_epoch_give_the_values_of_one_capture(tmp_path, monkeypatch,
+                                                                                             n_out):
+    """The chunk buffer fills in the middle of a batch and of the epoch (a chunk of 7 samples here, batches of
+    1 to 23): every sample gets the values of ``batch_capture`` of all the epoch's logits in one call."""
+    import engine.capture.recorder as recorder
+
+    monkeypatch.setattr(recorder, "CHUNK_VALUES", 7 * n_out + 3)  # 7 rows
+    n = 60
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    y = labels.clone()
+    if n_out == 11:
+        y[::5] = 10
+    rec = Recorder(tmp_path / "runs", [str(i) for i in range(n)], labels.tolist(), [str(k) for k in range(10)], 1)
+    z = (torch.randn(n, n_out, generator=g) * 4).to(torch.float64)  # float64 logits: captured as float32
+    perm = torch.randperm(n, generator=g)
+    lo = 0
+    for size in (1, 5, 23, 2, 7, 14, 8):
+        b = perm[lo : lo + size]
+        rec.update(b.numpy(), z[b], y[b])  # idx as numpy, as a user's loader may give them
+        lo += size
+    assert lo == n
+    rec.end_epoch()
+    got = _recorded_epoch(rec)
+    for name, want in _expected_epoch(z.float(), y, 10).items():
+        np.testing.assert_array_equal(got[name], want, name)

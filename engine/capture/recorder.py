@@ -12,8 +12,8 @@
         rec.end_epoch()
     run_dir = rec.finish()                  # scores, cut-off, summary.json: a normal run
 
-``update`` keeps the batch's logits on their device and every few million logits (at the latest at
-``end_epoch``) calls ``engine.capture.dynamics.batch_capture`` (the function our training loop calls) on them
+``update`` copies the batch's logits into a chunk buffer on their device and every few million logits (at the
+latest at ``end_epoch``) calls ``engine.capture.dynamics.batch_capture`` (the function our training loop calls) on them
 and scatters the values into one per-sample buffer on that device; ``end_epoch`` copies
 them to the host once and writes one row of the run's ``(epochs, samples)`` arrays through the
 run store (``engine.store.runs``); ``finish`` scores the run with ``engine.training.audit.finalize``, like an
@@ -238,8 +238,12 @@ class Recorder:
         self.epoch = 0
         self._targets_seen: np.ndarray | None = None  # each sample's target in this pass (checked every epoch)
         self._buf = None
-        self._chunk: list = []  # (idx, logits, targets) of batches not captured yet
-        self._chunk_values = 0
+        # the chunk: logits, idx and targets of the batches not captured yet, copied into buffers owned by the
+        # Recorder (allocated once; a new width reallocates them), rows 0.._fill filled
+        self._z: torch.Tensor | None = None
+        self._idx: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+        self._fill = 0
         self._pool = None  # one background thread writing finished epochs
         self._pending = None
         self._unsynced: list[dict] = []  # status history of epochs written but not yet synced
@@ -274,39 +278,77 @@ class Recorder:
         training forward pass's outputs, ``targets`` ``(B,)`` the class indices the loss used.
 
         ``C`` is the number of classes, or one more when the loop trains with threshold samples
-        (``threshold_targets``). Works on any device; nothing is copied to the host. The batch's logits are
-        kept (not copied) until up to ``CHUNK_VALUES`` of them are captured together: do not modify them in
-        place afterwards (a training step does not).
+        (``threshold_targets``). Works on any device; nothing is copied to the host. The batch is copied
+        (a device-side copy) into a chunk buffer the Recorder owns, of up to ``CHUNK_VALUES`` logits, which is
+        captured in one ``batch_capture`` call when full and at ``end_epoch``: the Recorder keeps no reference
+        to the loop's tensors, which may be modified or freed as soon as ``update`` returns.
         """
         import torch
-
 
         if logits.ndim != 2 or logits.shape[1] not in (len(self.classes), len(self.classes) + 1):
             raise ConfigError(f"logits must be (batch, {len(self.classes)}) or (batch, {len(self.classes) + 1}) with "
                               f"threshold samples, got {tuple(logits.shape)}")
-        device = logits.device
+        b, width = logits.shape
+        idx = torch.as_tensor(idx).view(-1)
+        y = torch.as_tensor(targets).view(-1)
+        if idx.shape[0] != b or y.shape[0] != b:
+            raise ConfigError(f"update got {idx.shape[0]} indices and {y.shape[0]} targets for {b} logits")
         if self._buf is None:
-            self._buffers(device)
-        idx = torch.as_tensor(idx, device=device).view(-1)
-        y = torch.as_tensor(targets, device=device).view(-1)
-        if idx.shape[0] != logits.shape[0] or y.shape[0] != logits.shape[0]:
-            raise ConfigError(f"update got {idx.shape[0]} indices and {y.shape[0]} targets for {logits.shape[0]} logits")
-        self._chunk.append((idx, logits.detach(), y))
-        self._chunk_values += logits.numel()
-        if self._chunk_values >= CHUNK_VALUES:
+            self._buffers(logits.device)
+        if self._z is None or self._z.shape[1] != width:
             self._capture_chunk()
+            self._chunk_buffers(width)
+        z = logits.detach()
+        rows, f = self._z.shape[0], self._fill
+        # idx and targets from the host's pageable memory to a GPU: the driver stages them before copy_ returns,
+        # without waiting for the device (a blocking copy would wait); pinned memory could change before the copy
+        to_gpu = self._z.device.type != "cpu"
+        nb_i = to_gpu and idx.device.type == "cpu" and not idx.is_pinned()
+        nb_y = to_gpu and y.device.type == "cpu" and not y.is_pinned()
+        if b <= rows - f:  # the usual case: the whole batch fits
+            self._z[f : f + b].copy_(z)
+            self._idx[f : f + b].copy_(idx, non_blocking=nb_i)
+            self._y[f : f + b].copy_(y, non_blocking=nb_y)
+            self._fill = f + b
+            if self._fill == rows:
+                self._capture_chunk()
+            return
+        lo = 0
+        while lo < b:  # the batch fills the chunk: fill it, capture it, go on with the rest of the batch
+            f = self._fill
+            k = min(b - lo, rows - f)
+            self._z[f : f + k].copy_(z[lo : lo + k])
+            self._idx[f : f + k].copy_(idx[lo : lo + k], non_blocking=nb_i)
+            self._y[f : f + k].copy_(y[lo : lo + k], non_blocking=nb_y)
+            self._fill = f + k
+            lo += k
+            if self._fill == rows:
+                self._capture_chunk()
 
-    def _capture_chunk(self) -> None:
-        """``batch_capture`` on the batches kept since the last call, as one block (its cost per call is mostly
-        fixed for small class counts: one call per chunk instead of per batch), scattered into the buffer."""
+    def _chunk_buffers(self, width: int) -> None:
+        """The chunk buffers on the Recorder's device: ``min(n, CHUNK_VALUES // width)`` rows of float32 logits
+        (``batch_capture`` computes in float32: the copy of float16, bfloat16 or float64 logits rounds them as its
+        own ``.float()`` does, so the values are the same), sample positions and targets."""
         import torch
 
-        if not self._chunk:
+        rows = max(1, min(self.n, CHUNK_VALUES // width))
+        device = self._buf.device
+        self._z = torch.empty((rows, width), dtype=torch.float32, device=device)
+        self._idx = torch.empty(rows, dtype=torch.int64, device=device)
+        self._y = torch.empty(rows, dtype=torch.int64, device=device)
+        self._fill = 0
+
+    def _capture_chunk(self) -> None:
+        """``batch_capture`` on the chunk's filled rows, as one block (its cost per call is mostly fixed for small
+        class counts: one call per chunk instead of per batch), scattered into the per-sample buffer."""
+        import torch
+
+        f = self._fill
+        if not f:
             return
-        idx, z, y = (torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*self._chunk, strict=True))
-        self._chunk, self._chunk_values = [], 0
-        y = y.long()
-        c = vars(batch_capture(z, y, len(self.classes)))
+        self._fill = 0
+        idx, y = self._idx[:f], self._y[:f]
+        c = vars(batch_capture(self._z[:f], y, len(self.classes)))
         self._buf[:, idx] = torch.stack([c[k].float() for k in CAPTURED] + [y.float()])
 
     def end_epoch(self) -> None:
