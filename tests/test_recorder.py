@@ -373,3 +373,36 @@ def test_batches_of_any_size_and_a_chunk_that_fills_mid_epoch_give_the_values_of
     got = _recorded_epoch(rec)
     for name, want in _expected_epoch(z.float(), y, 10).items():
         np.testing.assert_array_equal(got[name], want, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_update_on_a_gpu_never_waits_for_the_device(tmp_path, monkeypatch):
+    """On a GPU ``update`` only queues device work: torch's sync debug mode raises on any host sync, while batches
+    (indices on the host, as a loader gives them) fill the chunk and it is captured mid-epoch. The values match a
+    CPU Recorder's on the same logits (the GPU computes them with torch's kernels: equal to 1e-5)."""
+    import engine.capture.recorder as recorder
+
+    monkeypatch.setattr(recorder, "CHUNK_VALUES", 100 * 10)  # a 100-row chunk: captured three times per epoch
+    n, c = 300, 10
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(n, c, generator=g) * 4
+    labels = torch.randint(0, c, (n,), generator=g)
+    batches = torch.randperm(n, generator=g).split(64)
+    got = {}
+    for device in ("cpu", "cuda"):
+        rec = Recorder(tmp_path / device, [str(i) for i in range(n)], labels.tolist(), [str(k) for k in range(c)], 1)
+        inputs = [(b, z[b].to(device), labels[b].to(device)) for b in batches]
+        rec.update(*inputs[0])  # the first batch allocates the Recorder's buffers
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            for b, logits, y in inputs[1:]:
+                rec.update(b, logits, y)
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+        rec.end_epoch()
+        got[device] = _recorded_epoch(rec)
+    for name in got["cpu"]:
+        np.testing.assert_allclose(got["cuda"][name], got["cpu"][name], rtol=1e-5, atol=1e-6, err_msg=name)

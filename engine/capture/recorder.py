@@ -243,6 +243,7 @@ class Recorder:
         self._z: torch.Tensor | None = None
         self._idx: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
+        self._zn = self._idxn = self._yn = None  # their numpy views on the CPU
         self._fill = 0
         self._pool = None  # one background thread writing finished epochs
         self._pending = None
@@ -289,8 +290,8 @@ class Recorder:
             raise ConfigError(f"logits must be (batch, {len(self.classes)}) or (batch, {len(self.classes) + 1}) with "
                               f"threshold samples, got {tuple(logits.shape)}")
         b, width = logits.shape
-        idx = torch.as_tensor(idx).view(-1)
-        y = torch.as_tensor(targets).view(-1)
+        idx = (idx if isinstance(idx, torch.Tensor) else torch.as_tensor(idx)).view(-1)
+        y = (targets if isinstance(targets, torch.Tensor) else torch.as_tensor(targets)).view(-1)
         if idx.shape[0] != b or y.shape[0] != b:
             raise ConfigError(f"update got {idx.shape[0]} indices and {y.shape[0]} targets for {b} logits")
         if self._buf is None:
@@ -300,17 +301,20 @@ class Recorder:
             self._chunk_buffers(width)
         z = logits.detach()
         rows, f = self._z.shape[0], self._fill
-        # idx and targets from the host's pageable memory to a GPU: the driver stages them before copy_ returns,
-        # without waiting for the device (a blocking copy would wait); pinned memory could change before the copy
-        to_gpu = self._z.device.type != "cpu"
-        nb_i = to_gpu and idx.device.type == "cpu" and not idx.is_pinned()
-        nb_y = to_gpu and y.device.type == "cpu" and not y.is_pinned()
         if b <= rows - f:  # the usual case: the whole batch fits
-            self._z[f : f + b].copy_(z)
-            self._idx[f : f + b].copy_(idx, non_blocking=nb_i)
-            self._y[f : f + b].copy_(y, non_blocking=nb_y)
-            self._fill = f + b
-            if self._fill == rows:
+            e = f + b
+            # on the CPU numpy's copies cost half of torch's (per call: what counts for a batch); not bfloat16
+            if (self._zn is not None and z.is_cpu and idx.is_cpu and y.is_cpu
+                    and z.dtype in (torch.float32, torch.float16, torch.float64)):
+                self._zn[f:e] = z.numpy()
+                self._idxn[f:e] = idx.numpy()
+                self._yn[f:e] = y.numpy()
+            else:
+                self._z[f:e].copy_(z)
+                self._idx[f:e].copy_(idx, non_blocking=self._staged(idx))
+                self._y[f:e].copy_(y, non_blocking=self._staged(y))
+            self._fill = e
+            if e == rows:
                 self._capture_chunk()
             return
         lo = 0
@@ -318,12 +322,18 @@ class Recorder:
             f = self._fill
             k = min(b - lo, rows - f)
             self._z[f : f + k].copy_(z[lo : lo + k])
-            self._idx[f : f + k].copy_(idx[lo : lo + k], non_blocking=nb_i)
-            self._y[f : f + k].copy_(y[lo : lo + k], non_blocking=nb_y)
+            self._idx[f : f + k].copy_(idx[lo : lo + k], non_blocking=self._staged(idx))
+            self._y[f : f + k].copy_(y[lo : lo + k], non_blocking=self._staged(y))
             self._fill = f + k
             lo += k
             if self._fill == rows:
                 self._capture_chunk()
+
+    def _staged(self, src: torch.Tensor) -> bool:
+        """Whether a copy of ``src`` into the chunk may be ``non_blocking``: from the host's pageable memory to a GPU
+        the driver stages the data before ``copy_`` returns, without waiting for the device (a blocking copy waits for
+        it); pinned memory could still change before the device reads it."""
+        return not self._z.is_cpu and src.is_cpu and not src.is_pinned()
 
     def _chunk_buffers(self, width: int) -> None:
         """The chunk buffers on the Recorder's device: ``min(n, CHUNK_VALUES // width)`` rows of float32 logits
@@ -336,6 +346,8 @@ class Recorder:
         self._z = torch.empty((rows, width), dtype=torch.float32, device=device)
         self._idx = torch.empty(rows, dtype=torch.int64, device=device)
         self._y = torch.empty(rows, dtype=torch.int64, device=device)
+        cpu = device.type == "cpu"
+        self._zn, self._idxn, self._yn = (t.numpy() if cpu else None for t in (self._z, self._idx, self._y))
         self._fill = 0
 
     def _capture_chunk(self) -> None:
