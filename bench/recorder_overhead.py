@@ -66,13 +66,14 @@ class Loop:
         f0, p0 = faults()
         t0, c0 = time.perf_counter(), time.process_time()
         for b in torch.randperm(len(y), generator=self.g).to(x.device).split(64):
+            yb = y[b]  # the batch's targets, as a loader gives them: the loss and the Recorder use the same tensor
             logits = self.net(x[b])
-            loss = F.cross_entropy(logits, y[b])
+            loss = F.cross_entropy(logits, yb)
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()
             if rec is not None:
-                rec.update(b, logits.detach(), y[b])
+                rec.update(b, logits, yb)
         if rec is not None:
             rec.end_epoch()
             if last:

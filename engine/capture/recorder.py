@@ -284,14 +284,32 @@ class Recorder:
         captured in one ``batch_capture`` call when full and at ``end_epoch``: the Recorder keeps no reference
         to the loop's tensors, which may be modified or freed as soon as ``update`` returns.
         """
+        zn = self._zn
+        if zn is not None and logits.ndim == 2 and logits.shape[1] == zn.shape[1]:
+            # the CPU's way (every batch but the first): numpy copies into the chunk, half the cost of torch's per call
+            # (what counts for a batch: an update costs about as much as keeping references to the batch's tensors
+            # did); what numpy does not take (bfloat16, another device, other shapes) or a batch that fills the chunk
+            # goes the general way below
+            f = self._fill
+            b = logits.shape[0]
+            e = f + b
+            try:
+                if e < zn.shape[0] and len(idx) == b and len(targets) == b:
+                    zn[f:e] = logits.detach().numpy()
+                    self._idxn[f:e] = idx.numpy() if hasattr(idx, "numpy") else idx
+                    self._yn[f:e] = targets.numpy() if hasattr(targets, "numpy") else targets
+                    self._fill = e
+                    return
+            except (TypeError, RuntimeError, ValueError):
+                pass
         import torch
 
         if logits.ndim != 2 or logits.shape[1] not in (len(self.classes), len(self.classes) + 1):
             raise ConfigError(f"logits must be (batch, {len(self.classes)}) or (batch, {len(self.classes) + 1}) with "
                               f"threshold samples, got {tuple(logits.shape)}")
         b, width = logits.shape
-        idx = (idx if isinstance(idx, torch.Tensor) else torch.as_tensor(idx)).view(-1)
-        y = (targets if isinstance(targets, torch.Tensor) else torch.as_tensor(targets)).view(-1)
+        idx = torch.as_tensor(idx).view(-1)
+        y = torch.as_tensor(targets).view(-1)
         if idx.shape[0] != b or y.shape[0] != b:
             raise ConfigError(f"update got {idx.shape[0]} indices and {y.shape[0]} targets for {b} logits")
         if self._buf is None:
@@ -301,18 +319,11 @@ class Recorder:
             self._chunk_buffers(width)
         z = logits.detach()
         rows, f = self._z.shape[0], self._fill
-        if b <= rows - f:  # the usual case: the whole batch fits
+        if b <= rows - f:  # the whole batch fits
             e = f + b
-            # on the CPU numpy's copies cost half of torch's (per call: what counts for a batch); not bfloat16
-            if (self._zn is not None and z.is_cpu and idx.is_cpu and y.is_cpu
-                    and z.dtype in (torch.float32, torch.float16, torch.float64)):
-                self._zn[f:e] = z.numpy()
-                self._idxn[f:e] = idx.numpy()
-                self._yn[f:e] = y.numpy()
-            else:
-                self._z[f:e].copy_(z)
-                self._idx[f:e].copy_(idx, non_blocking=self._staged(idx))
-                self._y[f:e].copy_(y, non_blocking=self._staged(y))
+            self._z[f:e].copy_(z)
+            self._idx[f:e].copy_(idx, non_blocking=self._staged(idx))
+            self._y[f:e].copy_(y, non_blocking=self._staged(y))
             self._fill = e
             if e == rows:
                 self._capture_chunk()
