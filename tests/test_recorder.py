@@ -302,12 +302,12 @@ def test_targets_must_be_the_labels_or_the_fake_class_and_stay_the_same(tmp_path
         rec.end_epoch()
 
 
-def _recorded_epoch(rec: Recorder) -> dict[str, np.ndarray]:
-    """The first epoch's row of every dynamics array of a Recorder's run, once synced."""
+def _recorded_epoch(rec: Recorder, epoch: int = 0) -> dict[str, np.ndarray]:
+    """One epoch's row of every dynamics array of a Recorder's run, once synced."""
     from engine.capture.recorder import CAPTURED
 
     rec.sync()
-    return {name: np.asarray(rec.run.dynamics(rec.pass_index, name)[0]) for name in CAPTURED}
+    return {name: np.asarray(rec.run.dynamics(rec.pass_index, name)[epoch]) for name in CAPTURED}
 
 
 def _expected_epoch(z: torch.Tensor, y: torch.Tensor, n_real: int) -> dict[str, np.ndarray]:
@@ -350,29 +350,33 @@ def test_update_copies_the_batch_so_the_loop_may_reuse_or_free_its_tensors(tmp_p
 def test_batches_of_any_size_and_a_chunk_that_fills_mid_epoch_give_the_values_of_one_capture(tmp_path, monkeypatch,
                                                                                              n_out):
     """The chunk buffer fills in the middle of a batch and of the epoch (a chunk of 7 samples here, batches of
-    1 to 23): every sample gets the values of ``batch_capture`` of all the epoch's logits in one call."""
+    1 to 23): every sample gets the values of ``batch_capture`` of all the epoch's logits in one call, in each of
+    three epochs (the Recorder reuses its buffers from epoch to epoch)."""
     import engine.capture.recorder as recorder
 
     monkeypatch.setattr(recorder, "CHUNK_VALUES", 7 * n_out + 3)  # 7 rows
-    n = 60
+    n, epochs = 60, 3
     g = torch.Generator().manual_seed(1)
     labels = torch.randint(0, 10, (n,), generator=g)
     y = labels.clone()
     if n_out == 11:
         y[::5] = 10
-    rec = Recorder(tmp_path / "runs", [str(i) for i in range(n)], labels.tolist(), [str(k) for k in range(10)], 1)
-    z = (torch.randn(n, n_out, generator=g) * 4).to(torch.float64)  # float64 logits: captured as float32
-    perm = torch.randperm(n, generator=g)
-    lo = 0
-    for size in (1, 5, 23, 2, 7, 14, 8):
-        b = perm[lo : lo + size]
-        rec.update(b.numpy(), z[b], y[b])  # idx as numpy, as a user's loader may give them
-        lo += size
-    assert lo == n
-    rec.end_epoch()
-    got = _recorded_epoch(rec)
-    for name, want in _expected_epoch(z.float(), y, 10).items():
-        np.testing.assert_array_equal(got[name], want, name)
+    rec = Recorder(tmp_path / "runs", [str(i) for i in range(n)], labels.tolist(), [str(k) for k in range(10)],
+                   epochs)
+    z = (torch.randn(epochs, n, n_out, generator=g) * 4).to(torch.float64)  # float64 logits: captured as float32
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        lo = 0
+        for size in (1, 5, 23, 2, 7, 14, 8)[:: 1 if epoch % 2 == 0 else -1]:
+            b = perm[lo : lo + size]
+            rec.update(b.numpy(), z[epoch, b], y[b])  # idx as numpy, as a user's loader may give them
+            lo += size
+        assert lo == n
+        rec.end_epoch()
+    for epoch in range(epochs):
+        got = _recorded_epoch(rec, epoch)
+        for name, want in _expected_epoch(z[epoch].float(), y, 10).items():
+            np.testing.assert_array_equal(got[name], want, f"{name}, epoch {epoch}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -268,6 +268,13 @@ class Recorder:
         # one (values + target, n) buffer: the integer values (classes) are exact in float32 below 2^24,
         # so a batch costs one stack and one scatter, and an epoch one copy to the host
         self._buf = torch.empty((len(CAPTURED) + 1, self.n), dtype=torch.float32, device=device)
+        # what end_epoch hands to the writer thread, allocated once and reused (a fresh block per epoch is memory the
+        # allocator may give back to the OS and the next epoch fault in again): on the CPU the buffer itself, swapped
+        # with a spare one; on another device a host copy, one of two (epoch e's is free again once epoch e + 1 ends,
+        # after the writer of epoch e has finished)
+        self._spare: torch.Tensor | None = None
+        self._hosts: list = [None, None]
+        self._th = [np.empty(self.n, dtype=np.int64) for _ in range(2)]  # each epoch's targets, likewise
         self._reset()
 
     def _reset(self) -> None:
@@ -375,7 +382,7 @@ class Recorder:
         self._buf[:, idx] = torch.stack([c[k].float() for k in CAPTURED] + [y.float()])
 
     def end_epoch(self) -> None:
-        """Close the epoch: one copy of its values from the device, then its row of every dynamics array and the
+        """Close the epoch: one copy of its values from the device (none on the CPU), then its row of every dynamics array and the
         status are written by a background thread while the loop goes on (one epoch at a time: the next
         ``end_epoch`` waits for it). Rows are synced and counted in ``status.json`` every ``SYNC_SECONDS`` (and
         at the last epoch, ``sync()`` and ``finish()``); a row is on disk before the status counts it."""
@@ -383,15 +390,28 @@ class Recorder:
             raise ConfigError(f"end_epoch called more than the {self.epochs} epochs given to the Recorder")
         if self._buf is None:
             raise ConfigError("end_epoch before any update: call rec.update(idx, logits, y) for the epoch's batches")
+        import torch
+
         self._capture_chunk()
-        buf = self._buf.to("cpu", copy=True).numpy()  # the epoch's one copy from the device
-        th = buf[-1].astype(np.int64)
+        k = self.epoch % 2
+        if self._buf.is_cpu:
+            host = self._buf
+        else:
+            if self._hosts[k] is None:
+                self._hosts[k] = torch.empty(self._buf.shape, dtype=self._buf.dtype)
+            host = self._hosts[k].copy_(self._buf)  # the epoch's one copy from the device
+        buf = host.numpy()
+        th = self._th[k]
+        np.copyto(th, buf[-1], casting="unsafe")
         self._check_targets(th)
-        self._wait()
+        self._wait()  # the writer of the epoch before has finished: its buffers are free again
         self._pending = self._writer_thread().submit(self._write_epoch, self.epoch, buf, th,
                                                      time.perf_counter() - self._t0, self.epoch + 1 == self.epochs)
         self.epoch += 1
         self._t0 = time.perf_counter()
+        if self._buf.is_cpu:  # the writer has this epoch's buffer: the next epoch fills the spare one
+            spare = self._spare if self._spare is not None else torch.empty_like(self._buf)
+            self._buf, self._spare = spare, self._buf
         self._reset()
 
     def _writer_thread(self):
