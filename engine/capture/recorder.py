@@ -379,7 +379,11 @@ class Recorder:
         self._fill = 0
         idx, y = self._idx[:f], self._y[:f]
         c = vars(batch_capture(self._z[:f], y, len(self.classes)))
-        self._buf[:, idx] = torch.stack([c[k].float() for k in CAPTURED] + [y.float()])
+        if self._buf.is_cpu:  # numpy's stack and scatter: half of torch's time at a few thousand samples
+            self._buf.numpy()[:, idx.numpy()] = np.stack([c[k].numpy() for k in CAPTURED] + [y.numpy()],
+                                                         dtype=np.float32)
+        else:
+            self._buf[:, idx] = torch.stack([c[k].float() for k in CAPTURED] + [y.float()])
 
     def end_epoch(self) -> None:
         """Close the epoch: one copy of its values from the device (none on the CPU), then its row of every dynamics array and the
