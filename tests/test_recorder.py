@@ -346,12 +346,13 @@ def test_update_copies_the_batch_so_the_loop_may_reuse_or_free_its_tensors(tmp_p
         np.testing.assert_array_equal(got[name], want, name)
 
 
-@pytest.mark.parametrize("n_out", [10, 11])  # 11: a threshold pass (the fake class 10)
+@pytest.mark.parametrize(("n_out", "dtype"), [(10, torch.float64), (11, torch.bfloat16)])  # 11: a threshold pass
 def test_batches_of_any_size_and_a_chunk_that_fills_mid_epoch_give_the_values_of_one_capture(tmp_path, monkeypatch,
-                                                                                             n_out):
+                                                                                             n_out, dtype):
     """The chunk buffer fills in the middle of a batch and of the epoch (a chunk of 7 samples here, batches of
     1 to 23): every sample gets the values of ``batch_capture`` of all the epoch's logits in one call, in each of
-    three epochs (the Recorder reuses its buffers from epoch to epoch)."""
+    three epochs (the Recorder reuses its buffers from epoch to epoch). Float64 logits take numpy's copies, bfloat16
+    ones torch's."""
     import engine.capture.recorder as recorder
 
     monkeypatch.setattr(recorder, "CHUNK_VALUES", 7 * n_out + 3)  # 7 rows
@@ -363,7 +364,7 @@ def test_batches_of_any_size_and_a_chunk_that_fills_mid_epoch_give_the_values_of
         y[::5] = 10
     rec = Recorder(tmp_path / "runs", [str(i) for i in range(n)], labels.tolist(), [str(k) for k in range(10)],
                    epochs)
-    z = (torch.randn(epochs, n, n_out, generator=g) * 4).to(torch.float64)  # float64 logits: captured as float32
+    z = (torch.randn(epochs, n, n_out, generator=g) * 4).to(dtype)  # captured as float32, as batch_capture does
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=g)
         lo = 0

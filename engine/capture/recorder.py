@@ -386,8 +386,8 @@ class Recorder:
             self._buf[:, idx] = torch.stack([c[k].float() for k in CAPTURED] + [y.float()])
 
     def end_epoch(self) -> None:
-        """Close the epoch: one copy of its values from the device (none on the CPU), then its row of every dynamics array and the
-        status are written by a background thread while the loop goes on (one epoch at a time: the next
+        """Close the epoch: one copy of its values from the device (none on the CPU), then its row of every dynamics
+        array and the status are written by a background thread while the loop goes on (one epoch at a time: the next
         ``end_epoch`` waits for it). Rows are synced and counted in ``status.json`` every ``SYNC_SECONDS`` (and
         at the last epoch, ``sync()`` and ``finish()``); a row is on disk before the status counts it."""
         if self.epoch >= self.epochs:
