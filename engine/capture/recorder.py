@@ -378,7 +378,8 @@ class Recorder:
             return
         self._fill = 0
         idx, y = self._idx[:f], self._y[:f]
-        c = vars(batch_capture(self._z[:f], y, len(self.classes)))
+        # the chunk is the Recorder's own copy, refilled from row 0 after this: batch_capture may work in it
+        c = vars(batch_capture(self._z[:f], y, len(self.classes), overwrite=True))
         if self._buf.is_cpu:  # numpy's stack and scatter: half of torch's time at a few thousand samples
             self._buf.numpy()[:, idx.numpy()] = np.stack([c[k].numpy() for k in CAPTURED] + [y.numpy()],
                                                          dtype=np.float32)
