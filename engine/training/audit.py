@@ -293,15 +293,54 @@ def _train_one_pass(run: Run, cfg: AuditConfig, ds: IndexedDataset, source, p: i
 
     targets = ds.labels.copy()
     targets[tpass == p] = ds.n_classes
+    prior = earlier_pass_transition(run, cfg, p) if p > 0 and cfg.correction_epoch is not None else None
     writer = DynamicsWriter(run, p, cfg.epochs, n_all, resume=start > 0, columns=rows) if main else None
     sat_out: dict = {}
     train_pass(
         cfg, source, torch.from_numpy(targets).to(source.device), cfg.n_outputs(ds.n_classes), ds.n_classes, p,
         writer, checkpoint=run.path / "checkpoints" / f"pass{p}.pt", start_epoch=start,
-        on_epoch=record, cancel=cancel, sat_out=sat_out,
+        on_epoch=record, cancel=cancel, sat_out=sat_out, prior=prior,
     )
     if "targets" in sat_out and main:
         save_sat_disagreement(run, p, sat_out["targets"], ds.labels, tpass, rows, n_all)
+
+
+def earlier_pass_transition(run: Run, cfg: AuditConfig, p: int) -> np.ndarray | None:
+    """The noise transition matrix ``T[true, given]`` from pass ``p - 1``'s end-of-pass evidence, for pass ``p``'s
+    forward correction; None when that pass trained without the correction (``engine.training.correction``).
+
+    Pass ``p - 1``'s AUM (its own epochs, window and cut-off rule, as ``compute_scores`` reads it) flags its
+    samples; a flagged sample counts as truly of its suggested class (the mode of the largest other logit), every
+    other sample as truly of its given label (``engine.scores.noise.estimated_joint``, the ``noise_estimate`` of
+    one pass); ``transition_matrix`` turns those counts into ``T``. The pass's own threshold samples are not
+    counted."""
+    import torch
+
+    from engine.scores.noise import estimated_joint, transition_matrix
+    from engine.scores.registry import _mode_ignoring, _pass_scores, pass_cutoff
+
+    _wait_for_all_ranks()  # torchrun: rank 0 has written the earlier pass's last epoch
+    q = p - 1
+    path = run.path / "checkpoints" / f"pass{q}.pt"
+    if not path.is_file() or "correction_matrix" not in torch.load(path, map_location="cpu", weights_only=True):
+        return None
+    samples = run.samples()
+    labels = samples["label"].to_numpy()
+    thr = samples["threshold_pass"].to_numpy() == q
+    trained = np.zeros(len(samples), dtype=bool)
+    trained[trained_rows(samples)] = True
+    n_classes = len(run.classes())
+    targets = np.where(thr, n_classes, labels)
+    raw = run.config()
+    s = _pass_scores(run, q, (int(raw.get("aum_start", 1)), raw.get("aum_end")), targets)
+    if not s:
+        return None
+    kept = trained & ~thr
+    cut = pass_cutoff(cfg.cutoff, s["aum"][kept], s["aum"][thr] if thr.any() else None, cfg.threshold_percentile,
+                      cfg.seed)
+    flagged = kept & (s["aum"] < cut)
+    suggested = _mode_ignoring(np.where(kept[None, :], s["other"], -1), n_classes)
+    return transition_matrix(estimated_joint(labels, flagged, suggested, n_classes, kept))
 
 
 def save_sat_disagreement(run: Run, pass_idx: int, targets: np.ndarray, labels: np.ndarray, tpass: np.ndarray,

@@ -39,21 +39,32 @@ from engine.training.config import AuditConfig
 
 ESTIMATE_EPOCHS = 3  # the epochs just before the correction starts whose predictions estimate T (never epoch 0)
 MIN_STABLE = 0.5  # below this fraction of samples with one prediction over the estimation epochs: no correction
+PRIOR_SHRINK = 0.0  # a prior T from an earlier pass is used as (1 - s) T + s I (screening knob)
+PRIOR_FROM_START = False  # screening knob: use the prior T from epoch 0 (no estimation epochs, no guard)
 
 
 class ForwardCorrection:
     """The per-pass state of the correction: each sample's last prediction and how many estimation epochs in a
     row it has been the same, then the matrix ``T`` (``n_outputs`` square)."""
 
-    def __init__(self, cfg: AuditConfig, n_outputs: int, n_real: int, device: torch.device):
+    def __init__(self, cfg: AuditConfig, n_outputs: int, n_real: int, device: torch.device,
+                 prior: np.ndarray | None = None):
         self.start = cfg.correction_epoch
         self.n_outputs, self.n_real, self.device = n_outputs, n_real, device
+        self.prior = None
+        if prior is not None and self.start is not None:
+            t = np.eye(n_outputs)
+            t[:n_real, :n_real] = (1 - PRIOR_SHRINK) * np.asarray(prior, dtype=np.float64) + PRIOR_SHRINK * np.eye(n_real)
+            self.prior = t
         first = max(1, (self.start or 0) - ESTIMATE_EPOCHS)
         self.estimate_epochs = range(first, self.start) if self.start is not None else range(0)
         self.last: np.ndarray | None = None
         self.streak: np.ndarray | None = None
         self.matrix: torch.Tensor | None = None
         self.stable_fraction: float | None = None  # set after the last estimation epoch
+        if self.prior is not None and PRIOR_FROM_START:
+            self.matrix = torch.as_tensor(self.prior, dtype=torch.float32, device=self.device)
+            self.estimate_epochs = range(0)
 
     def end_epoch(self, epoch: int, pred: np.ndarray | None, targets: np.ndarray) -> None:
         """Record an estimation epoch's captured predictions ``pred`` (one per sample); after the last one, ``T``
@@ -74,6 +85,9 @@ class ForwardCorrection:
         stable = (self.streak >= len(self.estimate_epochs)) & (self.last < self.n_real)
         self.stable_fraction = float(stable[real].mean()) if real.any() else 0.0
         if self.stable_fraction < MIN_STABLE:
+            return
+        if self.prior is not None:
+            self.matrix = torch.as_tensor(self.prior, dtype=torch.float32, device=self.device)
             return
         true = np.where(stable, self.last, y)[real]
         counts = np.zeros((self.n_real, self.n_real), dtype=np.int64)

@@ -101,6 +101,7 @@ def train_pass(
     cancel: threading.Event | None = None,
     capture: bool = True,
     sat_out: dict | None = None,
+    prior: np.ndarray | None = None,
 ) -> torch.nn.Module:
     """Train one model for ``cfg.epochs`` epochs from ``start_epoch``, capturing dynamics into ``writer``.
 
@@ -124,7 +125,7 @@ def train_pass(
     rank, size = world()
     if cfg.sat == "paper" and size > 1:
         raise ValueError("self-adaptive training (paper form) keeps per-sample targets: run it in one process")
-    run = _Pass(cfg, source, targets, n_outputs, n_real, pass_idx, rank, size)
+    run = _Pass(cfg, source, targets, n_outputs, n_real, pass_idx, rank, size, prior)
     if start_epoch > 0 and checkpoint is not None:
         run.sat_targets = _restore(checkpoint, start_epoch, run.model, run.opt, run.sat_targets, source.device,
                                    run.correction)
@@ -143,12 +144,12 @@ class _Pass:
     logits kept for capture) and ``finish_epoch`` (capture gathered, dynamics written, checkpoint, progress)."""
 
     def __init__(self, cfg: AuditConfig, source: ImageSource, targets: torch.Tensor, n_outputs: int, n_real: int,
-                 pass_idx: int, rank: int, size: int):
+                 pass_idx: int, rank: int, size: int, prior: np.ndarray | None = None):
         self.cfg, self.source, self.targets, self.n_outputs = cfg, source, targets, n_outputs
         self.pass_idx, self.rank, self.size = pass_idx, rank, size
         self.model, self.net, self.opt = _new_model(cfg, source, n_outputs, pass_idx, size)
         self.sat_targets = F.one_hot(targets, n_outputs).float() if cfg.sat == "paper" else None
-        self.correction = ForwardCorrection(cfg, n_outputs, n_real, source.device)
+        self.correction = ForwardCorrection(cfg, n_outputs, n_real, source.device, prior)
         self.buffers = _CaptureBuffers(source.n, source.device, n_real, distributed=size > 1)
         self.targets_host = targets.cpu().numpy()
         self.real_host = (targets < n_real).cpu().numpy()

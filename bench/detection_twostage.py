@@ -1,0 +1,148 @@
+"""Screening of the two-stage noise estimate (issue 19, third screening round): pass 1's forward correction uses a
+``T`` from pass 0's end-of-pass evidence (``engine.training.audit.earlier_pass_transition``) instead of its own
+early-epoch estimate.
+
+Pass 0 is trained once by the engine's default audit (``audit.prepare`` / ``execute``, stopped by the user's cancel
+event after pass 0's last epoch; pass 0 never depends on a prior), then for each variant a copy of that run continues
+(``execute(..., resume=True)``) with pass 1 only:
+
+- ``own``: the default before this change (pass 1 estimates its own ``T`` from epochs 2-4, no prior)
+- ``prior``: pass 0's ``T`` from the correction epoch on (pass 1's own stability guard still decides whether to correct)
+- ``prior0``: pass 0's ``T`` from epoch 0 (no estimation epochs)
+- ``priorS``: ``(1 - S) T + S I`` (S = 0.2, say ``prior0.2``)
+
+Printed per variant: F1 / AUROC / precision / recall of the run (automatic cut-off, mean AUM of both passes), AUROC of
+pass 1's AUM alone and of weighted means ``w aum1 + (1 - w) aum0`` (pass 1's weight w; a sample scored in one pass
+keeps that pass's AUM), and each pass's ``T`` against the true one (L1 per row, max abs, Frobenius, 5/6 swap).
+
+Usage:
+  python bench/detection_twostage.py --setting asym40 --seed 0 --variants prior,prior0
+  python bench/detection_twostage.py --folder sample_data/digits_folder --size 16 --variants own,prior
+  python bench/detection_twostage.py --half 0 --variants own,prior
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def t_errors(t: np.ndarray, truth: np.ndarray | None) -> str:
+    off = (t.sum() - np.trace(t)) / len(t)
+    if truth is None:
+        return f"off/row {off:.3f}"
+    d = t - truth
+    swap = (t[5, 6] + t[6, 5]) / 2 if len(t) > 6 else float("nan")
+    return (f"L1/row {np.abs(d).sum() / len(t):.3f} max {np.abs(d).max():.3f} frob {np.sqrt((d ** 2).sum()):.3f} "
+            f"swap56 {swap:.3f} off/row {off:.3f}")
+
+
+def main() -> None:
+    import torch
+
+    from bench.detection import SETTINGS, write_half
+    from engine.scores.metrics import detection_metrics, ranking_auroc
+    from engine.scores.noise import transition_matrix
+    from engine.store.runs import Run
+    from engine.training import audit, correction
+    from engine.training.config import AuditConfig
+    from engine.training.loop import Cancelled
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--setting", default="asym40")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--folder", default=None)
+    ap.add_argument("--size", type=int, default=None)
+    ap.add_argument("--half", type=int, default=None)
+    ap.add_argument("--batch", default=None, help="batch size, or 'rule' = min(64, max(16, N / 25))")
+    ap.add_argument("--variants", default="prior,prior0")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        wrong = None
+        if args.folder:
+            folder = ROOT / args.folder
+            wrong = set(re.findall(r"\| (\d/digit_\d+\.png) \|", (folder.parent / "WRONG_LABELS.md").read_text()))
+            cfg = AuditConfig(dataset=str(folder), image_size=args.size)
+            name = f"folder{args.size}"
+        elif args.half is not None:
+            path, wrong = write_half(Path(tmp) / "halves", args.half, 0.2, 0)
+            cfg = AuditConfig(dataset=str(path))
+            name = f"half{args.half}"
+        else:
+            noise, kind = SETTINGS[args.setting]
+            cfg = AuditConfig(noise=noise, noise_kind=kind, seed=args.seed)
+            name = f"{args.setting} seed {args.seed}"
+        run0, ds = audit.prepare(cfg, Path(tmp) / "base")
+        if args.batch:
+            import json
+
+            raw = json.loads((run0.path / "config.json").read_text())
+            raw["batch_size"] = min(64, max(16, len(ds) // 25)) if args.batch == "rule" else int(args.batch)
+            (run0.path / "config.json").write_text(json.dumps(raw))
+            name += f" batch {raw['batch_size']}"
+        samples = run0.samples()
+        labels = samples["label"].to_numpy()
+        if wrong is not None:
+            err = samples["sample_id"].astype(str).isin(wrong).to_numpy()
+            truth_t = None
+        else:
+            err = labels != samples["true_label"].to_numpy()
+            c = len(run0.classes())
+            counts = np.zeros((c, c))
+            np.add.at(counts, (labels, samples["true_label"].to_numpy()), 1)
+            truth_t = transition_matrix(counts)
+        cancel = threading.Event()
+
+        def stop_after_pass0(r):
+            if r.pass_idx == 0 and r.epoch == cfg.epochs - 1:
+                cancel.set()
+
+        t0 = time.perf_counter()
+        try:
+            audit.execute(run0, ds, on_epoch=stop_after_pass0, cancel=cancel)
+        except Cancelled:
+            pass
+        print(f"{name}: pass 0 trained [{time.perf_counter() - t0:.0f} s]", flush=True)
+        original = audit.earlier_pass_transition
+        for variant in args.variants.split(","):
+            path = Path(tmp) / variant
+            shutil.copytree(run0.path, path)
+            run = Run(path)
+            correction.PRIOR_FROM_START = variant == "prior0"
+            m = re.fullmatch(r"prior(0\.\d+)", variant)
+            correction.PRIOR_SHRINK = float(m.group(1)) if m else 0.0
+            audit.earlier_pass_transition = (lambda *a: None) if variant == "own" else original
+            t0 = time.perf_counter()
+            audit.execute(run, ds, resume=True)
+            table = run.scores()
+            a0, a1 = table["aum_pass0"].to_numpy(), table["aum_pass1"].to_numpy()
+            met = detection_metrics(table["flagged"].to_numpy(bool), -table["aum"].to_numpy(), err)
+            line = (f"{name} {variant}: F1 {met['f1']:.3f} AUROC {met['auroc']:.4f} P {met['precision']:.3f} "
+                    f"R {met['recall']:.3f} flagged {int(table['flagged'].sum())} errors {int(err.sum())}")
+            for w in (1.0, 0.75, 0.67):
+                comb = np.where(np.isfinite(a0) & np.isfinite(a1), w * a1 + (1 - w) * a0, np.where(np.isfinite(a1), a1, a0))
+                line += f" | AUROC w1={w:g} {ranking_auroc(-comb, err):.4f}"
+            print(line + f" [{time.perf_counter() - t0:.0f} s]", flush=True)
+            for p in (0, 1):
+                state = torch.load(path / "checkpoints" / f"pass{p}.pt", map_location="cpu", weights_only=True)
+                t = state.get("correction_matrix")
+                c = len(run.classes())
+                print(f"    T pass {p}: " + ("none (no correction)" if t is None else t_errors(t.numpy()[:c, :c], truth_t)),
+                      flush=True)
+        audit.earlier_pass_transition = original
+
+
+if __name__ == "__main__":
+    main()
