@@ -10,6 +10,9 @@ event after pass 0's last epoch; pass 0 never depends on a prior), then for each
 - ``prior``: pass 0's ``T`` from the correction epoch on (pass 1's own stability guard still decides whether to correct)
 - ``prior0``: pass 0's ``T`` from epoch 0 (no estimation epochs)
 - ``priorS``: ``(1 - S) T + S I`` (S = 0.2, say ``prior0.2``)
+- ``lastpred``, ``lastpredS``, ``lastpred_mM``: the same with pass 0's last 5 epochs' predictions as the evidence
+  (the mode of the predicted class stands for the true class) instead of its AUM flags
+- ``prior_mM``: each row mixed with the identity until ``T[j, j] - max_i T[j, i] >= M`` (``prior_m0.2``)
 
 Printed per variant: F1 / AUROC / precision / recall of the run (automatic cut-off, mean AUM of both passes), AUROC of
 pass 1's AUM alone and of weighted means ``w aum1 + (1 - w) aum0`` (pass 1's weight w; a sample scored in one pass
@@ -67,8 +70,15 @@ def main() -> None:
     ap.add_argument("--half", type=int, default=None)
     ap.add_argument("--batch", default=None, help="batch size, or 'rule' = min(64, max(16, N / 25))")
     ap.add_argument("--variants", default="prior,prior0")
+    ap.add_argument("--reestimate", type=int, default=None, help="every pass: T again at this epoch (mode of the 5 "
+                    "epochs' predictions before, margin 0.3)")
+    ap.add_argument("--re-rule", default="mode", choices=["mode", "unanimous"])
+    ap.add_argument("--re-margin", type=float, default=0.3)
+    ap.add_argument("--keep", default=None, help="copy each variant's run into this folder")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    correction.REESTIMATE_AT = args.reestimate
+    correction.REESTIMATE_RULE, correction.REESTIMATE_MARGIN = args.re_rule, args.re_margin
     with tempfile.TemporaryDirectory() as tmp:
         wrong = None
         if args.folder:
@@ -84,6 +94,8 @@ def main() -> None:
             noise, kind = SETTINGS[args.setting]
             cfg = AuditConfig(noise=noise, noise_kind=kind, seed=args.seed)
             name = f"{args.setting} seed {args.seed}"
+        if args.reestimate is not None:
+            name += f" re{args.reestimate} {args.re_rule} m{args.re_margin:g}"
         run0, ds = audit.prepare(cfg, Path(tmp) / "base")
         if args.batch:
             import json
@@ -121,8 +133,11 @@ def main() -> None:
             shutil.copytree(run0.path, path)
             run = Run(path)
             correction.PRIOR_FROM_START = variant == "prior0"
-            m = re.fullmatch(r"prior(0\.\d+)", variant)
+            audit.PRIOR_EVIDENCE = "lastpred" if variant.startswith("lastpred") else "flags"
+            m = re.fullmatch(r"(?:prior|lastpred)(0\.\d+)", variant)
             correction.PRIOR_SHRINK = float(m.group(1)) if m else 0.0
+            m = re.fullmatch(r"(?:prior|lastpred)_m(0\.\d+)", variant)
+            correction.PRIOR_MARGIN = float(m.group(1)) if m else 0.0
             audit.earlier_pass_transition = (lambda *a: None) if variant == "own" else original
             t0 = time.perf_counter()
             audit.execute(run, ds, resume=True)
@@ -139,6 +154,8 @@ def main() -> None:
                 state = torch.load(path / "checkpoints" / f"pass{p}.pt", map_location="cpu", weights_only=True)
                 t = state.get("correction_matrix")
                 c = len(run.classes())
+                if p == 1 and args.keep:
+                    shutil.copytree(path, Path(args.keep) / f"{name.replace(' ', '_')}_{variant}", dirs_exist_ok=True)
                 print(f"    T pass {p}: " + ("none (no correction)" if t is None else t_errors(t.numpy()[:c, :c], truth_t)),
                       flush=True)
         audit.earlier_pass_transition = original

@@ -40,7 +40,25 @@ from engine.training.config import AuditConfig
 ESTIMATE_EPOCHS = 3  # the epochs just before the correction starts whose predictions estimate T (never epoch 0)
 MIN_STABLE = 0.5  # below this fraction of samples with one prediction over the estimation epochs: no correction
 PRIOR_SHRINK = 0.0  # a prior T from an earlier pass is used as (1 - s) T + s I (screening knob)
-PRIOR_FROM_START = False  # screening knob: use the prior T from epoch 0 (no estimation epochs, no guard)
+PRIOR_MARGIN = 0.0  # screening knob: rows of a prior T mixed with the identity until T[j, j] - max_i T[j, i] >= margin
+PRIOR_FROM_START = False
+REESTIMATE_AT: int | None = None  # screening knob: T again at this epoch from the mode of the 5 epochs' predictions before
+REESTIMATE_MARGIN = 0.3  # screening knob: dominant_rows margin of the re-estimate
+REESTIMATE_RULE = "mode"  # screening knob: "mode" of the window's predictions, or "unanimous" (else the given label)  # screening knob: use the prior T from epoch 0 (no estimation epochs, no guard)
+
+
+def dominant_rows(t: np.ndarray, margin: float) -> np.ndarray:
+    """Each row ``j`` of ``T`` mixed with the identity, ``(1 - s) T[j] + s e_j``, with the smallest ``s`` that makes
+    ``T[j, j] - max_{i != j} T[j, i] >= margin``."""
+    t = np.asarray(t, dtype=np.float64).copy()
+    for j in range(len(t)):
+        off = np.delete(t[j], j).max() if len(t) > 1 else 0.0
+        gap = t[j, j] - off
+        if gap < margin:
+            s = (margin - gap) / (1 - gap)  # (1-s) gap + s = margin
+            t[j] *= 1 - s
+            t[j, j] += s
+    return t
 
 
 class ForwardCorrection:
@@ -55,6 +73,8 @@ class ForwardCorrection:
         if prior is not None and self.start is not None:
             t = np.eye(n_outputs)
             t[:n_real, :n_real] = (1 - PRIOR_SHRINK) * np.asarray(prior, dtype=np.float64) + PRIOR_SHRINK * np.eye(n_real)
+            if PRIOR_MARGIN > 0:
+                t[:n_real, :n_real] = dominant_rows(t[:n_real, :n_real], PRIOR_MARGIN)
             self.prior = t
         first = max(1, (self.start or 0) - ESTIMATE_EPOCHS)
         self.estimate_epochs = range(first, self.start) if self.start is not None else range(0)
@@ -66,10 +86,36 @@ class ForwardCorrection:
             self.matrix = torch.as_tensor(self.prior, dtype=torch.float32, device=self.device)
             self.estimate_epochs = range(0)
 
+    def reestimate(self, epoch: int, pred: np.ndarray | None, targets: np.ndarray) -> None:
+        """Screening: keep the predictions of the 5 epochs before ``REESTIMATE_AT``; then ``T`` from the (given, mode
+        of those predictions) counts, when the pass corrects at all."""
+        if REESTIMATE_AT is None or pred is None or not REESTIMATE_AT - 5 <= epoch < REESTIMATE_AT:
+            return
+        if not hasattr(self, "window"):
+            self.window = []
+        self.window.append(np.asarray(pred, dtype=np.int64).copy())
+        if epoch != REESTIMATE_AT - 1 or self.matrix is None:
+            return
+        w = np.stack(self.window)
+        y = np.asarray(targets, dtype=np.int64)
+        real = y < self.n_real
+        counts = np.zeros((self.n_real, len(y)), dtype=np.int64)
+        ok = w < self.n_real
+        np.add.at(counts, (np.where(ok, w, 0), np.broadcast_to(np.arange(len(y)), w.shape)), ok.astype(np.int64))
+        mode = counts.argmax(axis=0)
+        if REESTIMATE_RULE == "unanimous":
+            mode = np.where((w == w[:1]).all(axis=0) & (w[0] < self.n_real), w[0], y)
+        joint = np.zeros((self.n_real, self.n_real), dtype=np.int64)
+        np.add.at(joint, (y[real], mode[real]), 1)
+        t = np.eye(self.n_outputs)
+        t[: self.n_real, : self.n_real] = dominant_rows(transition_matrix(joint), REESTIMATE_MARGIN)
+        self.matrix = torch.as_tensor(t, dtype=torch.float32, device=self.device)
+
     def end_epoch(self, epoch: int, pred: np.ndarray | None, targets: np.ndarray) -> None:
         """Record an estimation epoch's captured predictions ``pred`` (one per sample); after the last one, ``T``
         from the counts of (given label, estimated true class) over the real-labelled samples, unless fewer than
         ``MIN_STABLE`` of them kept one prediction (then no correction: ``matrix`` stays None)."""
+        self.reestimate(epoch, pred, targets)
         if epoch not in self.estimate_epochs or pred is None:
             return
         pred = np.asarray(pred, dtype=np.int64)
