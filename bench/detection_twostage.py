@@ -72,12 +72,15 @@ def main() -> None:
     ap.add_argument("--variants", default="prior,prior0")
     ap.add_argument("--reestimate", type=int, default=None, help="every pass: T again at this epoch (mode of the 5 "
                     "epochs' predictions before, margin 0.3)")
-    ap.add_argument("--re-rule", default="mode", choices=["mode", "unanimous"])
+    ap.add_argument("--re-rule", default="mode", choices=["mode", "majority", "unanimous"])
     ap.add_argument("--re-margin", type=float, default=0.3)
+    ap.add_argument("--reflag", type=int, default=None, help="first pass: T again at this epoch from its own AUM flags")
+    ap.add_argument("--reflag-all", action="store_true", help="--reflag in every pass")
     ap.add_argument("--keep", default=None, help="copy each variant's run into this folder")
     args = ap.parse_args()
     torch.set_num_threads(1)
     correction.REESTIMATE_AT = args.reestimate
+    correction.REFLAG_AT, correction.REFLAG_ALL = args.reflag, args.reflag_all
     correction.REESTIMATE_RULE, correction.REESTIMATE_MARGIN = args.re_rule, args.re_margin
     with tempfile.TemporaryDirectory() as tmp:
         wrong = None
@@ -94,6 +97,8 @@ def main() -> None:
             noise, kind = SETTINGS[args.setting]
             cfg = AuditConfig(noise=noise, noise_kind=kind, seed=args.seed)
             name = f"{args.setting} seed {args.seed}"
+        if args.reflag is not None:
+            name += f" reflag{args.reflag}" + (" all" if args.reflag_all else "")
         if args.reestimate is not None:
             name += f" re{args.reestimate} {args.re_rule} m{args.re_margin:g}"
         run0, ds = audit.prepare(cfg, Path(tmp) / "base")

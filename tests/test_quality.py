@@ -225,3 +225,65 @@ def test_retrain_without_truth_needs_a_test_set(tmp_path, capsys):
     audit.execute(run, ds)
     assert main(["retrain", str(run.path), "--seeds", "1"]) == 2
     assert "--test" in capsys.readouterr().err
+
+
+def test_forward_correction_takes_t_from_an_earlier_pass():
+    """Pass p >= 1 is handed pass p - 1's T (``prior``): when its own estimation epochs pass the stability guard it
+    trains on that T, each row made diagonally dominant by ``PRIOR_MARGIN`` (a swapped pair estimated at 50 / 50
+    would merge the two classes), not on its own early-epoch estimate; below the guard it keeps plain
+    cross-entropy as before."""
+    import torch
+
+    from engine.training.correction import PRIOR_MARGIN, ForwardCorrection, dominant_rows
+
+    prior = np.array([[0.9, 0.1, 0, 0], [0, 1, 0, 0], [0, 0, 0.5, 0.5], [0, 0, 0.45, 0.55]])
+    t = dominant_rows(prior, 0.3)
+    np.testing.assert_allclose(t[:2], prior[:2])  # rows already dominant by 0.3 or more are kept
+    np.testing.assert_allclose(t.sum(axis=1), 1.0)
+    np.testing.assert_allclose([t[2, 2] - t[2, 3], t[3, 3] - t[3, 2]], [0.3, 0.3])
+    assert t[2, 3] > 0 and t[3, 2] > 0  # the pair keeps its noise, less of it
+
+    y = np.repeat(np.arange(4), 25)
+    for share, expect_t in ((0.4, False), (0.6, True)):
+        corr = ForwardCorrection(AuditConfig(epochs=30), 5, 4, torch.device("cpu"), prior=prior)
+        changing = np.arange(100) % 25 >= round(share * 25)
+        for epoch in (2, 3, 4):
+            corr.end_epoch(epoch, np.where(changing, (y + 1 + epoch % 2) % 4, y), y)
+        if expect_t:
+            expected = np.eye(5)
+            expected[:4, :4] = dominant_rows(prior, PRIOR_MARGIN)
+            np.testing.assert_allclose(corr.matrix.numpy(), expected, atol=1e-6)  # the prior, not the identity
+        else:
+            assert corr.matrix is None
+
+
+@pytest.mark.slow
+def test_second_pass_trains_on_the_first_pass_noise_estimate(tmp_path):
+    """A real two-pass audit: pass 1's T is the one ``earlier_pass_transition`` reads from pass 0's flags and
+    suggested classes (recomputed here from pass 0's dynamics on disk), and is closer to the injected noise than
+    pass 0's own early-epoch estimate."""
+    import torch
+
+    from engine.capture.dynamics import area_under_margin
+    from engine.scores.registry import pass_cutoff
+    from engine.training.correction import PRIOR_MARGIN, dominant_rows
+
+    cfg = AuditConfig(noise=0.3, noise_kind="asymmetric", epochs=12)
+    run, ds = audit.prepare(cfg, tmp_path / "runs")
+    audit.execute(run, ds)
+    samples = run.samples()
+    labels, tpass = samples["label"].to_numpy(), samples["threshold_pass"].to_numpy()
+    margin = np.asarray(run.dynamics(0, "margin"))
+    aum = area_under_margin(margin, 1)
+    kept = tpass != 0
+    cut = pass_cutoff("auto", aum[kept], aum[~kept], 99.0, 0)
+    other = np.asarray(run.dynamics(0, "other"))[1:]
+    votes = np.stack([(other == k).sum(axis=0) for k in range(10)])
+    flagged = kept & (aum < cut)
+    joint = estimated_joint(labels, flagged, votes.argmax(axis=0), 10, kept)
+    t_prior = dominant_rows(transition_matrix(joint), PRIOR_MARGIN)
+    t_pass = [torch.load(run.path / "checkpoints" / f"pass{p}.pt", weights_only=True)["correction_matrix"].numpy()[:10, :10]
+              for p in (0, 1)]
+    np.testing.assert_allclose(t_pass[1], t_prior, atol=1e-6)
+    truth = transition_matrix(true_joint(labels, samples["true_label"].to_numpy(), 10))
+    assert np.abs(t_pass[1] - truth).sum() < 0.5 * np.abs(t_pass[0] - truth).sum()

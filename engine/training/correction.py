@@ -44,6 +44,8 @@ PRIOR_MARGIN = 0.0  # screening knob: rows of a prior T mixed with the identity 
 PRIOR_FROM_START = False
 REESTIMATE_AT: int | None = None  # screening knob: T again at this epoch from the mode of the 5 epochs' predictions before
 REESTIMATE_MARGIN = 0.3  # screening knob: dominant_rows margin of the re-estimate
+REFLAG_AT: int | None = None  # screening knob: T again at this epoch from the pass's own AUM flags so far (margin 0.3)
+REFLAG_ALL = False  # screening knob: also in a pass that has a prior (else only in the first pass)
 REESTIMATE_RULE = "mode"  # screening knob: "mode" of the window's predictions, or "unanimous" (else the given label)  # screening knob: use the prior T from epoch 0 (no estimation epochs, no guard)
 
 
@@ -86,6 +88,35 @@ class ForwardCorrection:
             self.matrix = torch.as_tensor(self.prior, dtype=torch.float32, device=self.device)
             self.estimate_epochs = range(0)
 
+    def observe(self, epoch: int, host: dict) -> None:
+        """Screening: AUM over epochs 1..REFLAG_AT-1 and the votes of the largest other class; at REFLAG_AT - 1, T from
+        those flags and suggested classes (``earlier_pass_transition``'s rule inside the pass)."""
+        if REFLAG_AT is None or self.matrix is None and epoch >= self.start or not 1 <= epoch < REFLAG_AT:
+            return
+        if self.prior is not None and not REFLAG_ALL:
+            return
+        n = len(host["margin"])
+        if not hasattr(self, "msum"):
+            self.msum, self.votes = np.zeros(n), np.zeros((self.n_real, n), dtype=np.int32)
+        self.msum += host["margin"]
+        other = np.asarray(host["other"], dtype=np.int64)
+        ok = (other >= 0) & (other < self.n_real)
+        np.add.at(self.votes, (other[ok], np.flatnonzero(ok)), 1)
+        if epoch != REFLAG_AT - 1 or self.matrix is None:
+            return
+        from engine.scores.noise import estimated_joint
+        from engine.scores.registry import pass_cutoff
+
+        y = self.targets_host
+        aum = self.msum / (REFLAG_AT - 1)
+        kept, thr = y < self.n_real, y >= self.n_real
+        cut = pass_cutoff("auto", aum[kept], aum[thr] if thr.any() else None, 99.0, 0)
+        flagged = kept & (aum < cut)
+        joint = estimated_joint(np.where(kept, y, 0), flagged, self.votes.argmax(axis=0), self.n_real, kept)
+        t = np.eye(self.n_outputs)
+        t[: self.n_real, : self.n_real] = dominant_rows(transition_matrix(joint), 0.3)
+        self.matrix = torch.as_tensor(t, dtype=torch.float32, device=self.device)
+
     def reestimate(self, epoch: int, pred: np.ndarray | None, targets: np.ndarray) -> None:
         """Screening: keep the predictions of the 5 epochs before ``REESTIMATE_AT``; then ``T`` from the (given, mode
         of those predictions) counts, when the pass corrects at all."""
@@ -103,6 +134,8 @@ class ForwardCorrection:
         ok = w < self.n_real
         np.add.at(counts, (np.where(ok, w, 0), np.broadcast_to(np.arange(len(y)), w.shape)), ok.astype(np.int64))
         mode = counts.argmax(axis=0)
+        if REESTIMATE_RULE == "majority":  # more than half the window's epochs, else the given label
+            mode = np.where(counts.max(axis=0) * 2 > len(w), mode, y)
         if REESTIMATE_RULE == "unanimous":
             mode = np.where((w == w[:1]).all(axis=0) & (w[0] < self.n_real), w[0], y)
         joint = np.zeros((self.n_real, self.n_real), dtype=np.int64)

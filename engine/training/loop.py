@@ -202,6 +202,8 @@ class _Pass:
         """Gather the epoch's captured values, update the forward correction, write the dynamics row, save the
         checkpoint (rank 0) and report progress (the epoch's seconds count from ``t0``, writing included)."""
         host = self.buffers.gather()
+        self.correction.targets_host = self.targets_host
+        self.correction.observe(epoch, host)
         self.correction.end_epoch(epoch, host["pred"], self.targets_host)
         if writer is not None:
             writer.write_epoch(epoch, {k: v.astype(DYNAMICS[k], copy=False) for k, v in host.items()})
