@@ -1,14 +1,17 @@
 """Screening of the two-stage noise estimate (issue 19, third screening round): pass 1's forward correction uses a
-``T`` from pass 0's end-of-pass evidence (``engine.training.audit.earlier_pass_transition``) instead of its own
-early-epoch estimate.
+``T`` from pass 0's end-of-pass evidence (``engine.training.audit.earlier_pass_transition``, adopted as the
+default) instead of its own early-epoch estimate; and the variants screened beside it (not in the engine: a
+subclass of ``ForwardCorrection`` installed in the training loop here).
 
 Pass 0 is trained once by the engine's default audit (``audit.prepare`` / ``execute``, stopped by the user's cancel
 event after pass 0's last epoch; pass 0 never depends on a prior), then for each variant a copy of that run continues
 (``execute(..., resume=True)``) with pass 1 only:
 
+- ``default``: the engine's default (pass 0's ``T``, rows made dominant by ``PRIOR_MARGIN`` = 0.3)
 - ``own``: the default before this change (pass 1 estimates its own ``T`` from epochs 2-4, no prior)
-- ``prior``: pass 0's ``T`` from the correction epoch on (pass 1's own stability guard still decides whether to correct)
-- ``prior0``: pass 0's ``T`` from epoch 0 (no estimation epochs)
+- ``prior``: pass 0's ``T`` as estimated, from the correction epoch on (pass 1's own stability guard still decides
+  whether to correct)
+- ``prior0``: pass 0's ``T`` from epoch 0 (no estimation epochs, no guard)
 - ``priorS``: ``(1 - S) T + S I`` (S = 0.2, say ``prior0.2``)
 - ``lastpred``, ``lastpredS``, ``lastpred_mM``: the same with pass 0's last 5 epochs' predictions as the evidence
   (the mode of the predicted class stands for the true class) instead of its AUM flags
@@ -18,8 +21,13 @@ Printed per variant: F1 / AUROC / precision / recall of the run (automatic cut-o
 pass 1's AUM alone and of weighted means ``w aum1 + (1 - w) aum0`` (pass 1's weight w; a sample scored in one pass
 keeps that pass's AUM), and each pass's ``T`` against the true one (L1 per row, max abs, Frobenius, 5/6 swap).
 
+Options for every pass (pass 0 included): ``--reestimate E`` (``T`` again at epoch E from the mode, ``--re-rule
+majority`` / ``unanimous``, of the 5 epochs' predictions before, rows made dominant by ``--re-margin``), ``--reflag E``
+(the first pass: ``T`` again at epoch E from its own AUM flags so far; ``--reflag-all``: every pass), ``--batch rule``
+(batch size min(64, max(16, N / 25))).
+
 Usage:
-  python bench/detection_twostage.py --setting asym40 --seed 0 --variants prior,prior0
+  python bench/detection_twostage.py --setting asym40 --seed 0 --variants own,default,prior,prior0
   python bench/detection_twostage.py --folder sample_data/digits_folder --size 16 --variants own,prior
   python bench/detection_twostage.py --half 0 --variants own,prior
 """
@@ -41,6 +49,133 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+# ---------------------------------------------------------------- screening variants (not in the engine)
+
+HOST: dict = {}
+
+
+def install_screening(args):
+    """The variants that were screened and not adopted, as a subclass of the engine's ``ForwardCorrection`` installed
+    in the training loop (and a wrapped ``earlier_pass_transition``); the engine itself has only the adopted rule."""
+    import torch
+
+    from engine.scores.noise import estimated_joint, transition_matrix
+    from engine.scores.registry import _mode_ignoring, pass_cutoff
+    from engine.training import audit, correction, loop
+
+    base_gather = loop._CaptureBuffers.gather
+
+    def gather(self):
+        HOST.clear()
+        HOST.update(base_gather(self))
+        return dict(HOST)
+
+    loop._CaptureBuffers.gather = gather
+    original = audit.earlier_pass_transition
+
+    def transition(run, cfg, p):
+        """``lastpred``: the mode of pass p - 1's last 5 epochs' predictions stands for the true class."""
+        t = original(run, cfg, p)
+        if t is None or Screen.evidence != "lastpred":
+            return t
+        samples = run.samples()
+        labels = samples["label"].to_numpy()
+        kept = samples["threshold_pass"].to_numpy() != p - 1
+        c = len(run.classes())
+        pred = np.asarray(run.dynamics(p - 1, "pred"))[-5:]
+        sug = _mode_ignoring(np.where(kept[None, :] & (pred < c), pred, -1), c)
+        return transition_matrix(estimated_joint(labels, kept & (sug >= 0) & (sug != labels), sug, c, kept))
+
+    audit.earlier_pass_transition = transition
+
+    class Screen(correction.ForwardCorrection):
+        evidence, use_prior, shrink, from_start = "flags", True, 0.0, False
+        reestimate_at, re_rule, re_margin = args.reestimate, args.re_rule, args.re_margin
+        reflag_at, reflag_all = args.reflag, args.reflag_all
+
+        def __init__(self, cfg, n_outputs, n_real, device, prior=None):
+            if prior is not None and not Screen.use_prior:
+                prior = None
+            if prior is not None and Screen.shrink:
+                prior = (1 - Screen.shrink) * prior + Screen.shrink * np.eye(len(prior))
+            super().__init__(cfg, n_outputs, n_real, device, prior)
+            self.window, self.msum, self.votes = [], None, None
+            if self.prior is not None and Screen.from_start:
+                self.matrix = torch.as_tensor(self.prior, dtype=torch.float32, device=self.device)
+                self.estimate_epochs = range(0)
+
+        def end_epoch(self, epoch, pred, targets):
+            self.reflag(epoch, np.asarray(targets))
+            self.reestimate(epoch, pred, np.asarray(targets))
+            super().end_epoch(epoch, pred, targets)
+
+        def set_t(self, t):
+            m = np.eye(self.n_outputs)
+            m[: self.n_real, : self.n_real] = t
+            self.matrix = torch.as_tensor(m, dtype=torch.float32, device=self.device)
+
+        def reflag(self, epoch, y):
+            """T again at ``reflag_at`` from the pass's own AUM (epochs 1..reflag_at-1) flags and suggested classes."""
+            r = Screen.reflag_at
+            if r is None or not 1 <= epoch < r or (self.prior is not None and not Screen.reflag_all):
+                return
+            if self.msum is None:
+                self.msum, self.votes = np.zeros(len(y)), np.zeros((self.n_real, len(y)), dtype=np.int32)
+            self.msum += HOST["margin"]
+            other = np.asarray(HOST["other"], dtype=np.int64)
+            ok = (other >= 0) & (other < self.n_real)
+            np.add.at(self.votes, (other[ok], np.flatnonzero(ok)), 1)
+            if epoch != r - 1 or self.matrix is None:
+                return
+            aum = self.msum / (r - 1)
+            kept, thr = y < self.n_real, y >= self.n_real
+            cut = pass_cutoff("auto", aum[kept], aum[thr] if thr.any() else None, 99.0, 0)
+            joint = estimated_joint(np.where(kept, y, 0), kept & (aum < cut), self.votes.argmax(axis=0), self.n_real,
+                                    kept)
+            self.set_t(correction.dominant_rows(transition_matrix(joint), 0.3))
+
+        def reestimate(self, epoch, pred, y):
+            """T again at ``reestimate_at`` from the mode (or majority, or unanimity) of the 5 epochs' predictions
+            before it."""
+            r = Screen.reestimate_at
+            if r is None or pred is None or not r - 5 <= epoch < r:
+                return
+            self.window.append(np.asarray(pred, dtype=np.int64).copy())
+            if epoch != r - 1 or self.matrix is None:
+                return
+            w = np.stack(self.window)
+            real = y < self.n_real
+            counts = np.zeros((self.n_real, len(y)), dtype=np.int64)
+            ok = w < self.n_real
+            np.add.at(counts, (np.where(ok, w, 0), np.broadcast_to(np.arange(len(y)), w.shape)), ok.astype(np.int64))
+            mode = counts.argmax(axis=0)
+            if Screen.re_rule == "majority":
+                mode = np.where(counts.max(axis=0) * 2 > len(w), mode, y)
+            if Screen.re_rule == "unanimous":
+                mode = np.where((w == w[:1]).all(axis=0) & (w[0] < self.n_real), w[0], y)
+            joint = np.zeros((self.n_real, self.n_real), dtype=np.int64)
+            np.add.at(joint, (y[real], mode[real]), 1)
+            self.set_t(correction.dominant_rows(transition_matrix(joint), Screen.re_margin))
+
+    loop.ForwardCorrection = Screen
+    return Screen
+
+
+def set_variant(screen, variant: str) -> None:
+    from engine.training import correction
+
+    screen.use_prior = variant != "own"
+    screen.from_start = variant == "prior0"
+    screen.evidence = "lastpred" if variant.startswith("lastpred") else "flags"
+    m = re.fullmatch(r"(?:prior|lastpred)(0\.\d+)", variant)
+    screen.shrink = float(m.group(1)) if m else 0.0
+    m = re.fullmatch(r"(?:prior|lastpred)_m(0\.\d+)", variant)
+    correction.PRIOR_MARGIN = float(m.group(1)) if m else (DEFAULT_MARGIN if variant == "default" else 0.0)
+
+
+DEFAULT_MARGIN = 0.3  # engine.training.correction.PRIOR_MARGIN as adopted
+
+
 def t_errors(t: np.ndarray, truth: np.ndarray | None) -> str:
     off = (t.sum() - np.trace(t)) / len(t)
     if truth is None:
@@ -58,7 +193,7 @@ def main() -> None:
     from engine.scores.metrics import detection_metrics, ranking_auroc
     from engine.scores.noise import transition_matrix
     from engine.store.runs import Run
-    from engine.training import audit, correction
+    from engine.training import audit
     from engine.training.config import AuditConfig
     from engine.training.loop import Cancelled
 
@@ -69,7 +204,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--half", type=int, default=None)
     ap.add_argument("--batch", default=None, help="batch size, or 'rule' = min(64, max(16, N / 25))")
-    ap.add_argument("--variants", default="prior,prior0")
+    ap.add_argument("--variants", default="own,default")
     ap.add_argument("--reestimate", type=int, default=None, help="every pass: T again at this epoch (mode of the 5 "
                     "epochs' predictions before, margin 0.3)")
     ap.add_argument("--re-rule", default="mode", choices=["mode", "majority", "unanimous"])
@@ -79,20 +214,18 @@ def main() -> None:
     ap.add_argument("--keep", default=None, help="copy each variant's run into this folder")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    correction.REESTIMATE_AT = args.reestimate
-    correction.REFLAG_AT, correction.REFLAG_ALL = args.reflag, args.reflag_all
-    correction.REESTIMATE_RULE, correction.REESTIMATE_MARGIN = args.re_rule, args.re_margin
+    screen = install_screening(args)
     with tempfile.TemporaryDirectory() as tmp:
         wrong = None
         if args.folder:
             folder = ROOT / args.folder
             wrong = set(re.findall(r"\| (\d/digit_\d+\.png) \|", (folder.parent / "WRONG_LABELS.md").read_text()))
-            cfg = AuditConfig(dataset=str(folder), image_size=args.size)
-            name = f"folder{args.size}"
+            cfg = AuditConfig(dataset=str(folder), image_size=args.size, seed=args.seed)
+            name = f"folder{args.size} seed {args.seed}"
         elif args.half is not None:
             path, wrong = write_half(Path(tmp) / "halves", args.half, 0.2, 0)
-            cfg = AuditConfig(dataset=str(path))
-            name = f"half{args.half}"
+            cfg = AuditConfig(dataset=str(path), seed=args.seed)  # the noise injected into the half: seed 0
+            name = f"half{args.half} seed {args.seed}"
         else:
             noise, kind = SETTINGS[args.setting]
             cfg = AuditConfig(noise=noise, noise_kind=kind, seed=args.seed)
@@ -132,18 +265,11 @@ def main() -> None:
         except Cancelled:
             pass
         print(f"{name}: pass 0 trained [{time.perf_counter() - t0:.0f} s]", flush=True)
-        original = audit.earlier_pass_transition
         for variant in args.variants.split(","):
             path = Path(tmp) / variant
             shutil.copytree(run0.path, path)
             run = Run(path)
-            correction.PRIOR_FROM_START = variant == "prior0"
-            audit.PRIOR_EVIDENCE = "lastpred" if variant.startswith("lastpred") else "flags"
-            m = re.fullmatch(r"(?:prior|lastpred)(0\.\d+)", variant)
-            correction.PRIOR_SHRINK = float(m.group(1)) if m else 0.0
-            m = re.fullmatch(r"(?:prior|lastpred)_m(0\.\d+)", variant)
-            correction.PRIOR_MARGIN = float(m.group(1)) if m else 0.0
-            audit.earlier_pass_transition = (lambda *a: None) if variant == "own" else original
+            set_variant(screen, variant)
             t0 = time.perf_counter()
             audit.execute(run, ds, resume=True)
             table = run.scores()
@@ -163,7 +289,6 @@ def main() -> None:
                     shutil.copytree(path, Path(args.keep) / f"{name.replace(' ', '_')}_{variant}", dirs_exist_ok=True)
                 print(f"    T pass {p}: " + ("none (no correction)" if t is None else t_errors(t.numpy()[:c, :c], truth_t)),
                       flush=True)
-        audit.earlier_pass_transition = original
 
 
 if __name__ == "__main__":

@@ -305,12 +305,10 @@ def _train_one_pass(run: Run, cfg: AuditConfig, ds: IndexedDataset, source, p: i
         save_sat_disagreement(run, p, sat_out["targets"], ds.labels, tpass, rows, n_all)
 
 
-PRIOR_EVIDENCE = "flags"  # screening knob: "flags" (AUM flags + suggested class) or "lastpred"
-
-
 def earlier_pass_transition(run: Run, cfg: AuditConfig, p: int) -> np.ndarray | None:
     """The noise transition matrix ``T[true, given]`` from pass ``p - 1``'s end-of-pass evidence, for pass ``p``'s
-    forward correction; None when that pass trained without the correction (``engine.training.correction``).
+    forward correction; None when that pass trained without the correction (``engine.training.correction``: an
+    unfitted network, or the correction off), so that small data keeps its plain cross-entropy.
 
     Pass ``p - 1``'s AUM (its own epochs, window and cut-off rule, as ``compute_scores`` reads it) flags its
     samples; a flagged sample counts as truly of its suggested class (the mode of the largest other logit), every
@@ -343,10 +341,6 @@ def earlier_pass_transition(run: Run, cfg: AuditConfig, p: int) -> np.ndarray | 
                       cfg.seed)
     flagged = kept & (s["aum"] < cut)
     suggested = _mode_ignoring(np.where(kept[None, :], s["other"], -1), n_classes)
-    if PRIOR_EVIDENCE == "lastpred":  # screening: the mode of the last 5 epochs' predictions stands for the true class
-        pred = np.asarray(run.dynamics(q, "pred"))[-5:]
-        suggested = _mode_ignoring(np.where(kept[None, :] & (pred < n_classes), pred, -1), n_classes)
-        flagged = kept & (suggested >= 0) & (suggested != labels)
     return transition_matrix(estimated_joint(labels, flagged, suggested, n_classes, kept))
 
 

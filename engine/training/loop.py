@@ -118,7 +118,8 @@ def train_pass(
 
     Forward correction (``cfg.correction_epoch``, on by default, off under self-adaptive training):
     from that epoch the loss is ``-log (softmax(z) @ T)[y]``, ``T`` estimated from the pass's own
-    captured predictions just before (``engine.training.correction``; none without capture).
+    captured predictions just before (``engine.training.correction``; none without capture), or ``prior``, an
+    earlier pass's ``T`` (``engine.training.audit.earlier_pass_transition``).
     """
     from engine.training.distributed import world
 
@@ -202,8 +203,6 @@ class _Pass:
         """Gather the epoch's captured values, update the forward correction, write the dynamics row, save the
         checkpoint (rank 0) and report progress (the epoch's seconds count from ``t0``, writing included)."""
         host = self.buffers.gather()
-        self.correction.targets_host = self.targets_host
-        self.correction.observe(epoch, host)
         self.correction.end_epoch(epoch, host["pred"], self.targets_host)
         if writer is not None:
             writer.write_epoch(epoch, {k: v.astype(DYNAMICS[k], copy=False) for k, v in host.items()})
