@@ -60,7 +60,7 @@ def install_screening(args):
     import torch
 
     from engine.scores.noise import estimated_joint, transition_matrix
-    from engine.scores.registry import _mode_ignoring, pass_cutoff
+    from engine.scores.registry import mode_ignoring, pass_cutoff
     from engine.training import audit, correction, loop
 
     base_gather = loop._CaptureBuffers.gather
@@ -83,7 +83,7 @@ def install_screening(args):
         kept = samples["threshold_pass"].to_numpy() != p - 1
         c = len(run.classes())
         pred = np.asarray(run.dynamics(p - 1, "pred"))[-5:]
-        sug = _mode_ignoring(np.where(kept[None, :] & (pred < c), pred, -1), c)
+        sug = mode_ignoring(np.where(kept[None, :] & (pred < c), pred, -1), c)
         return transition_matrix(estimated_joint(labels, kept & (sug >= 0) & (sug != labels), sug, c, kept))
 
     audit.earlier_pass_transition = transition

@@ -117,7 +117,12 @@ def first_iteration(correct: np.ndarray) -> np.ndarray:
     return (t - dyn.trailing_streak(correct)) / t
 
 
-def _pass_scores(run: Run, p: int, window: tuple[int, int | None], targets_override=None) -> dict[str, np.ndarray]:
+def pass_scores(run: Run, p: int, window: tuple[int, int | None], targets: np.ndarray) -> dict[str, np.ndarray]:
+    """The free scores of pass ``p`` alone, one value per sample (every sample of the run, threshold samples
+    included), from its recorded epochs: AUM and the Yang AUM over the epochs ``window`` (``[lo, hi)``, from 0 when
+    fewer than ``lo`` epochs are done), data-map statistics, first iteration and forgetting against ``targets`` (the
+    targets this pass trained on), the last epoch's loss, EL2N at its epoch, and ``other`` (the largest other class
+    per epoch of the window, for the suggested label). Empty when the pass has no finished epoch."""
     lo, hi = window
     if run.epochs_done(p) == 0:
         return {}
@@ -133,7 +138,6 @@ def _pass_scores(run: Run, p: int, window: tuple[int, int | None], targets_overr
     other = np.asarray(run.dynamics(p, "other"))
     yang = np.asarray(run.dynamics(p, "margin_yang"))
     el2n = np.asarray(run.dynamics(p, "el2n"), dtype=np.float64)
-    targets = targets_override
     correct = pred == targets[None, :]
     conf, var, acc = dyn.cartography(prob, correct)
     return {
@@ -212,7 +216,7 @@ def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:
         targets = labels.copy()
         in_thr = tpass == p
         targets[in_thr] = n_classes
-        s = _pass_scores(run, p, window, targets)
+        s = pass_scores(run, p, window, targets)
         if not s:
             continue
         kept = ~in_thr & trained
@@ -239,7 +243,7 @@ def compute_scores(run: Run) -> tuple[pd.DataFrame, dict]:
     combined = {k: mean_over_passes(np.stack(v)) if len(v) > 1 else v[0] for k, v in acc.items()}
     combined.update(first)
     other_all = np.concatenate(others, axis=0)
-    sug = _mode_ignoring(other_all, n_classes)
+    sug = mode_ignoring(other_all, n_classes)
     table = pd.DataFrame({"sample_id": samples["sample_id"].to_numpy()})
     for name in ("aum", "aum_yang", "confidence", "variability", "cumulative_accuracy", "first_iteration", "forgetting",
                  "el2n", "ce_loss"):
@@ -271,7 +275,7 @@ def mean_over_passes(values: np.ndarray) -> np.ndarray:
     return np.divide(total, count, out=np.full(total.shape, np.nan, dtype=total.dtype), where=count > 0)
 
 
-def _mode_ignoring(values: np.ndarray, n_classes: int) -> np.ndarray:
+def mode_ignoring(values: np.ndarray, n_classes: int) -> np.ndarray:
     """Most frequent class per column of ``values`` ignoring -1; -1 where a column has none."""
     counts = np.zeros((n_classes, values.shape[1]), dtype=np.int32)
     cols = np.broadcast_to(np.arange(values.shape[1]), values.shape)

@@ -318,7 +318,7 @@ def earlier_pass_transition(run: Run, cfg: AuditConfig, p: int) -> np.ndarray | 
     import torch
 
     from engine.scores.noise import estimated_joint, transition_matrix
-    from engine.scores.registry import _mode_ignoring, _pass_scores, pass_cutoff
+    from engine.scores.registry import mode_ignoring, pass_cutoff, pass_scores
 
     _wait_for_all_ranks()  # torchrun: rank 0 has written the earlier pass's last epoch
     q = p - 1
@@ -333,14 +333,14 @@ def earlier_pass_transition(run: Run, cfg: AuditConfig, p: int) -> np.ndarray | 
     n_classes = len(run.classes())
     targets = np.where(thr, n_classes, labels)
     raw = run.config()
-    s = _pass_scores(run, q, (int(raw.get("aum_start", 1)), raw.get("aum_end")), targets)
+    s = pass_scores(run, q, (int(raw.get("aum_start", 1)), raw.get("aum_end")), targets)
     if not s:
         return None
     kept = trained & ~thr
     cut = pass_cutoff(cfg.cutoff, s["aum"][kept], s["aum"][thr] if thr.any() else None, cfg.threshold_percentile,
                       cfg.seed)
     flagged = kept & (s["aum"] < cut)
-    suggested = _mode_ignoring(np.where(kept[None, :], s["other"], -1), n_classes)
+    suggested = mode_ignoring(np.where(kept[None, :], s["other"], -1), n_classes)
     return transition_matrix(estimated_joint(labels, flagged, suggested, n_classes, kept))
 
 
