@@ -93,6 +93,16 @@ def start_server(runs: Path, app: Path = ROOT, env: dict | None = None, stderr=s
     raise SystemExit(f"streamlit did not answer on {url} (app {app})")
 
 
+def open_url(page, url: str, timeout_ms: int = 120_000) -> float:
+    """Go to ``url`` and wait until its first script run has started (so ``SCRIPT_DONE`` / ``SHOWN`` mean that
+    run's end); returns the ``time.perf_counter()`` at which the page was asked for."""
+    t0 = time.perf_counter()
+    page.goto(url)
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="running"]', timeout=timeout_ms)
+    page.evaluate("() => { window.__ran = true; }")
+    return t0
+
+
 def wait(page, t0: float) -> float:
     """Wait until the page is shown; returns the seconds from ``t0`` until its script had finished."""
     page.wait_for_function(SCRIPT_DONE, timeout=120_000, polling=20)
@@ -138,10 +148,7 @@ def main() -> None:
                 browser = pw.chromium.launch(executable_path=CHROMIUM,
                                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                t0 = time.perf_counter()
-                page.goto(f"{url}/?run={run_id}")
-                page.wait_for_selector('[data-testid="stApp"][data-test-script-state="running"]', timeout=60_000)
-                page.evaluate("() => { window.__ran = true; }")
+                t0 = open_url(page, f"{url}/?run={run_id}", timeout_ms=60_000)
                 done = wait(page, t0)
                 report(page, proc, "open", "audit", done, time.perf_counter() - t0)
                 for visit in ("first", "again"):

@@ -23,13 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from browser_pages import CHROMIUM, SHOWN, start_server  # noqa: E402
+from browser_pages import CHROMIUM, open_url, start_server, wait  # noqa: E402
 from render_pages import make_run  # noqa: E402
-
-SCRIPT_DONE = """() => {
-  const app = document.querySelector('[data-testid="stApp"]');
-  return !!app && window.__ran && app.getAttribute('data-test-script-state') === 'notRunning';
-}"""
 
 
 def _server(app: Path, runs: Path) -> tuple[subprocess.Popen, str]:
@@ -41,13 +36,8 @@ def _open(browser, url: str, run_id: str) -> tuple[float, float, int]:
     """(script done s, shown s, exceptions) of the first open of ``url``."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})  # empty cache: a first visit
     page = context.new_page()
-    t0 = time.perf_counter()
-    page.goto(f"{url}/?run={run_id}")
-    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="running"]', timeout=120_000)
-    page.evaluate("() => { window.__ran = true; }")
-    page.wait_for_function(SCRIPT_DONE, timeout=120_000, polling=20)
-    done = time.perf_counter() - t0
-    page.wait_for_function(SHOWN, timeout=120_000, polling=20)
+    t0 = open_url(page, f"{url}/?run={run_id}")
+    done = wait(page, t0)
     shown = time.perf_counter() - t0
     errors = page.locator('[data-testid="stException"]').count()
     context.close()
