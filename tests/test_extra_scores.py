@@ -73,7 +73,13 @@ def test_compute_on_a_real_run_and_finalize_keeps_them(own_small_run):
     np.testing.assert_allclose(depth, np.round(depth), atol=1e-9)
     samples = run.samples()
     err = (samples["label"] != samples["true_label"]).to_numpy()
-    assert table["prediction_depth"][err].mean() > table["prediction_depth"][~err].mean()
+    # Depth tracks difficulty for the model (Baldock et al. 2021), not label errors: a mislabeled sample the model
+    # does not memorise is predicted as its true class, which its neighbours' labels agree with at every probe
+    # (depth 0). Samples the final model gets wrong sit deep (0.7-0.95 over seeds 0-3, against about 0.05).
+    _, prediction, _, _ = xs._probe_features(run)
+    wrong = prediction != samples["true_label"].to_numpy()
+    assert wrong.sum() >= 10
+    assert table["prediction_depth"][wrong].mean() > table["prediction_depth"][~wrong].mean() + 0.4
     assert table["transfer_teacher"][err].mean() < table["transfer_teacher"][~err].mean() - 0.2  # P(given label)
     finalize(run)  # a re-finalize (resume) must not drop scores computed on demand
     np.testing.assert_array_equal(run.scores()["transfer_teacher"], table["transfer_teacher"])
