@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine.ui import Run, load_retrain
+from engine.ui import Run, load_retrain, retrain_verdict
 
 
 def noise_estimate_section(summary: dict | None) -> None:
@@ -55,6 +55,6 @@ def retrain_section(run: Run) -> None:
     st.text(f"Trusted test set: {r['test_set']}")  # a user's path: shown as text, never as markdown
     line = (f"Cleaning ({r['policy']}) removed {r['n_removed']:,} and relabelled {r['n_relabelled']:,} of "
             f"{r['n_train']:,} training samples; {len(r['seeds'])} seed(s) per variant.")
-    if r.get("recovered") is not None:
-        line += f" Cleaning recovered **{r['recovered']:.0%}** of the accuracy lost to noise."
+    if retrain_verdict(r):
+        line += f" **{retrain_verdict(r)}**"
     st.markdown(line)

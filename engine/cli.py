@@ -162,7 +162,7 @@ def _percent_bar(desc: str):
 
 
 def _retrain(args: argparse.Namespace) -> int:
-    from engine.training.retrain import retrain
+    from engine.training.retrain import retrain, verdict
 
     run = open_run(args.run_dir)
     bar, progress = _percent_bar("retraining")
@@ -175,8 +175,8 @@ def _retrain(args: argparse.Namespace) -> int:
         if f"accuracy_{name}" in r:
             print(f"test accuracy, {name:>7} labels: {r[f'accuracy_{name}']:.4f} ± {r[f'accuracy_{name}_std']:.4f} "
                   f"({len(r['seeds'])} seeds)")
-    if r.get("recovered") is not None:
-        print(f"cleaning recovered {r['recovered']:.0%} of the accuracy lost to noise")
+    if verdict(r):
+        print(verdict(r))
     print(f"written to {run.path / 'retrain.json'}")
     return 0
 

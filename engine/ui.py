@@ -137,6 +137,9 @@ from engine.training.config import (
 from engine.training.retrain import (
     load as load_retrain,
 )
+from engine.training.retrain import (
+    verdict as retrain_verdict,
+)
 
 __all__ = [
     "AuditConfig",
@@ -194,6 +197,7 @@ __all__ = [
     "load_report",
     "load_results",
     "load_retrain",
+    "retrain_verdict",
     "margin_bands",
     "margin_sample",
     "may",

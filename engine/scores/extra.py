@@ -99,7 +99,8 @@ def fit_predict(cfg: AuditConfig, train_images, train_labels: np.ndarray, test_i
 
 def fit_predict_log(cfg: AuditConfig, train_images, train_labels: np.ndarray, test_images, n_classes: int,
                     pass_idx: int, cancel: threading.Event | None = None, stats: tuple | None = None) -> np.ndarray:
-    """Train one model with the recipe of ``cfg`` (``train_pass`` without capture; ``pass_idx`` seeds it) on
+    """Train one model with the recipe of ``cfg`` (``train_pass`` without capture, the learning rate annealed to
+    near 0 over the epochs: its last epoch's model is the one evaluated; ``pass_idx`` seeds it) on
     ``train_images`` / ``train_labels`` and return its ``(len(test_images), n_classes)`` log-probabilities
     (``log_probs`` of the logits), train and test images normalised with ``stats`` (None: the training
     images' own statistics)."""
@@ -112,7 +113,7 @@ def fit_predict_log(cfg: AuditConfig, train_images, train_labels: np.ndarray, te
     device = pick_device(cfg.device)
     with make_source(train_images, device, cfg.loader, cfg.workers, stats=stats, seed=cfg.seed) as train:
         model = train_pass(cfg, train, torch.from_numpy(np.asarray(train_labels)).to(device), n_classes,
-                           n_classes, pass_idx, writer=None, capture=False, cancel=cancel)
+                           n_classes, pass_idx, writer=None, capture=False, cancel=cancel, anneal=True)
         stats = (train.mean, train.std)
     model.eval()
     with make_source(test_images, device, cfg.loader, cfg.workers, stats=stats) as held, torch.inference_mode():

@@ -189,6 +189,22 @@ def retrain(run: Run, policy: str = "relabel", test: str | None = None, seeds: i
     return result
 
 
+def verdict(r: dict) -> str | None:
+    """One sentence on what cleaning won back, for the CLI and the Audit page; None without oracle labels.
+
+    ``recovered = (cleaned - noisy) / (oracle - noisy)``; when the noisy labels cost no accuracy on the test set
+    (oracle not above noisy: a class-dependent noise that leaves the true class the majority of every given label,
+    learnt by a converged model) there is nothing to recover, and the sentence says so with cleaning's difference.
+    """
+    if r.get("recovered") is not None:
+        return f"Cleaning recovered {r['recovered']:.0%} of the accuracy lost to noise."
+    if "accuracy_oracle" not in r:
+        return None
+    diff = r["accuracy_cleaned"] - r["accuracy_noisy"]
+    return (f"The noisy labels cost no test accuracy here (noisy {r['accuracy_noisy']:.1%}, oracle "
+            f"{r['accuracy_oracle']:.1%}): nothing to recover; cleaning changed it by {diff:+.1%}.")
+
+
 def load(run: Run) -> dict | None:
     """The run's ``retrain.json``, or None."""
     import json
