@@ -26,10 +26,19 @@ majority`` / ``unanimous``, of the 5 epochs' predictions before, rows made domin
 (the first pass: ``T`` again at epoch E from its own AUM flags so far; ``--reflag-all``: every pass), ``--batch rule``
 (batch size min(64, max(16, N / 25))).
 
+Guards on the ``--reflag`` re-estimate (fourth screening round, none adopted; each logs its statistic on every re-estimate,
+so a run with ``--reflag-guard -1`` records all of them): ``--reflag-guard M`` (identifiability: accepted only when, for
+every given label, the samples estimated as truly that label outnumber those estimated as any other single class by M of
+the label's samples), ``--reflag-drop D`` (refused when an off-diagonal entry falls below the pass's current ``T`` by
+more than D), ``--reflag-keep R`` (refused when a (given, early class) cell of the early estimate's noise is flagged as
+that class at less than R), ``--reflag-floor`` (no off-diagonal entry below the pass's current ``T``);
+``--stop-after-reflag`` logs the re-estimate and stops.
+
 Usage:
   python bench/detection_twostage.py --setting asym40 --seed 0 --variants own,default,prior,prior0
   python bench/detection_twostage.py --folder sample_data/digits_folder --size 16 --variants own,prior
   python bench/detection_twostage.py --half 0 --variants own,prior
+  python bench/detection_twostage.py --setting asym40 --seed 2 --reflag 10 --reflag-guard 0.2 --variants default
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ sys.path.insert(0, str(ROOT))
 # ---------------------------------------------------------------- screening variants (not in the engine)
 
 HOST: dict = {}
+TRUTH: dict = {}  # the true T (injected noise), for the log
 
 
 def install_screening(args):
@@ -91,7 +101,8 @@ def install_screening(args):
     class Screen(correction.ForwardCorrection):
         evidence, use_prior, shrink, from_start = "flags", True, 0.0, False
         reestimate_at, re_rule, re_margin = args.reestimate, args.re_rule, args.re_margin
-        reflag_at, reflag_all = args.reflag, args.reflag_all
+        reflag_at, reflag_all, reflag_guard, reflag_floor = args.reflag, args.reflag_all, args.reflag_guard, args.reflag_floor
+        reflag_drop, reflag_keep, stop_after_reflag = args.reflag_drop, args.reflag_keep, args.stop_after_reflag
 
         def __init__(self, cfg, n_outputs, n_real, device, prior=None):
             if prior is not None and not Screen.use_prior:
@@ -132,7 +143,59 @@ def install_screening(args):
             cut = pass_cutoff("auto", aum[kept], aum[thr] if thr.any() else None, 99.0, 0)
             joint = estimated_joint(np.where(kept, y, 0), kept & (aum < cut), self.votes.argmax(axis=0), self.n_real,
                                     kept)
-            self.set_t(correction.dominant_rows(transition_matrix(joint), 0.3))
+            rows = joint / np.maximum(joint.sum(axis=1, keepdims=True), 1)
+            # the early evidence's noise (unanimous other prediction over the estimation epochs): still flagged, and
+            # suggested as that class, at the re-estimate? per (given, early class) cell with >= 5 samples
+            early = kept & (self.streak >= len(self.estimate_epochs)) & (self.last < self.n_real) & (self.last != y)
+            seen = kept & (aum < cut) & (self.votes.argmax(axis=0) == self.last)
+            cells = {}
+            for i, j in set(zip(y[early].tolist(), self.last[early].tolist(), strict=True)):
+                m = early & (y == i) & (self.last == j)
+                if m.sum() >= 5:
+                    cells[(i, j)] = (float(seen[m].mean()), int(m.sum()))
+            keep_min = min((v[0] for v in cells.values()), default=1.0)
+            print(f"    reflag: early noise still seen {seen[early].mean() if early.any() else 1:.2f} overall, per cell "
+                  + ", ".join(f"{i}->{j} {r:.2f} ({n})" for (i, j), (r, n) in sorted(cells.items()))
+                  + f"; min {keep_min:.2f}", flush=True)
+            if Screen.reflag_keep is not None and keep_min < Screen.reflag_keep:
+                print(f"    reflag keep guard {Screen.reflag_keep:g}: refused, T kept", flush=True)
+                return
+            t_new = correction.dominant_rows(transition_matrix(joint), 0.3)
+            if Screen.reflag_floor:  # no off-diagonal entry below the pass's current T (rows renormalised)
+                cur = self.matrix.cpu().numpy().astype(np.float64)[: self.n_real, : self.n_real]
+                eye = np.eye(self.n_real, dtype=bool)
+                off = np.where(eye, 0.0, np.maximum(t_new, cur))
+                t_new = off + np.diag(np.clip(1 - off.sum(axis=1), 0, None))
+                t_new /= t_new.sum(axis=1, keepdims=True)
+                t_new = correction.dominant_rows(t_new, 0.3)
+            off = [f"{i}->{j} {rows[i, j]:.2f}" for i in range(len(rows)) for j in range(len(rows))
+                   if i != j and rows[i, j] >= 0.05]
+            print(f"    reflag epoch {epoch + 1}: P(true | given) off-diagonal >= 0.05: {', '.join(off)}; T "
+                  + (t_errors(t_new, TRUTH.get("t")) if TRUTH.get("t") is not None else ""), flush=True)
+            if TRUTH.get("t") is not None:
+                d = np.abs(t_new - TRUTH["t"])
+                j, i = np.unravel_index(d.argmax(), d.shape)
+                print(f"    reflag T worst entry T[{j}, {i}] = {t_new[j, i]:.2f} (true {TRUTH['t'][j, i]:.2f})", flush=True)
+            cur = self.matrix.cpu().numpy().astype(np.float64)[: self.n_real, : self.n_real]
+            drop = np.where(np.eye(self.n_real, dtype=bool), -np.inf, cur - t_new)
+            j, i = np.unravel_index(drop.argmax(), drop.shape)
+            print(f"    reflag: largest off-diagonal fall against the pass's T: T[{j}, {i}] {cur[j, i]:.2f} -> "
+                  f"{t_new[j, i]:.2f} ({drop[j, i]:+.2f})", flush=True)
+            if Screen.reflag_drop is not None and drop[j, i] > Screen.reflag_drop:
+                print(f"    reflag drop guard {Screen.reflag_drop:g}: refused, T kept", flush=True)
+                return
+            g = Screen.reflag_guard
+            if g is not None:
+                worst, row, other = column_dominance(joint)
+                ok = worst > g
+                print(f"    reflag epoch {epoch + 1} ({'prior' if self.prior is not None else 'own T'}): dominance "
+                      f"margin {worst:.3f} (given {row}: true {row} vs {other}), guard {g:g}: "
+                      f"{'accepted' if ok else 'refused, T kept'}", flush=True)
+                if not ok:
+                    return
+            self.set_t(t_new)
+            if Screen.stop_after_reflag:
+                raise SystemExit(0)
 
         def reestimate(self, epoch, pred, y):
             """T again at ``reestimate_at`` from the mode (or majority, or unanimity) of the 5 epochs' predictions
@@ -159,6 +222,23 @@ def install_screening(args):
 
     loop.ForwardCorrection = Screen
     return Screen
+
+
+def column_dominance(joint: np.ndarray) -> tuple[float, int, int]:
+    """The identifiability margin of an estimated joint ``joint[given, true]``: for each given label ``j``, the
+    count estimated as truly ``j`` minus the largest count estimated as one other true class, as a fraction of the
+    given label's samples; returns the smallest over the labels with samples, that label and its rival class."""
+    worst, row, other = np.inf, -1, -1
+    for j in range(len(joint)):
+        n = joint[j].sum()
+        if n == 0:
+            continue
+        rest = np.delete(joint[j], j)
+        k = int(rest.argmax())
+        gap = (joint[j, j] - rest[k]) / n
+        if gap < worst:
+            worst, row, other = float(gap), j, k + (k >= j)
+    return worst, row, other
 
 
 def set_variant(screen, variant: str) -> None:
@@ -211,6 +291,16 @@ def main() -> None:
     ap.add_argument("--re-margin", type=float, default=0.3)
     ap.add_argument("--reflag", type=int, default=None, help="first pass: T again at this epoch from its own AUM flags")
     ap.add_argument("--reflag-all", action="store_true", help="--reflag in every pass")
+    ap.add_argument("--reflag-guard", type=float, default=None, help="--reflag's T only when every given label's "
+                    "samples are estimated as truly that label by this margin (fraction of the label's samples) over "
+                    "any other single class, else the pass keeps its T")
+    ap.add_argument("--reflag-floor", action="store_true", help="--reflag's T keeps each off-diagonal entry at least "
+                    "at the pass's current T")
+    ap.add_argument("--reflag-drop", type=float, default=None, help="--reflag's T refused when one of its off-diagonal "
+                    "entries is below the pass's current T by more than this")
+    ap.add_argument("--reflag-keep", type=float, default=None, help="--reflag's T refused when, in some (given, early "
+                    "class) cell of the early estimate's noise, fewer than this fraction is still flagged as that class")
+    ap.add_argument("--stop-after-reflag", action="store_true", help="log the re-estimate, then stop (no figures)")
     ap.add_argument("--keep", default=None, help="copy each variant's run into this folder")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -232,6 +322,14 @@ def main() -> None:
             name = f"{args.setting} seed {args.seed}"
         if args.reflag is not None:
             name += f" reflag{args.reflag}" + (" all" if args.reflag_all else "")
+            if args.reflag_floor:
+                name += " floor"
+            if args.reflag_keep is not None:
+                name += f" keep{args.reflag_keep:g}"
+            if args.reflag_drop is not None:
+                name += f" drop{args.reflag_drop:g}"
+            if args.reflag_guard is not None:
+                name += f" guard{args.reflag_guard:g}"
         if args.reestimate is not None:
             name += f" re{args.reestimate} {args.re_rule} m{args.re_margin:g}"
         run0, ds = audit.prepare(cfg, Path(tmp) / "base")
@@ -253,6 +351,7 @@ def main() -> None:
             counts = np.zeros((c, c))
             np.add.at(counts, (labels, samples["true_label"].to_numpy()), 1)
             truth_t = transition_matrix(counts)
+            TRUTH["t"] = truth_t
         cancel = threading.Event()
 
         def stop_after_pass0(r):
