@@ -174,7 +174,7 @@ def _retrain(args: argparse.Namespace) -> int:
     for name in ("noisy", "cleaned", "oracle"):
         if f"accuracy_{name}" in r:
             print(f"test accuracy, {name:>7} labels: {r[f'accuracy_{name}']:.4f} ± {r[f'accuracy_{name}_std']:.4f} "
-                  f"({len(r['seeds'])} seeds)")
+                  f"({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''})")
     if verdict(r):
         print(verdict(r))
     print(f"written to {run.path / 'retrain.json'}")
