@@ -47,7 +47,8 @@ def retrain_section(run: Run) -> None:
     means = [r[f"accuracy_{n}"] for n in names]
     stds = [r[f"accuracy_{n}_std"] for n in names]
     fig = go.Figure(go.Bar(x=[f"{n} labels" for n in names], y=means, error_y={"type": "data", "array": stds},
-                           text=[f"{m:.1%}" for m in means], textposition="outside"))
+                           text=[f"{m:.1%}" for m in means], textposition="inside", insidetextanchor="end",
+                           textfont={"color": "white"}))  # inside: above a bar near 100% the label was cut off
     lo = max(0.0, min(means) - 0.1)
     fig.update_layout(height=300, yaxis={"title": "test accuracy", "range": [lo, 1.0], "tickformat": ".0%"},
                       margin={"t": 10, "b": 10})
