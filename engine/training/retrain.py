@@ -13,8 +13,8 @@ The trusted test set is ``test`` (any ``--dataset`` spec, with the run's class n
 the run knows the true labels, a seeded 20% of the run's samples stratified by true label, held
 out of all three trainings and scored against their true labels. Every variant trains the same
 recipe (the run's model, epochs, optimiser, augmentation; no threshold samples, no forward
-correction) with the same
-seeds, so the differences come from the labels. Results go to ``retrain.json`` in the run
+correction; the learning rate annealed, ``engine.training.loop.cosine_lr``, so that the last epoch's model, the
+one scored, has converged) with the same seeds, so the differences come from the labels. Results go to ``retrain.json`` in the run
 directory.
 """
 
