@@ -72,8 +72,11 @@ def test_ctrl_c_or_sigterm_marks_the_run_interrupted_and_says_how_to_resume(tmp_
     """Ctrl-C and a scheduler's SIGTERM stop a headless audit the same way: interrupted (not failed), partial
     scores from the finished epochs, the resume command printed; --resume then finishes it."""
     env = dict(os.environ, DIFFICULTY_AUDIT_RUNS=str(tmp_path))
+    # a shell without job control starts background jobs with SIGINT ignored, and Python then installs no Ctrl-C
+    # handler: restore the default so that this test means the same however the suite was started (`... &`)
     proc = subprocess.Popen([sys.executable, "-m", "engine", "audit", "--epochs", "8", "--quiet"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run = _wait_for_epochs(tmp_path, 2)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
