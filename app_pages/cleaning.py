@@ -56,6 +56,6 @@ def retrain_section(run: Run) -> None:
     st.text(f"Trusted test set: {r['test_set']}")  # a user's path: shown as text, never as markdown
     line = (f"Cleaning ({r['policy']}) removed {r['n_removed']:,} and relabelled {r['n_relabelled']:,} of "
             f"{r['n_train']:,} training samples; {len(r['seeds'])} seed(s) per variant.")
-    if retrain_verdict(r):
-        line += f" **{retrain_verdict(r)}**"
+    if said := retrain_verdict(r):
+        line += f" **{said}**"
     st.markdown(line)

@@ -175,8 +175,8 @@ def _retrain(args: argparse.Namespace) -> int:
         if f"accuracy_{name}" in r:
             print(f"test accuracy, {name:>7} labels: {r[f'accuracy_{name}']:.4f} ± {r[f'accuracy_{name}_std']:.4f} "
                   f"({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''})")
-    if verdict(r):
-        print(verdict(r))
+    if said := verdict(r):
+        print(said)
     print(f"written to {run.path / 'retrain.json'}")
     return 0
 

@@ -134,12 +134,8 @@ from engine.training.config import (
     parse_class_list,
     torchvision_architectures,
 )
-from engine.training.retrain import (
-    load as load_retrain,
-)
-from engine.training.retrain import (
-    verdict as retrain_verdict,
-)
+from engine.training.retrain import load as load_retrain
+from engine.training.retrain import verdict as retrain_verdict
 
 __all__ = [
     "AuditConfig",
@@ -197,7 +193,6 @@ __all__ = [
     "load_report",
     "load_results",
     "load_retrain",
-    "retrain_verdict",
     "margin_bands",
     "margin_sample",
     "may",
@@ -213,6 +208,7 @@ __all__ = [
     "read_under_root",
     "resolve_user_path",
     "resume_problem",
+    "retrain_verdict",
     "reviewer_name",
     "role_of",
     "runs_root",
